@@ -1,0 +1,751 @@
+/* config: reads and checks imapfresh's key = value settings, all driven by one table of keys. */
+#include "config.h"
+
+#include <assert.h>
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <pwd.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+/* Numbers are stored through 4- or 8-byte fields; enums share int's layout. */
+_Static_assert(sizeof(int) == 4, "int fields are stored as 32 bits");
+_Static_assert(sizeof(enum upstream_tls_mode) == sizeof(int), "enum stored as int");
+_Static_assert(sizeof(enum log_level) == sizeof(int), "enum stored as int");
+
+/* Choice names, indexed by the enum they stand for. */
+static const char *const config_upstream_tls_names[] = { "none", "starttls", "tls", NULL };
+static const char *const config_log_level_names[] = {
+	"error", "warning", "notice", "info", "debug", NULL,
+};
+_Static_assert(sizeof config_upstream_tls_names / sizeof *config_upstream_tls_names
+    == UPSTREAM_TLS_TLS + 2, "one name per upstream_tls_mode");
+_Static_assert(sizeof config_log_level_names / sizeof *config_log_level_names
+    == LOG_LEVEL_DEBUG + 2, "one name per log_level");
+
+static const char *config_check_state(const char *value);
+
+/*
+ * The keys. One row each: X(name, TYPE, designated initializers...). The
+ * struct field carries the key's name, so offset and size come for free.
+ * Defaults are written as a user would write them and go through the parser.
+ */
+#define CONFIG_TABLE(X) \
+	X(listen, ADDRS, .count_offset = offsetof(struct config, n_listen), \
+	    .help = "plaintext listener host:port, repeatable; STARTTLS offered when tls_cert is set") \
+	X(listen_tls, ADDRS, .count_offset = offsetof(struct config, n_listen_tls), \
+	    .help = "implicit-TLS listener host:port, repeatable; needs tls_cert") \
+	X(tls_cert, STRING, .file = 1, \
+	    .help = "PEM certificate chain presented to clients") \
+	X(tls_key, STRING, .file = 1, \
+	    .help = "PEM private key; empty means it is in the tls_cert file") \
+	X(tls_ciphers, STRING, .def = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!MD5:!DSS", .min = 1, \
+	    .help = "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's)") \
+	X(require_tls, BOOL, .def = "yes", \
+	    .help = "refuse LOGIN and AUTHENTICATE until the client link is TLS") \
+	X(upstream, ADDR, \
+	    .help = "IMAP server host[:port]; port 143, or 993 with upstream_tls = tls") \
+	X(upstream_tls, ENUM, .def = "none", .choices = config_upstream_tls_names, \
+	    .help = "TLS to the IMAP server: none, starttls or tls") \
+	X(upstream_tls_verify, BOOL, .def = "yes", \
+	    .help = "check the IMAP server's certificate and name") \
+	X(upstream_ca, STRING, .file = 1, \
+	    .help = "PEM CA file to check the IMAP server with; empty = system store") \
+	X(upstream_sni, STRING, \
+	    .help = "server name sent and checked upstream; empty = upstream host name") \
+	X(state, STRING, .def = "memory", .check = config_check_state, \
+	    .help = "session state store: memory or redis://host[:port][/db]") \
+	X(max_clients, INT, .def = "10000", .min = 1, .max = 1000000, \
+	    .help = "client connections accepted at once") \
+	X(max_line, SIZE, .def = "64k", .min = 1024, .max = 16 << 20, \
+	    .help = "longest command or response line, literals excluded") \
+	X(max_literal, SIZE, .def = "100M", .min = 1, \
+	    .help = "largest literal passed through") \
+	X(timeout_connect, DURATION, .def = "10s", .min = 1, \
+	    .help = "upstream TCP connect timeout") \
+	X(timeout_tls_handshake, DURATION, .def = "30s", .min = 1, \
+	    .help = "TLS handshake timeout, either side") \
+	X(timeout_preauth, DURATION, .def = "60s", .min = 1, \
+	    .help = "idle time allowed before authentication") \
+	X(timeout_idle, DURATION, .def = "30m", .min = 1, \
+	    .help = "idle time allowed once authenticated (RFC 9051: at least 30m)") \
+	X(log_level, ENUM, .def = "info", .choices = config_log_level_names, \
+	    .help = "error, warning, notice, info or debug") \
+	X(pid_file, STRING, \
+	    .help = "file to write the process id to; empty = none") \
+	X(user, STRING, \
+	    .help = "user to switch to after binding the listeners; empty = stay")
+
+#define CONFIG_ROW(key, t, ...) { .name = #key, .type = CONFIG_T_##t, \
+	.offset = offsetof(struct config, key), \
+	.size = sizeof(((struct config *)0)->key), __VA_ARGS__ },
+#define CONFIG_NAME(key, ...) #key,
+
+const struct config_key config_table[] = { CONFIG_TABLE(CONFIG_ROW) { .name = NULL } };
+const char *const config_keys[] = { CONFIG_TABLE(CONFIG_NAME) NULL };
+
+/* Booleans: every spelling people reach for. */
+static const struct {
+	const char *word;
+	int value;
+} config_bool_words[] = {
+	{ "yes", 1 }, { "no", 0 }, { "true", 1 }, { "false", 0 },
+	{ "on", 1 }, { "off", 0 }, { "1", 1 }, { "0", 0 },
+};
+
+/* Number suffixes; a zero mult ends a list. */
+struct config_unit {
+	char suffix;
+	uint64_t mult;
+};
+static const struct config_unit config_size_units[] = {
+	{ 'k', 1ULL << 10 }, { 'K', 1ULL << 10 }, { 'm', 1ULL << 20 }, { 'M', 1ULL << 20 },
+	{ 'g', 1ULL << 30 }, { 'G', 1ULL << 30 }, { 0, 0 },
+};
+static const struct config_unit config_duration_units[] = {
+	{ 's', 1 }, { 'm', 60 }, { 'h', 3600 }, { 0, 0 },
+};
+/* Printing prefers the largest exact unit, so list them largest first. */
+static const struct config_unit config_size_print[] = {
+	{ 'G', 1ULL << 30 }, { 'M', 1ULL << 20 }, { 'k', 1ULL << 10 }, { 0, 0 },
+};
+static const struct config_unit config_duration_print[] = {
+	{ 'h', 3600 }, { 'm', 60 }, { 's', 1 }, { 0, 0 },
+};
+
+static int config_err(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Every error path writes one line and returns -1, so callers can `return config_err(...)`. */
+static int
+config_err(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (err && errlen) {
+		va_start(ap, fmt);
+		vsnprintf(err, errlen, fmt, ap);
+		va_end(ap);
+	}
+	return -1;
+}
+
+static const struct config_key *
+config_find(const char *name)
+{
+	const struct config_key *k;
+
+	for (k = config_table; k->name; k++)
+		if (strcmp(k->name, name) == 0)
+			return k;
+	return NULL;
+}
+
+/* host:port for messages, bracketing IPv6 as a user would write it. */
+static const char *
+config_fmt_addr(const struct config_addr *a, char *buf, size_t len)
+{
+	snprintf(buf, len, strchr(a->host, ':') ? "[%s]:%s" : "%s:%s", a->host, a->port);
+	return buf;
+}
+
+/* Host names and literals only: this rejects URL debris such as "user@". */
+static int
+config_host_ok(const char *host, size_t len)
+{
+	size_t i;
+
+	for (i = 0; i < len; i++)
+		if (!isalnum((unsigned char)host[i]) && !strchr(".-_:%", host[i]))
+			return 0;
+	return 1;
+}
+
+/*
+ * Parse an address into out. Returns NULL or why it is wrong. A NULL
+ * default_port makes the port mandatory; "" leaves a missing one empty.
+ */
+static const char *
+config_addr_reason(const char *s, const char *default_port, struct config_addr *out)
+{
+	struct config_addr a;
+	const char *host, *port, *colon;
+	size_t hlen;
+	unsigned long n;
+	char *end;
+
+	if (*s == '[') {
+		const char *close = strchr(s, ']');
+
+		if (!close)
+			return "missing ']'";
+		host = s + 1;
+		hlen = (size_t)(close - host);
+		if (close[1] == ':')
+			port = close + 2;
+		else if (close[1] == '\0')
+			port = NULL;
+		else
+			return "expected ':' after ']'";
+	} else {
+		colon = strchr(s, ':');
+		/* "::1:143" cannot be split safely: insist on brackets. */
+		if (colon && strchr(colon + 1, ':'))
+			return "IPv6 address needs brackets, as in [::1]:143";
+		host = s;
+		hlen = colon ? (size_t)(colon - s) : strlen(s);
+		port = colon ? colon + 1 : NULL;
+	}
+	if (hlen == 0)
+		return "missing host";
+	if (hlen >= sizeof a.host)
+		return "host name too long";
+	if (!config_host_ok(host, hlen))
+		return "bad host";
+
+	memset(&a, 0, sizeof a);
+	memcpy(a.host, host, hlen);
+	if (port && *port == '\0')
+		return "missing port";
+	if (port) {
+		if (!isdigit((unsigned char)*port) || strlen(port) > 5)
+			return "port not in 1..65535";
+		n = strtoul(port, &end, 10);
+		if (*end || n < 1 || n > 65535)
+			return "port not in 1..65535";
+		snprintf(a.port, sizeof a.port, "%lu", n);
+	} else if (!default_port) {
+		return "missing port";
+	} else {
+		snprintf(a.port, sizeof a.port, "%s", default_port);
+	}
+	*out = a;
+	return NULL;
+}
+
+int
+config_parse_addr(const char *s, const char *default_port, struct config_addr *out)
+{
+	return config_addr_reason(s, default_port, out) ? -1 : 0;
+}
+
+int
+config_parse_redis(const char *url, struct config_redis *out)
+{
+	static const char tcp[] = "redis://", unix_[] = "redis+unix://";
+	struct config_redis r;
+	struct config_addr a;
+	char hostport[sizeof a.host + sizeof a.port + 4];
+	const char *rest, *slash;
+	unsigned long db = 0;
+	char *end;
+
+	memset(&r, 0, sizeof r);
+	if (strncmp(url, unix_, sizeof unix_ - 1) == 0) {
+		rest = url + sizeof unix_ - 1;
+		if (rest[0] != '/' || rest[1] == '\0' || strlen(rest) >= sizeof r.path)
+			return -1;
+		snprintf(r.path, sizeof r.path, "%s", rest);
+	} else if (strncmp(url, tcp, sizeof tcp - 1) == 0) {
+		rest = url + sizeof tcp - 1;
+		slash = strchr(rest, '/');
+		if (!slash)
+			slash = rest + strlen(rest);
+		if ((size_t)(slash - rest) >= sizeof hostport)
+			return -1;
+		memcpy(hostport, rest, (size_t)(slash - rest));
+		hostport[slash - rest] = '\0';
+		if (config_addr_reason(hostport, "6379", &a))
+			return -1;
+		/* "/" alone is db 0, as redis-cli reads it. */
+		if (*slash && slash[1]) {
+			if (!isdigit((unsigned char)slash[1]) || strlen(slash + 1) > 9)
+				return -1;
+			db = strtoul(slash + 1, &end, 10);
+			if (*end)
+				return -1;
+		}
+		memcpy(r.host, a.host, sizeof r.host);
+		memcpy(r.port, a.port, sizeof r.port);
+		r.db = (int)db;
+	} else {
+		return -1;
+	}
+	if (out)
+		*out = r;
+	return 0;
+}
+
+static const char *
+config_check_state(const char *value)
+{
+	if (strcmp(value, "memory") == 0 || config_parse_redis(value, NULL) == 0)
+		return NULL;
+	return "memory, redis://host[:port][/db] or redis+unix:///path";
+}
+
+/* Largest value a numeric field holds, used when a row leaves max at 0. */
+static uint64_t
+config_capacity(const struct config_key *k)
+{
+	return k->size >= sizeof(uint64_t) ? UINT64_MAX : INT_MAX;
+}
+
+static uint64_t
+config_max(const struct config_key *k)
+{
+	return k->max ? k->max : config_capacity(k);
+}
+
+/* Digits with at most one unit suffix. Returns 0, -1 on bad syntax, -2 on overflow. */
+static int
+config_parse_number(const char *s, const struct config_unit *units, uint64_t *out)
+{
+	uint64_t v = 0, mult = 1;
+	const char *p = s;
+
+	if (!isdigit((unsigned char)*p))
+		return -1;
+	for (; isdigit((unsigned char)*p); p++) {
+		if (v > (UINT64_MAX - (uint64_t)(*p - '0')) / 10)
+			return -2;
+		v = v * 10 + (uint64_t)(*p - '0');
+	}
+	if (*p) {
+		for (; units && units->mult; units++)
+			if (units->suffix == *p)
+				break;
+		if (!units || !units->mult || p[1])
+			return -1;
+		mult = units->mult;
+	}
+	if (v > UINT64_MAX / mult)
+		return -2;
+	*out = v * mult;
+	return 0;
+}
+
+/* A number as the user would write it: 16M rather than 16777216. */
+static const char *
+config_fmt_number(const struct config_key *k, uint64_t v, char *buf, size_t len)
+{
+	const struct config_unit *u = k->type == CONFIG_T_SIZE ? config_size_print
+	    : k->type == CONFIG_T_DURATION ? config_duration_print : NULL;
+
+	for (; u && u->mult; u++)
+		if (v && v % u->mult == 0) {
+			snprintf(buf, len, "%" PRIu64 "%c", v / u->mult, u->suffix);
+			return buf;
+		}
+	snprintf(buf, len, "%" PRIu64, v);
+	return buf;
+}
+
+static void
+config_store(void *field, size_t size, uint64_t v)
+{
+	if (size >= sizeof(uint64_t)) {
+		uint64_t x = v;
+
+		memcpy(field, &x, sizeof x);
+	} else {
+		uint32_t x = (uint32_t)v;
+
+		memcpy(field, &x, sizeof x);
+	}
+}
+
+/* "a, b or c", for messages listing what was expected. */
+static const char *
+config_fmt_choices(const char *const *choices, char *buf, size_t len)
+{
+	size_t used = 0;
+	int i;
+
+	buf[0] = '\0';
+	for (i = 0; choices[i] && used < len; i++)
+		used += (size_t)snprintf(buf + used, len - used, "%s%s",
+		    i == 0 ? "" : choices[i + 1] ? ", " : " or ", choices[i]);
+	return buf;
+}
+
+static int
+config_set_number(struct config *cfg, const struct config_key *k, const char *value,
+    char *err, size_t errlen)
+{
+	static const char *const noun[] = {
+		[CONFIG_T_INT] = "an integer", [CONFIG_T_SIZE] = "a size",
+		[CONFIG_T_DURATION] = "a duration",
+	};
+	const struct config_unit *units = k->type == CONFIG_T_SIZE ? config_size_units
+	    : k->type == CONFIG_T_DURATION ? config_duration_units : NULL;
+	char lo[32], hi[32];
+	uint64_t v = 0;
+	int rc = config_parse_number(value, units, &v);
+
+	if (rc == -1)
+		return config_err(err, errlen, "%s: not %s: %s", k->name, noun[k->type], value);
+	/* Unbounded keys only say which side is wrong; bounded ones show the range. */
+	if (k->max == 0 && (rc == -2 || v > config_max(k)))
+		return config_err(err, errlen, "%s: too large: %s", k->name, value);
+	if (k->max == 0 && v < k->min)
+		return config_err(err, errlen, "%s: must be at least %s, got %s", k->name,
+		    config_fmt_number(k, k->min, lo, sizeof lo), value);
+	if (rc == -2 || v < k->min || v > config_max(k))
+		return config_err(err, errlen, "%s: %s out of range %s..%s", k->name, value,
+		    config_fmt_number(k, k->min, lo, sizeof lo),
+		    config_fmt_number(k, k->max, hi, sizeof hi));
+	config_store((char *)cfg + k->offset, k->size, v);
+	return 0;
+}
+
+static int
+config_set_addrs(struct config *cfg, const struct config_key *k, const char *value,
+    char *err, size_t errlen)
+{
+	struct config_addr *list = (struct config_addr *)((char *)cfg + k->offset);
+	int *n = (int *)((char *)cfg + k->count_offset);
+	size_t cap = k->size / sizeof *list;
+	const char *why;
+
+	/* Empty clears, so -o can replace the file's listeners instead of adding. */
+	if (*value == '\0') {
+		memset(list, 0, k->size);
+		*n = 0;
+		return 0;
+	}
+	if ((size_t)*n >= cap)
+		return config_err(err, errlen, "%s: more than %zu addresses: %s", k->name, cap, value);
+	if ((why = config_addr_reason(value, NULL, &list[*n])))
+		return config_err(err, errlen, "%s: %s: %s", k->name, why, value);
+	(*n)++;
+	return 0;
+}
+
+/* Apply one value to its field; no derived defaults yet. */
+static int
+config_apply(struct config *cfg, const struct config_key *k, const char *value,
+    char *err, size_t errlen)
+{
+	void *field = (char *)cfg + k->offset;
+	char choices[128];
+	const char *why;
+	size_t i, len;
+
+	switch (k->type) {
+	case CONFIG_T_ADDRS:
+		return config_set_addrs(cfg, k, value, err, errlen);
+	case CONFIG_T_ADDR:
+		if (*value == '\0') {
+			memset(field, 0, k->size);
+			return 0;
+		}
+		/* "" keeps a missing port empty for config_derive() to fill. */
+		if ((why = config_addr_reason(value, "", field)))
+			return config_err(err, errlen, "%s: %s: %s", k->name, why, value);
+		return 0;
+	case CONFIG_T_STRING:
+		len = strlen(value);
+		if (len >= k->size)
+			return config_err(err, errlen, "%s: too long (max %zu bytes)", k->name, k->size - 1);
+		if (len < k->min)
+			return config_err(err, errlen, "%s: must not be empty", k->name);
+		if (k->check && (why = k->check(value)))
+			return config_err(err, errlen, "%s: expected %s, got \"%s\"", k->name, why, value);
+		memcpy(field, value, len + 1);
+		return 0;
+	case CONFIG_T_BOOL:
+		for (i = 0; i < sizeof config_bool_words / sizeof *config_bool_words; i++)
+			if (strcasecmp(value, config_bool_words[i].word) == 0) {
+				config_store(field, k->size, (uint64_t)config_bool_words[i].value);
+				return 0;
+			}
+		return config_err(err, errlen, "%s: expected yes or no, got \"%s\"", k->name, value);
+	case CONFIG_T_ENUM:
+		for (i = 0; k->choices[i]; i++)
+			if (strcasecmp(value, k->choices[i]) == 0) {
+				config_store(field, k->size, i);
+				return 0;
+			}
+		return config_err(err, errlen, "%s: expected %s, got \"%s\"", k->name,
+		    config_fmt_choices(k->choices, choices, sizeof choices), value);
+	case CONFIG_T_INT:
+	case CONFIG_T_SIZE:
+	case CONFIG_T_DURATION:
+		return config_set_number(cfg, k, value, err, errlen);
+	}
+	return config_err(err, errlen, "%s: unhandled key type", k->name);
+}
+
+/*
+ * Keys whose default depends on another key. Setting the key itself pins
+ * it (or, when empty, hands it back to the default); after any key, the
+ * unpinned ones are recomputed so the order of keys does not matter.
+ */
+static void
+config_derive(struct config *cfg, const struct config_key *k)
+{
+	if (k->offset == offsetof(struct config, upstream))
+		cfg->upstream_port_auto = cfg->upstream.port[0] == '\0';
+	if (k->offset == offsetof(struct config, tls_key))
+		cfg->tls_key_auto = cfg->tls_key[0] == '\0';
+	if (cfg->upstream_port_auto)
+		snprintf(cfg->upstream.port, sizeof cfg->upstream.port, "%s",
+		    cfg->upstream_tls == UPSTREAM_TLS_TLS ? "993" : "143");
+	if (cfg->tls_key_auto)
+		snprintf(cfg->tls_key, sizeof cfg->tls_key, "%s", cfg->tls_cert);
+}
+
+int
+config_set(struct config *cfg, const char *key, const char *value, char *err, size_t errlen)
+{
+	const struct config_key *k = config_find(key);
+
+	if (!k)
+		return config_err(err, errlen, "unknown key \"%s\"", key);
+	if (config_apply(cfg, k, value, err, errlen) < 0)
+		return -1;
+	config_derive(cfg, k);
+	return 0;
+}
+
+void
+config_defaults(struct config *cfg)
+{
+	const struct config_key *k;
+	char err[256];
+	int rc;
+
+	memset(cfg, 0, sizeof *cfg);
+	cfg->upstream_port_auto = 1;
+	cfg->tls_key_auto = 1;
+	for (k = config_table; k->name; k++) {
+		if (!k->def)
+			continue;
+		/* Defaults go through the parser; only a bad table row fails here. */
+		rc = config_set(cfg, k->name, k->def, err, sizeof err);
+		assert(rc == 0);
+		(void)rc;
+	}
+}
+
+static char *
+config_trim(char *s)
+{
+	char *end;
+
+	while (isspace((unsigned char)*s))
+		s++;
+	end = s + strlen(s);
+	while (end > s && isspace((unsigned char)end[-1]))
+		*--end = '\0';
+	return s;
+}
+
+int
+config_set_option(struct config *cfg, const char *assignment, char *err, size_t errlen)
+{
+	char *copy, *key, *raw, *value, *p;
+	int rc;
+
+	if (!(copy = strdup(assignment)))
+		return config_err(err, errlen, "out of memory");
+	if (!(raw = strchr(copy, '='))) {
+		rc = config_err(err, errlen, "expected key = value, got \"%s\"", config_trim(copy));
+		goto out;
+	}
+	*raw++ = '\0';
+	key = config_trim(copy);
+	if (*key == '\0') {
+		rc = config_err(err, errlen, "missing key before '='");
+		goto out;
+	}
+	value = raw;
+	while (isspace((unsigned char)*value))
+		value++;
+	if (*value == '"') {
+		/* Quoted: taken verbatim, '#' included; only a comment may follow. */
+		value++;
+		if (!(p = strchr(value, '"'))) {
+			rc = config_err(err, errlen, "%s: missing closing quote", key);
+			goto out;
+		}
+		*p++ = '\0';
+		while (isspace((unsigned char)*p))
+			p++;
+		if (*p && *p != '#') {
+			rc = config_err(err, errlen, "%s: text after closing quote: %s", key, p);
+			goto out;
+		}
+	} else {
+		/* A '#' starts a comment only after whitespace, so "a#b" stays a value. */
+		for (p = value; *p; p++)
+			if (*p == '#' && p > raw && isspace((unsigned char)p[-1])) {
+				*p = '\0';
+				break;
+			}
+		value = config_trim(value);
+	}
+	rc = config_set(cfg, key, value, err, errlen);
+out:
+	free(copy);
+	return rc;
+}
+
+/* One file line: blank and comment lines are skipped, the rest are assignments. */
+static int
+config_line(struct config *cfg, char *line, size_t len, char *err, size_t errlen)
+{
+	char *s;
+
+	if (strlen(line) != len)
+		return config_err(err, errlen, "NUL byte in line");
+	s = config_trim(line);
+	if (*s == '\0' || *s == '#')
+		return 0;
+	return config_set_option(cfg, s, err, errlen);
+}
+
+int
+config_load_file(struct config *cfg, const char *path, char *err, size_t errlen)
+{
+	char msg[1400];
+	char *line = NULL;
+	size_t cap = 0;
+	ssize_t len;
+	int lineno = 0, rc = 0;
+	FILE *f;
+
+	if (!(f = fopen(path, "r")))
+		return config_err(err, errlen, "%s: %s", path, strerror(errno));
+	while ((len = getline(&line, &cap, f)) != -1) {
+		lineno++;
+		if (config_line(cfg, line, (size_t)len, msg, sizeof msg) < 0) {
+			rc = config_err(err, errlen, "%s:%d: %s", path, lineno, msg);
+			break;
+		}
+	}
+	if (rc == 0 && ferror(f))
+		rc = config_err(err, errlen, "%s: %s", path, strerror(errno));
+	free(line);
+	fclose(f);
+	return rc;
+}
+
+/* Certificates and CAs are read later, after privileges may be gone: fail now. */
+static int
+config_check_file(const char *key, const char *path, char *err, size_t errlen)
+{
+	struct stat st;
+	int fd;
+
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+		return config_err(err, errlen, "%s: cannot read %s: %s", key, path, strerror(errno));
+	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+		close(fd);
+		return config_err(err, errlen, "%s: not a regular file: %s", key, path);
+	}
+	close(fd);
+	return 0;
+}
+
+/* Any address in both listener lists, or twice in one: bind() would fail later. */
+static const struct config_addr *
+config_duplicate_listener(const struct config *cfg)
+{
+	const struct config_addr *all[2 * CONFIG_MAX_LISTEN];
+	int n = 0, i, j;
+
+	for (i = 0; i < cfg->n_listen; i++)
+		all[n++] = &cfg->listen[i];
+	for (i = 0; i < cfg->n_listen_tls; i++)
+		all[n++] = &cfg->listen_tls[i];
+	for (i = 0; i < n; i++)
+		for (j = i + 1; j < n; j++)
+			if (!strcmp(all[i]->host, all[j]->host) && !strcmp(all[i]->port, all[j]->port))
+				return all[i];
+	return NULL;
+}
+
+int
+config_validate(const struct config *cfg, char *err, size_t errlen)
+{
+	const struct config_key *k;
+	const struct config_addr *dup;
+	char addr[300];
+
+	if (cfg->n_listen + cfg->n_listen_tls == 0)
+		return config_err(err, errlen, "listen: no listener; set listen or listen_tls");
+	if ((dup = config_duplicate_listener(cfg)))
+		return config_err(err, errlen, "listen: %s given twice",
+		    config_fmt_addr(dup, addr, sizeof addr));
+	if (cfg->upstream.host[0] == '\0')
+		return config_err(err, errlen, "upstream: not set; it is required (host[:port])");
+	if (cfg->n_listen_tls && !cfg->tls_cert[0])
+		return config_err(err, errlen, "listen_tls: %s needs tls_cert",
+		    config_fmt_addr(&cfg->listen_tls[0], addr, sizeof addr));
+	if (!cfg->tls_cert[0] && cfg->tls_key[0])
+		return config_err(err, errlen, "tls_key: set without tls_cert");
+	if (cfg->require_tls && cfg->n_listen && !cfg->tls_cert[0])
+		return config_err(err, errlen, "require_tls: plaintext listener %s cannot offer "
+		    "STARTTLS without tls_cert; set tls_cert or require_tls = no",
+		    config_fmt_addr(&cfg->listen[0], addr, sizeof addr));
+	for (k = config_table; k->name; k++) {
+		const char *path = (const char *)cfg + k->offset;
+
+		if (k->file && path[0] && config_check_file(k->name, path, err, errlen) < 0)
+			return -1;
+	}
+	if (cfg->user[0] && !getpwnam(cfg->user))
+		return config_err(err, errlen, "user: no such user \"%s\"", cfg->user);
+	return 0;
+}
+
+static int config_warn(void (*warn)(void *, const char *), void *arg, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int
+config_warn(void (*warn)(void *, const char *), void *arg, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	if (warn)
+		warn(arg, msg);
+	return 1;
+}
+
+int
+config_warnings(const struct config *cfg, void (*warn)(void *arg, const char *msg), void *arg)
+{
+	char addr[300];
+	int n = 0;
+
+	if (cfg->timeout_idle < 30 * 60)
+		n += config_warn(warn, arg, "timeout_idle: below the 30 minutes RFC 9051 requires");
+	if (!cfg->require_tls && cfg->n_listen)
+		n += config_warn(warn, arg, "require_tls: no; passwords may cross plaintext "
+		    "listener %s in the clear", config_fmt_addr(&cfg->listen[0], addr, sizeof addr));
+	if (cfg->upstream_tls == UPSTREAM_TLS_NONE) {
+		if (cfg->upstream_ca[0])
+			n += config_warn(warn, arg, "upstream_ca: ignored with upstream_tls = none");
+		if (cfg->upstream_sni[0])
+			n += config_warn(warn, arg, "upstream_sni: ignored with upstream_tls = none");
+	} else if (!cfg->upstream_tls_verify) {
+		n += config_warn(warn, arg, "upstream_tls_verify: no; the IMAP server's "
+		    "certificate is not checked");
+	}
+	return n;
+}

@@ -1,0 +1,147 @@
+/* config: the daemon's settings, parsed from a key = value file and -o overrides. */
+#ifndef CONFIG_H
+#define CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define CONFIG_MAX_LISTEN 16
+
+enum upstream_tls_mode {
+	UPSTREAM_TLS_NONE,
+	UPSTREAM_TLS_STARTTLS,
+	UPSTREAM_TLS_TLS,
+};
+
+enum log_level {
+	LOG_LEVEL_ERROR,
+	LOG_LEVEL_WARNING,
+	LOG_LEVEL_NOTICE,
+	LOG_LEVEL_INFO,
+	LOG_LEVEL_DEBUG,
+};
+
+struct config_addr {
+	char host[256];		/* literal IPv4/IPv6 address or name, no brackets */
+	char port[16];
+};
+
+struct config {
+	/* listeners */
+	struct config_addr listen[CONFIG_MAX_LISTEN];
+	int n_listen;
+	struct config_addr listen_tls[CONFIG_MAX_LISTEN];
+	int n_listen_tls;
+
+	/* client-side TLS */
+	char tls_cert[1024];	/* PEM chain; "" = no TLS offered */
+	char tls_key[1024];
+	char tls_ciphers[512];	/* TLS 1.2 cipher list (OpenSSL syntax) */
+	int require_tls;	/* LOGIN/AUTHENTICATE only over TLS */
+
+	/* upstream */
+	struct config_addr upstream;
+	enum upstream_tls_mode upstream_tls;
+	int upstream_tls_verify;
+	char upstream_ca[1024];	/* CA file; "" = system default store */
+	char upstream_sni[256];	/* "" = upstream host when it is a name */
+
+	/* state */
+	char state[1024];	/* "memory", redis://host[:port][/db] or redis+unix:///path (config_parse_redis) */
+
+	/* limits */
+	int max_clients;
+	size_t max_line;
+	uint64_t max_literal;
+
+	/* timeouts, in seconds */
+	int timeout_connect;	/* upstream TCP connect */
+	int timeout_tls_handshake;
+	int timeout_preauth;	/* idle before authentication */
+	int timeout_idle;	/* idle once authenticated, IDLE included */
+
+	/* process */
+	enum log_level log_level;
+	char pid_file[1024];
+	char user[64];		/* drop privileges to this user after binding; "" = stay */
+
+	/* Derived defaults, kept current by every config_set(): while set, the
+	 * field follows the key it depends on, whatever order keys come in. */
+	int upstream_port_auto;	/* upstream.port is 143, or 993 with upstream_tls = tls */
+	int tls_key_auto;	/* tls_key is a copy of tls_cert (one combined PEM) */
+};
+
+/* How config_set() reads a value; one per row of config_table. */
+enum config_type {
+	CONFIG_T_ADDRS,		/* repeatable host:port, port required; "" clears the list */
+	CONFIG_T_ADDR,		/* host[:port]; a missing port is derived (upstream) */
+	CONFIG_T_STRING,	/* copied as is; min = minimum length */
+	CONFIG_T_BOOL,		/* yes/no, true/false, on/off, 1/0 */
+	CONFIG_T_ENUM,		/* one of choices[], stored as its index */
+	CONFIG_T_INT,		/* decimal, within min..max */
+	CONFIG_T_SIZE,		/* bytes, optional k/m/g suffix (binary), within min..max */
+	CONFIG_T_DURATION,	/* seconds, optional s/m/h suffix, within min..max */
+};
+
+/* One key: everything the parser, the defaults and the docs check know about it. */
+struct config_key {
+	const char *name;
+	enum config_type type;
+	size_t offset;		/* of the field in struct config */
+	size_t size;		/* of the field (the whole array for CONFIG_T_ADDRS) */
+	size_t count_offset;	/* CONFIG_T_ADDRS: of the int counting the elements */
+	const char *def;	/* default, in config-file syntax; NULL = empty/none */
+	uint64_t min, max;	/* range for numbers (max 0 = what the field holds); min length for strings */
+	const char *const *choices;	/* CONFIG_T_ENUM: NULL-terminated, in enum order */
+	const char *(*check)(const char *value);	/* CONFIG_T_STRING: NULL if fine, else what was expected */
+	int file;		/* CONFIG_T_STRING: a path config_validate() must be able to read */
+	const char *help;	/* one line, for the docs */
+};
+
+/* The key table, terminated by a row with name == NULL. */
+extern const struct config_key config_table[];
+
+/* Set every key to its default. */
+void config_defaults(struct config *cfg);
+
+/* Apply one "key = value" assignment. On error returns -1 and writes one line
+ * naming the key into err (e.g. "max_line: not a size: 12x"). Keys that may be
+ * repeated (listen, listen_tls) append; others overwrite. */
+int config_set(struct config *cfg, const char *key, const char *value, char *err, size_t errlen);
+
+/* Apply one "key = value" text as a file line would (-o key=value): the
+ * key and value are trimmed, a quoted value ("...") is unquoted, and an
+ * unquoted value loses a trailing " # comment". */
+int config_set_option(struct config *cfg, const char *assignment, char *err, size_t errlen);
+
+/* Parse a file of "key = value" lines ('#' comments, blank lines). Errors are
+ * prefixed with "FILE:LINE: ". */
+int config_load_file(struct config *cfg, const char *path, char *err, size_t errlen);
+
+/* Cross-key checks after everything is set (e.g. tls_key without tls_cert,
+ * require_tls with a plaintext listener but no certificate, no upstream). */
+int config_validate(const struct config *cfg, char *err, size_t errlen);
+
+/* Report, one line each, settings that are legal but unwise (e.g. timeout_idle
+ * under the 30 minutes RFC 9051 asks for). Returns how many were reported. */
+int config_warnings(const struct config *cfg, void (*warn)(void *arg, const char *msg), void *arg);
+
+/* Parse "host:port", "[v6]:port", "host"; default_port used when port is absent
+ * (may be NULL: then a missing port is an error). Port must be 1..65535. */
+int config_parse_addr(const char *s, const char *default_port, struct config_addr *out);
+
+/* A parsed "state" value other than "memory". */
+struct config_redis {
+	char host[256];		/* "" for a unix socket */
+	char port[16];		/* default 6379 */
+	char path[1024];	/* unix socket path, or "" */
+	int db;			/* default 0 */
+};
+
+/* Parse redis://host[:port][/db] or redis+unix:///path; -1 if it is neither. */
+int config_parse_redis(const char *url, struct config_redis *out);
+
+/* Names of every key the parser accepts, NULL-terminated (for tests and docs checks). */
+extern const char *const config_keys[];
+
+#endif
