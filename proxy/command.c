@@ -1,0 +1,147 @@
+/* command: what a client command is, read from its tokens as they stream by. */
+#include <string.h>
+#include <strings.h>
+#include <ctype.h>
+
+#include "command.h"
+
+static const struct {
+	const char *name;
+	enum command_kind kind;
+} command_table[] = {
+	{ "CAPABILITY", CMD_CAPABILITY }, { "STARTTLS", CMD_STARTTLS },
+	{ "LOGIN", CMD_LOGIN }, { "AUTHENTICATE", CMD_AUTHENTICATE },
+	{ "IDLE", CMD_IDLE }, { "LOGOUT", CMD_LOGOUT }, { "COMPRESS", CMD_COMPRESS },
+	{ "SELECT", CMD_SELECT }, { "EXAMINE", CMD_EXAMINE }, { "CLOSE", CMD_CLOSE },
+	{ "UNSELECT", CMD_UNSELECT }, { "FETCH", CMD_FETCH }, { "STORE", CMD_STORE },
+	{ "SEARCH", CMD_SEARCH }, { "COPY", CMD_COPY }, { "MOVE", CMD_MOVE },
+	{ "EXPUNGE", CMD_EXPUNGE }, { "APPEND", CMD_APPEND }, { "NOOP", CMD_NOOP },
+	{ "CHECK", CMD_CHECK }, { "GETQUOTAROOT", CMD_GETQUOTAROOT },
+	{ "UNAUTHENTICATE", CMD_UNAUTHENTICATE },
+};
+
+void
+command_reset(struct command *cmd)
+{
+	cmd->tag[0] = '\0';
+	cmd->tag_ok = 0;
+	cmd->name[0] = '\0';
+	cmd->kind = CMD_NONE;
+	cmd->uid = 0;
+	cmd->ntokens = 0;
+	cmd->literals = 0;
+	for (int i = 0; i < COMMAND_NARGS; i++) {
+		cmd->args[i].val[0] = '\0';
+		cmd->args[i].len = 0;
+		cmd->args[i].truncated = 0;
+		cmd->args[i].present = 0;
+	}
+}
+
+const char *
+command_kind_name(enum command_kind kind)
+{
+	for (size_t i = 0; i < sizeof(command_table) / sizeof(command_table[0]); i++)
+		if (command_table[i].kind == kind)
+			return command_table[i].name;
+	return kind == CMD_NONE ? "(none)" : "(other)";
+}
+
+static void
+command_set_name(struct command *cmd, const char *s, size_t len)
+{
+	size_t i;
+
+	if (len >= sizeof(cmd->name))
+		len = sizeof(cmd->name) - 1;
+	for (i = 0; i < len; i++)
+		cmd->name[i] = (char)toupper((unsigned char)s[i]);
+	cmd->name[len] = '\0';
+	cmd->kind = CMD_UNKNOWN;
+	for (i = 0; i < sizeof(command_table) / sizeof(command_table[0]); i++)
+		if (strcmp(command_table[i].name, cmd->name) == 0)
+			cmd->kind = command_table[i].kind;
+}
+
+int
+command_arg_is_secret(const struct command *cmd, unsigned argi)
+{
+	return (cmd->kind == CMD_LOGIN && argi == 1) ||
+	    (cmd->kind == CMD_AUTHENTICATE && argi == 1);
+}
+
+/* Index of the first argument: after the tag, the name and a UID prefix. */
+static unsigned
+command_first_arg(const struct command *cmd)
+{
+	return cmd->uid ? 3 : 2;
+}
+
+static void
+command_arg_append(struct command_arg *a, const char *s, size_t len)
+{
+	size_t room = COMMAND_ARG_MAX - a->len;
+
+	if (len > room) {
+		len = room;
+		a->truncated = 1;
+	}
+	memcpy(a->val + a->len, s, len);
+	a->len += len;
+	a->val[a->len] = '\0';
+	a->present = 1;
+}
+
+void
+command_feed(struct command *cmd, const struct imap_tok *tok)
+{
+	struct command_arg *arg = NULL;
+	unsigned argi;
+
+	if (tok->type == IMAP_TOK_EOL || tok->type == IMAP_TOK_ERROR)
+		return;
+	if (tok->type == IMAP_TOK_LITERAL)
+		cmd->literals++;
+	if (tok->depth == 0 && tok->index + 1 > cmd->ntokens)
+		cmd->ntokens = tok->index + 1;
+
+	if (tok->index == 0 && tok->type == IMAP_TOK_ATOM) {
+		if (tok->len <= COMMAND_TAG_MAX) {
+			memcpy(cmd->tag, tok->str, tok->len);
+			cmd->tag[tok->len] = '\0';
+			cmd->tag_ok = tok->len > 0;
+		}
+		return;
+	}
+	if (tok->index == 1 && tok->type == IMAP_TOK_ATOM) {
+		if (tok->len == 3 && strncasecmp(tok->str, "UID", 3) == 0)
+			cmd->uid = 1;
+		else
+			command_set_name(cmd, tok->str, tok->len);
+		return;
+	}
+	if (tok->index == 2 && cmd->uid && tok->type == IMAP_TOK_ATOM) {
+		command_set_name(cmd, tok->str, tok->len);
+		return;
+	}
+
+	/* Arguments: keep top-level atoms, strings and literals, never secrets. */
+	if (tok->depth > 0 || tok->index < command_first_arg(cmd))
+		return;
+	argi = tok->index - command_first_arg(cmd);
+	if (argi >= COMMAND_NARGS || command_arg_is_secret(cmd, argi))
+		return;
+	arg = &cmd->args[argi];
+	switch (tok->type) {
+	case IMAP_TOK_ATOM:
+	case IMAP_TOK_QUOTED:
+	case IMAP_TOK_LITERAL_DATA:
+		command_arg_append(arg, tok->str, tok->len);
+		break;
+	case IMAP_TOK_LITERAL:
+		arg->present = 1;
+		break;
+	default:
+		break;
+	}
+}

@@ -1,0 +1,215 @@
+/* main: command line, daemon start-up and the event loop. */
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/resource.h>
+#include <event2/event.h>
+
+#include "config-auto.h"
+#include "log.h"
+#include "server.h"
+#include "tls.h"
+
+#define MAIN_EXIT_RUNTIME 1
+#define MAIN_EXIT_CONFIG 2
+#define MAIN_DEFAULT_CONFIG SYSCONFDIR "/imapfresh.conf"
+
+static void
+main_usage(FILE *f)
+{
+	fprintf(f, "usage: imapfresh [-f] [-t] [-v] [-c file] [-o key=value]...\n"
+	    "  -c file       configuration file (default %s when it exists)\n"
+	    "  -o key=value  set a configuration key, overriding the file (repeatable)\n"
+	    "  -f            stay in the foreground and log to stderr\n"
+	    "  -t            check the configuration and exit\n"
+	    "  -v            print the version and exit\n", MAIN_DEFAULT_CONFIG);
+}
+
+/* More sessions need more descriptors than the usual soft limit of 1024. */
+static void
+main_raise_nofile(void)
+{
+	struct rlimit rl;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
+}
+
+static int
+main_drop_privileges(const char *user, char *err, size_t errlen)
+{
+	struct passwd *pw;
+
+	if (user[0] == '\0')
+		return 0;
+	if ((pw = getpwnam(user)) == NULL) {
+		snprintf(err, errlen, "user: no such user \"%s\"", user);
+		return -1;
+	}
+	if (initgroups(pw->pw_name, pw->pw_gid) < 0 || setgid(pw->pw_gid) < 0 ||
+	    setuid(pw->pw_uid) < 0) {
+		snprintf(err, errlen, "user: cannot switch to \"%s\": %s", user, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+static int
+main_daemonize(void)
+{
+	int fd;
+
+	switch (fork()) {
+	case -1:
+		return -1;
+	case 0:
+		break;
+	default:
+		_exit(0);
+	}
+	if (setsid() < 0)
+		return -1;
+	if (chdir("/") < 0)
+		return -1;
+	if ((fd = open("/dev/null", O_RDWR)) >= 0) {
+		dup2(fd, STDIN_FILENO);
+		dup2(fd, STDOUT_FILENO);
+		dup2(fd, STDERR_FILENO);
+		if (fd > STDERR_FILENO)
+			close(fd);
+	}
+	return 0;
+}
+
+static void
+main_write_pid(const char *path)
+{
+	FILE *f;
+
+	if (path[0] == '\0')
+		return;
+	if ((f = fopen(path, "w")) == NULL) {
+		log_warning("pid_file %s: %s", path, strerror(errno));
+		return;
+	}
+	fprintf(f, "%ld\n", (long)getpid());
+	fclose(f);
+}
+
+static void
+main_warn(void *arg, const char *msg)
+{
+	log_warning("%s", msg);
+}
+
+int
+main(int argc, char **argv)
+{
+	static struct server srv;
+	char **overrides = calloc((size_t)argc + 1, sizeof(char *));
+	const char *config_file = NULL;
+	int n_overrides = 0, foreground = 0, check_only = 0, ch;
+	struct event_base *base;
+	char err[1024];
+
+	while ((ch = getopt(argc, argv, "c:o:ftvh")) != -1) {
+		switch (ch) {
+		case 'c':
+			config_file = optarg;
+			break;
+		case 'o':
+			overrides[n_overrides++] = optarg;
+			break;
+		case 'f':
+			foreground = 1;
+			break;
+		case 't':
+			check_only = 1;
+			break;
+		case 'v':
+			printf("imapfresh %s\n", PACKAGE_VERSION);
+			return 0;
+		case 'h':
+			main_usage(stdout);
+			return 0;
+		default:
+			main_usage(stderr);
+			return MAIN_EXIT_CONFIG;
+		}
+	}
+	if (optind != argc) {
+		main_usage(stderr);
+		return MAIN_EXIT_CONFIG;
+	}
+	if (config_file == NULL && access(MAIN_DEFAULT_CONFIG, R_OK) == 0)
+		config_file = MAIN_DEFAULT_CONFIG;
+
+	if (server_load_config(&srv.cfg, config_file, overrides, n_overrides, err, sizeof(err)) < 0) {
+		fprintf(stderr, "imapfresh: %s\n", err);
+		return MAIN_EXIT_CONFIG;
+	}
+	srv.config_file = config_file;
+	srv.overrides = overrides;
+	srv.n_overrides = n_overrides;
+	log_init(foreground || check_only, srv.cfg.log_level);
+	config_warnings(&srv.cfg, main_warn, NULL);
+
+	if (check_only) {
+		SSL_CTX *sctx = tls_server_ctx_new(&srv.cfg, err, sizeof(err));
+		SSL_CTX *cctx = err[0] ? NULL : tls_client_ctx_new(&srv.cfg, err, sizeof(err));
+
+		if (err[0] != '\0') {
+			fprintf(stderr, "imapfresh: %s\n", err);
+			return MAIN_EXIT_CONFIG;
+		}
+		SSL_CTX_free(sctx);
+		SSL_CTX_free(cctx);
+		printf("imapfresh: configuration ok\n");
+		return 0;
+	}
+
+	signal(SIGPIPE, SIG_IGN);
+	main_raise_nofile();
+	if ((base = event_base_new()) == NULL) {
+		fprintf(stderr, "imapfresh: cannot create the event loop\n");
+		return MAIN_EXIT_RUNTIME;
+	}
+	if (server_init(&srv, base, err, sizeof(err)) < 0) {
+		fprintf(stderr, "imapfresh: %s\n", err);
+		return strncmp(err, "tls", 3) == 0 || strncmp(err, "upstream_ca", 11) == 0 ?
+		    MAIN_EXIT_CONFIG : MAIN_EXIT_RUNTIME;
+	}
+	if (main_drop_privileges(srv.cfg.user, err, sizeof(err)) < 0) {
+		fprintf(stderr, "imapfresh: %s\n", err);
+		return MAIN_EXIT_RUNTIME;
+	}
+	if (!foreground) {
+		if (main_daemonize() < 0 || event_reinit(base) < 0) {
+			fprintf(stderr, "imapfresh: cannot daemonize: %s\n", strerror(errno));
+			return MAIN_EXIT_RUNTIME;
+		}
+	}
+	main_write_pid(srv.cfg.pid_file);
+	log_notice("imapfresh %s started, upstream %s:%s (%s)", PACKAGE_VERSION,
+	    srv.cfg.upstream.host, srv.cfg.upstream.port,
+	    srv.cfg.upstream_tls == UPSTREAM_TLS_TLS ? "tls" :
+	    srv.cfg.upstream_tls == UPSTREAM_TLS_STARTTLS ? "starttls" : "plaintext");
+
+	event_base_dispatch(base);
+
+	server_free(&srv);
+	event_base_free(base);
+	if (srv.cfg.pid_file[0] != '\0')
+		unlink(srv.cfg.pid_file);
+	free(overrides);
+	log_notice("exiting");
+	return 0;
+}

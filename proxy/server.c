@@ -1,0 +1,285 @@
+/* server: listeners, the session registry, signals, shutdown and reload. */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <event2/dns.h>
+
+#include "log.h"
+#include "server.h"
+#include "session.h"
+#include "tls.h"
+
+#define SERVER_SHUTDOWN_GRACE_SECS 10	/* longest wait for BYEs to flush */
+#define SERVER_ACCEPT_RETRY_SECS 1	/* pause after running out of descriptors */
+
+int
+server_load_config(struct config *cfg, const char *file, char *const *overrides, int n_overrides,
+    char *err, size_t errlen)
+{
+	config_defaults(cfg);
+	if (file != NULL && config_load_file(cfg, file, err, errlen) < 0)
+		return -1;
+	for (int i = 0; i < n_overrides; i++) {
+		char key[128], sub[200];
+		const char *eq = strchr(overrides[i], '=');
+		size_t klen;
+
+		if (eq == NULL || (klen = (size_t)(eq - overrides[i])) >= sizeof(key)) {
+			snprintf(err, errlen, "-o %s: expected key=value", overrides[i]);
+			return -1;
+		}
+		memcpy(key, overrides[i], klen);
+		key[klen] = '\0';
+		while (klen > 0 && key[klen - 1] == ' ')
+			key[--klen] = '\0';
+		if (config_set(cfg, key, eq + 1 + strspn(eq + 1, " "), sub, sizeof(sub)) < 0) {
+			snprintf(err, errlen, "-o %s", sub);
+			return -1;
+		}
+	}
+	return config_validate(cfg, err, errlen);
+}
+
+static void
+server_accept_cb(struct evconnlistener *lev, evutil_socket_t fd, struct sockaddr *sa, int salen,
+    void *arg)
+{
+	struct server_listener *l = arg;
+
+	if (l->srv->shutting_down) {
+		close(fd);
+		return;
+	}
+	session_accept(l->srv, fd, sa, salen, l->tls);
+}
+
+static void
+server_listen_retry_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct server *srv = arg;
+
+	for (int i = 0; i < srv->n_listeners; i++)
+		evconnlistener_enable(srv->listeners[i].lev);
+}
+
+/* Out of descriptors: accept() would fail in a tight loop, so pause a moment. */
+static void
+server_accept_error_cb(struct evconnlistener *lev, void *arg)
+{
+	struct server_listener *l = arg;
+	struct server *srv = l->srv;
+	int err = EVUTIL_SOCKET_ERROR();
+	struct timeval t = { SERVER_ACCEPT_RETRY_SECS, 0 };
+
+	log_warning("accept on %s: %s; pausing new connections for %ds", l->name,
+	    evutil_socket_error_to_string(err), SERVER_ACCEPT_RETRY_SECS);
+	for (int i = 0; i < srv->n_listeners; i++)
+		evconnlistener_disable(srv->listeners[i].lev);
+	event_add(srv->ev_listen_retry, &t);
+}
+
+static int
+server_bind(struct server *srv, const struct config_addr *a, int tls, char *err, size_t errlen)
+{
+	struct evutil_addrinfo hints = { 0 }, *res = NULL;
+	struct server_listener *l = &srv->listeners[srv->n_listeners];
+	int gai;
+
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_flags = EVUTIL_AI_PASSIVE | EVUTIL_AI_ADDRCONFIG;
+	snprintf(l->name, sizeof(l->name), "%s:%s", a->host, a->port);
+	if ((gai = evutil_getaddrinfo(a->host[0] ? a->host : NULL, a->port, &hints, &res)) != 0) {
+		snprintf(err, errlen, "%s %s: %s", tls ? "listen_tls" : "listen", l->name,
+		    evutil_gai_strerror(gai));
+		return -1;
+	}
+	l->srv = srv;
+	l->tls = tls;
+	l->lev = evconnlistener_new_bind(srv->base, server_accept_cb, l,
+	    LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 1024,
+	    res->ai_addr, (int)res->ai_addrlen);
+	evutil_freeaddrinfo(res);
+	if (l->lev == NULL) {
+		snprintf(err, errlen, "%s %s: %s", tls ? "listen_tls" : "listen", l->name,
+		    strerror(errno));
+		return -1;
+	}
+	evconnlistener_set_error_cb(l->lev, server_accept_error_cb);
+	srv->n_listeners++;
+	log_notice("listening on %s%s", l->name, tls ? " (implicit TLS)" :
+	    srv->tls_server ? " (STARTTLS)" : "");
+	return 0;
+}
+
+static void
+server_signal_cb(evutil_socket_t sig, short what, void *arg)
+{
+	struct server *srv = arg;
+
+	if (sig == SIGHUP)
+		server_reload(srv);
+	else
+		server_shutdown(srv, sig == SIGTERM ? "SIGTERM" : "SIGINT");
+}
+
+static int
+server_load_tls(const struct config *cfg, SSL_CTX **server_ctx, SSL_CTX **client_ctx, char *err,
+    size_t errlen)
+{
+	*server_ctx = tls_server_ctx_new(cfg, err, errlen);
+	if (*server_ctx == NULL && err[0] != '\0')
+		return -1;
+	*client_ctx = tls_client_ctx_new(cfg, err, errlen);
+	if (*client_ctx == NULL) {
+		if (*server_ctx != NULL)
+			SSL_CTX_free(*server_ctx);
+		return -1;
+	}
+	return 0;
+}
+
+int
+server_init(struct server *srv, struct event_base *base, char *err, size_t errlen)
+{
+	srv->base = base;
+	TAILQ_INIT(&srv->sessions);
+	if (server_load_tls(&srv->cfg, &srv->tls_server, &srv->tls_client, err, errlen) < 0)
+		return -1;
+	srv->dns = evdns_base_new(base, EVDNS_BASE_INITIALIZE_NAMESERVERS);
+	if (srv->dns == NULL)
+		srv->dns = evdns_base_new(base, 0);	/* no resolv.conf: literal addresses still work */
+	srv->ev_listen_retry = evtimer_new(base, server_listen_retry_cb, srv);
+	for (int i = 0; i < srv->cfg.n_listen; i++)
+		if (server_bind(srv, &srv->cfg.listen[i], 0, err, errlen) < 0)
+			return -1;
+	for (int i = 0; i < srv->cfg.n_listen_tls; i++)
+		if (server_bind(srv, &srv->cfg.listen_tls[i], 1, err, errlen) < 0)
+			return -1;
+	srv->sig_term = evsignal_new(base, SIGTERM, server_signal_cb, srv);
+	srv->sig_int = evsignal_new(base, SIGINT, server_signal_cb, srv);
+	srv->sig_hup = evsignal_new(base, SIGHUP, server_signal_cb, srv);
+	event_add(srv->sig_term, NULL);
+	event_add(srv->sig_int, NULL);
+	event_add(srv->sig_hup, NULL);
+	return 0;
+}
+
+static int
+server_same_listeners(const struct config *a, const struct config *b)
+{
+	return a->n_listen == b->n_listen && a->n_listen_tls == b->n_listen_tls &&
+	    memcmp(a->listen, b->listen, sizeof(a->listen[0]) * a->n_listen) == 0 &&
+	    memcmp(a->listen_tls, b->listen_tls, sizeof(a->listen_tls[0]) * a->n_listen_tls) == 0;
+}
+
+void
+server_reload(struct server *srv)
+{
+	struct config *next = malloc(sizeof(*next));
+	SSL_CTX *tls_server, *tls_client;
+	char err[1024];
+
+	log_notice("SIGHUP: reloading configuration");
+	if (next == NULL)
+		return;
+	if (server_load_config(next, srv->config_file, srv->overrides, srv->n_overrides, err,
+	    sizeof(err)) < 0 || server_load_tls(next, &tls_server, &tls_client, err, sizeof(err)) < 0) {
+		log_error("reload failed, keeping the running configuration: %s", err);
+		free(next);
+		return;
+	}
+	if (!server_same_listeners(&srv->cfg, next))
+		log_warning("reload: listener changes take effect only after a restart");
+	/* Listeners stay as bound; everything else is replaced whole. */
+	memcpy(next->listen, srv->cfg.listen, sizeof(next->listen));
+	memcpy(next->listen_tls, srv->cfg.listen_tls, sizeof(next->listen_tls));
+	next->n_listen = srv->cfg.n_listen;
+	next->n_listen_tls = srv->cfg.n_listen_tls;
+	srv->cfg = *next;
+	free(next);
+	/* Live sessions hold their own references to the old contexts. */
+	if (srv->tls_server != NULL)
+		SSL_CTX_free(srv->tls_server);
+	SSL_CTX_free(srv->tls_client);
+	srv->tls_server = tls_server;
+	srv->tls_client = tls_client;
+	log_set_level(srv->cfg.log_level);
+	log_notice("reload complete; %u live sessions kept", srv->n_sessions);
+}
+
+static void
+server_deadline_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct server *srv = arg;
+
+	log_warning("shutdown: %u sessions still flushing after %ds, exiting", srv->n_sessions,
+	    SERVER_SHUTDOWN_GRACE_SECS);
+	event_base_loopexit(srv->base, NULL);
+}
+
+void
+server_shutdown(struct server *srv, const char *why)
+{
+	struct session *s;
+	struct timeval grace = { SERVER_SHUTDOWN_GRACE_SECS, 0 };
+
+	if (srv->shutting_down)
+		return;
+	srv->shutting_down = 1;
+	log_notice("%s: shutting down, %u sessions", why, srv->n_sessions);
+	for (int i = 0; i < srv->n_listeners; i++)
+		evconnlistener_disable(srv->listeners[i].lev);
+	TAILQ_FOREACH(s, &srv->sessions, entry)
+		session_close(s, "Server shutting down", "server shutdown");
+	if (srv->n_sessions == 0) {
+		event_base_loopexit(srv->base, NULL);
+		return;
+	}
+	srv->ev_shutdown_deadline = evtimer_new(srv->base, server_deadline_cb, srv);
+	event_add(srv->ev_shutdown_deadline, &grace);
+}
+
+void
+server_session_gone(struct server *srv, struct session *s)
+{
+	if (srv->shutting_down && srv->n_sessions == 0)
+		event_base_loopexit(srv->base, NULL);
+}
+
+void
+server_free(struct server *srv)
+{
+	const struct server_stats *st = &srv->stats;
+
+	log_notice("totals: %llu sessions accepted, %llu refused (max_clients), %llu upstream "
+	    "connect failures, %llu TLS handshake failures, %llu commands (%llu refused), "
+	    "%llu bytes to upstream, %llu bytes to clients",
+	    (unsigned long long)st->accepted, (unsigned long long)st->refused_max_clients,
+	    (unsigned long long)st->upstream_connect_failures,
+	    (unsigned long long)st->tls_handshake_failures, (unsigned long long)st->commands,
+	    (unsigned long long)st->rejected_commands,
+	    (unsigned long long)st->bytes_client_to_upstream,
+	    (unsigned long long)st->bytes_upstream_to_client);
+	for (int i = 0; i < srv->n_listeners; i++)
+		evconnlistener_free(srv->listeners[i].lev);
+	if (srv->ev_listen_retry)
+		event_free(srv->ev_listen_retry);
+	if (srv->ev_shutdown_deadline)
+		event_free(srv->ev_shutdown_deadline);
+	if (srv->sig_term)
+		event_free(srv->sig_term);
+	if (srv->sig_int)
+		event_free(srv->sig_int);
+	if (srv->sig_hup)
+		event_free(srv->sig_hup);
+	if (srv->dns)
+		evdns_base_free(srv->dns, 0);
+	if (srv->tls_server)
+		SSL_CTX_free(srv->tls_server);
+	if (srv->tls_client)
+		SSL_CTX_free(srv->tls_client);
+}

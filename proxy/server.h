@@ -1,0 +1,74 @@
+/* server: listeners, the session registry, signals, shutdown and reload. */
+#ifndef SERVER_H
+#define SERVER_H
+
+#include <stdint.h>
+#include <sys/queue.h>
+#include <openssl/ssl.h>
+#include <event2/event.h>
+#include <event2/listener.h>
+
+#include "config.h"
+
+struct session;
+TAILQ_HEAD(session_list, session);
+
+struct server_listener {
+	struct evconnlistener *lev;
+	struct server *srv;
+	int tls;		/* implicit TLS */
+	char name[300];		/* host:port for logs */
+};
+
+struct server_stats {
+	uint64_t accepted, refused_max_clients, closed;
+	uint64_t upstream_connect_failures, tls_handshake_failures;
+	uint64_t bytes_client_to_upstream, bytes_upstream_to_client;
+	uint64_t commands, rejected_commands;
+};
+
+struct server {
+	struct event_base *base;
+	struct evdns_base *dns;
+	struct config cfg;
+	SSL_CTX *tls_server;	/* NULL: no certificate, no TLS offered */
+	SSL_CTX *tls_client;	/* towards the upstream */
+
+	struct server_listener listeners[2 * CONFIG_MAX_LISTEN];
+	int n_listeners;
+	struct event *ev_listen_retry;	/* listeners paused on EMFILE */
+
+	struct session_list sessions;
+	unsigned n_sessions;
+	uint64_t next_session_id;
+	struct server_stats stats;
+
+	int shutting_down;
+	struct event *ev_shutdown_deadline;
+	struct event *sig_term, *sig_int, *sig_hup;
+
+	/* What reload re-reads. */
+	const char *config_file;
+	char *const *overrides;
+	int n_overrides;
+};
+
+/* Load TLS contexts and bind every listener. err gets one line on failure. */
+int server_init(struct server *srv, struct event_base *base, char *err, size_t errlen);
+
+/* Re-read the configuration and certificates; live sessions are kept. */
+void server_reload(struct server *srv);
+
+/* Stop accepting, say BYE to every client, exit the loop once all are gone. */
+void server_shutdown(struct server *srv, const char *why);
+
+/* Called by a session as it is freed. */
+void server_session_gone(struct server *srv, struct session *s);
+
+void server_free(struct server *srv);
+
+/* Build a configuration from the file (may be NULL) and -o overrides. */
+int server_load_config(struct config *cfg, const char *file, char *const *overrides,
+    int n_overrides, char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,382 @@
+/* session: one client connection paired with its own upstream connection. */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <event2/bufferevent_ssl.h>
+
+#include "log.h"
+#include "session.h"
+#include "tls.h"
+#include "upstream.h"
+
+#define SESSION_CLOSE_FLUSH_SECS 10	/* how long a closing session may flush */
+
+static const char *const session_state_names[] = {
+	[SESSION_CONNECTING] = "connecting",
+	[SESSION_GREETING] = "greeting",
+	[SESSION_UPSTREAM_STARTTLS] = "upstream-starttls",
+	[SESSION_RUNNING] = "running",
+	[SESSION_CLIENT_STARTTLS] = "client-starttls",
+	[SESSION_CLOSING] = "closing",
+	[SESSION_DEAD] = "dead",
+};
+
+static void session_client_read_cb(struct bufferevent *bev, void *arg);
+static void session_client_write_cb(struct bufferevent *bev, void *arg);
+static void session_client_event_cb(struct bufferevent *bev, short what, void *arg);
+static void session_free_cb(evutil_socket_t fd, short what, void *arg);
+
+const char *
+session_state_name(enum session_state st)
+{
+	return session_state_names[st];
+}
+
+void
+session_enter(struct session *s, enum session_state next, const char *why)
+{
+	log_msg(LOG_LEVEL_DEBUG, s->sid, "state %s -> %s (%s)", session_state_names[s->state],
+	    session_state_names[next], why);
+	s->state = next;
+	session_set_timeouts(s);
+}
+
+static void
+session_format_addr(struct sockaddr *sa, char *buf, size_t len)
+{
+	char host[INET6_ADDRSTRLEN] = "?";
+	int port = 0;
+
+	if (sa->sa_family == AF_INET) {
+		struct sockaddr_in *sin = (struct sockaddr_in *)sa;
+		inet_ntop(AF_INET, &sin->sin_addr, host, sizeof(host));
+		port = ntohs(sin->sin_port);
+		snprintf(buf, len, "%s:%d", host, port);
+	} else if (sa->sa_family == AF_INET6) {
+		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)sa;
+		inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof(host));
+		port = ntohs(sin6->sin6_port);
+		snprintf(buf, len, "[%s]:%d", host, port);
+	} else
+		snprintf(buf, len, "unix");
+}
+
+void
+session_set_client_callbacks(struct session *s)
+{
+	bufferevent_setcb(s->client, session_client_read_cb, session_client_write_cb,
+	    session_client_event_cb, s);
+	bufferevent_setwatermark(s->client, EV_READ, 0, SESSION_READ_HIGH);
+	bufferevent_enable(s->client, EV_READ | EV_WRITE);
+}
+
+static int
+session_lex_limits(struct session *s)
+{
+	const struct config *cfg = &s->srv->cfg;
+	struct imap_lex_limits cl = {
+		.max_line = cfg->max_line, .max_token = cfg->max_line, .max_literal = cfg->max_literal,
+	};
+	/* Responses may be long (SEARCH of a big mailbox) and stream through;
+	 * only single tokens are bounded. */
+	struct imap_lex_limits ul = { .max_line = 0, .max_token = 1024 * 1024, .max_literal = 0 };
+
+	s->clex = imap_lex_new(IMAP_LEX_CLIENT, &cl);
+	s->ulex = imap_lex_new(IMAP_LEX_SERVER, &ul);
+	return s->clex != NULL && s->ulex != NULL ? 0 : -1;
+}
+
+void
+session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int tls)
+{
+	struct session *s;
+	int one = 1;
+
+	if ((s = calloc(1, sizeof(*s))) == NULL) {
+		close(fd);
+		return;
+	}
+	s->srv = srv;
+	s->id = ++srv->next_session_id;
+	snprintf(s->sid, sizeof(s->sid), "s%llu", (unsigned long long)s->id);
+	session_format_addr(sa, s->client_addr, sizeof(s->client_addr));
+	s->listener_tls = tls;
+	s->state = SESSION_CONNECTING;
+	gettimeofday(&s->started, NULL);
+	command_reset(&s->cmd);
+	TAILQ_INSERT_TAIL(&srv->sessions, s, entry);
+	srv->n_sessions++;
+	srv->stats.accepted++;
+
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	s->ev_free = event_new(srv->base, -1, 0, session_free_cb, s);
+	s->cline = evbuffer_new();
+	s->uline = evbuffer_new();
+	s->resp_text = evbuffer_new();
+	if (tls) {
+		SSL *ssl = SSL_new(srv->tls_server);
+		s->client = ssl ? tls_bufferevent_new(srv->base, fd, ssl, 1) : NULL;
+		s->client_tls = s->client_tls_pending = 1;
+	} else
+		s->client = bufferevent_socket_new(srv->base, fd,
+		    BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+	if (s->client == NULL || s->ev_free == NULL || s->cline == NULL || s->uline == NULL ||
+	    s->resp_text == NULL || session_lex_limits(s) < 0) {
+		if (s->client == NULL)
+			close(fd);
+		log_msg(LOG_LEVEL_ERROR, s->sid, "out of memory setting up the session");
+		session_close(s, NULL, "setup failed");
+		return;
+	}
+	session_set_client_callbacks(s);
+	log_msg(LOG_LEVEL_INFO, s->sid, "connect from %s%s", s->client_addr, tls ? " (tls)" : "");
+
+	if (srv->n_sessions > (unsigned)srv->cfg.max_clients) {
+		srv->stats.refused_max_clients++;
+		log_msg(LOG_LEVEL_WARNING, s->sid, "max_clients (%d) reached, refusing",
+		    srv->cfg.max_clients);
+		session_close(s, "[UNAVAILABLE] Too many connections, try again later",
+		    "max_clients reached");
+		return;
+	}
+	session_set_timeouts(s);
+	upstream_connect(s);
+}
+
+void
+session_set_timeouts(struct session *s)
+{
+	const struct config *cfg = &s->srv->cfg;
+	struct timeval t = { 0, 0 };
+
+	if (s->client == NULL)
+		return;
+	if (s->state == SESSION_CLOSING || s->state == SESSION_DEAD)
+		t.tv_sec = SESSION_CLOSE_FLUSH_SECS;
+	else if (s->client_tls_pending)
+		t.tv_sec = cfg->timeout_tls_handshake;
+	else if (s->authenticated)
+		t.tv_sec = cfg->timeout_idle;
+	else
+		t.tv_sec = cfg->timeout_preauth;
+	bufferevent_set_timeouts(s->client, &t, &t);
+}
+
+void
+session_reply(struct session *s, const char *fmt, ...)
+{
+	struct evbuffer *out;
+	va_list ap;
+
+	if (s->client == NULL)
+		return;
+	out = bufferevent_get_output(s->client);
+	va_start(ap, fmt);
+	evbuffer_add_vprintf(out, fmt, ap);
+	va_end(ap);
+	evbuffer_add(out, "\r\n", 2);
+}
+
+static void
+session_schedule_free(struct session *s)
+{
+	if (s->state == SESSION_DEAD)
+		return;
+	s->state = SESSION_DEAD;
+	event_active(s->ev_free, EV_TIMEOUT, 0);
+}
+
+void
+session_close(struct session *s, const char *bye, const char *why)
+{
+	if (s->state == SESSION_CLOSING || s->state == SESSION_DEAD)
+		return;
+	log_msg(LOG_LEVEL_INFO, s->sid, "closing: %s", why);
+	if (s->up != NULL) {
+		bufferevent_free(s->up);
+		s->up = NULL;
+	}
+	session_enter(s, SESSION_CLOSING, why);
+	if (s->client == NULL || s->client_eof || s->ev_free == NULL) {
+		if (s->ev_free == NULL)
+			session_free_cb(-1, 0, s);	/* setup failed before deferral existed */
+		else
+			session_schedule_free(s);
+		return;
+	}
+	bufferevent_disable(s->client, EV_READ);
+	if (bye != NULL)
+		session_reply(s, "* BYE %s", bye);
+	if (evbuffer_get_length(bufferevent_get_output(s->client)) == 0)
+		session_schedule_free(s);
+	else
+		bufferevent_setwatermark(s->client, EV_WRITE, 0, 0);
+}
+
+static void
+session_free_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct session *s = arg;
+	struct timeval now, age;
+
+	gettimeofday(&now, NULL);
+	timersub(&now, &s->started, &age);
+	log_msg(LOG_LEVEL_INFO, s->sid, "disconnected after %ld.%03lds", (long)age.tv_sec,
+	    (long)age.tv_usec / 1000);
+	if (s->client != NULL)
+		bufferevent_free(s->client);
+	if (s->up != NULL)
+		bufferevent_free(s->up);
+	if (s->clex != NULL)
+		imap_lex_free(s->clex);
+	if (s->ulex != NULL)
+		imap_lex_free(s->ulex);
+	if (s->cline != NULL)
+		evbuffer_free(s->cline);
+	if (s->uline != NULL)
+		evbuffer_free(s->uline);
+	if (s->resp_text != NULL)
+		evbuffer_free(s->resp_text);
+	if (s->ev_free != NULL)
+		event_free(s->ev_free);
+	free(s->inflight);
+	TAILQ_REMOVE(&s->srv->sessions, s, entry);
+	s->srv->n_sessions--;
+	s->srv->stats.closed++;
+	server_session_gone(s->srv, s);
+	free(s);
+}
+
+int
+session_out_full(struct evbuffer *out)
+{
+	return evbuffer_get_length(out) >= SESSION_OUT_HIGH;
+}
+
+/* The peer's output is full: stop reading `from` until it drains to the low
+ * mark, where the write callback of the other side resumes us. */
+void
+session_pause_reading(struct session *s, struct bufferevent *from)
+{
+	struct bufferevent *to = from == s->client ? s->up : s->client;
+
+	if (to == NULL)
+		return;
+	bufferevent_disable(from, EV_READ);
+	if (from == s->client)
+		s->client_paused = 1;
+	else
+		s->up_paused = 1;
+	bufferevent_setwatermark(to, EV_WRITE, SESSION_OUT_LOW, 0);
+}
+
+static void
+session_client_read_cb(struct bufferevent *bev, void *arg)
+{
+	session_client_process(arg);
+}
+
+static void
+session_client_write_cb(struct bufferevent *bev, void *arg)
+{
+	struct session *s = arg;
+	size_t pending = evbuffer_get_length(bufferevent_get_output(bev));
+
+	if (s->state == SESSION_CLOSING) {
+		if (pending == 0)
+			session_schedule_free(s);
+		return;
+	}
+	if (s->state == SESSION_CLIENT_STARTTLS && pending == 0) {
+		session_client_starttls_flushed(s);
+		return;
+	}
+	if (s->up_paused && pending <= SESSION_OUT_LOW && s->up != NULL) {
+		s->up_paused = 0;
+		bufferevent_setwatermark(bev, EV_WRITE, 0, 0);
+		bufferevent_enable(s->up, EV_READ);
+		session_upstream_process(s);
+	}
+}
+
+static void
+session_client_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+	struct session *s = arg;
+	char why[512];
+
+	if (what & BEV_EVENT_CONNECTED) {
+		s->client_tls_pending = 0;
+		tls_describe(bev, why, sizeof(why));
+		log_msg(LOG_LEVEL_INFO, s->sid, "client TLS established: %s", why);
+		session_set_timeouts(s);
+		return;
+	}
+	if (what & BEV_EVENT_TIMEOUT) {
+		if (s->state == SESSION_CLOSING) {
+			session_schedule_free(s);
+		} else if (s->client_tls_pending) {
+			s->srv->stats.tls_handshake_failures++;
+			s->client_eof = 1;
+			session_close(s, NULL, "client TLS handshake timed out");
+		} else
+			session_close(s, "Disconnected for inactivity", "client idle timeout");
+		return;
+	}
+	/* EOF or error: the client is gone, nothing more can reach it. */
+	s->client_eof = 1;
+	if (s->client_tls_pending) {
+		s->srv->stats.tls_handshake_failures++;
+		tls_error_describe(bev, why, sizeof(why));
+		session_close(s, NULL, why);
+	} else if (what & BEV_EVENT_ERROR) {
+		snprintf(why, sizeof(why), "client connection error: %s",
+		    evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+		session_close(s, NULL, why);
+	} else
+		session_close(s, NULL, "client closed the connection");
+}
+
+struct inflight *
+session_inflight_push(struct session *s, const struct command *cmd)
+{
+	struct inflight *f;
+
+	if (s->n_inflight == s->cap_inflight) {
+		unsigned cap = s->cap_inflight ? s->cap_inflight * 2 : 4;
+		struct inflight *n = realloc(s->inflight, cap * sizeof(*n));
+		if (n == NULL)
+			return NULL;
+		s->inflight = n;
+		s->cap_inflight = cap;
+	}
+	f = &s->inflight[s->n_inflight++];
+	memcpy(f->tag, cmd->tag, sizeof(f->tag));
+	f->kind = cmd->kind;
+	f->sent_whole = 0;
+	return f;
+}
+
+struct inflight *
+session_inflight_find(struct session *s, const char *tag)
+{
+	for (unsigned i = 0; i < s->n_inflight; i++)
+		if (strcmp(s->inflight[i].tag, tag) == 0)
+			return &s->inflight[i];
+	return NULL;
+}
+
+void
+session_inflight_remove(struct session *s, struct inflight *f)
+{
+	unsigned i = (unsigned)(f - s->inflight);
+
+	memmove(&s->inflight[i], &s->inflight[i + 1], (s->n_inflight - i - 1) * sizeof(*f));
+	s->n_inflight--;
+}

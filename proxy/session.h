@@ -1,0 +1,134 @@
+/* session: one client connection paired with its own upstream connection. */
+#ifndef SESSION_H
+#define SESSION_H
+
+#include <stdint.h>
+#include <sys/queue.h>
+#include <sys/socket.h>
+#include <event2/bufferevent.h>
+#include <event2/buffer.h>
+
+#include "command.h"
+#include "imap_lex.h"
+#include "server.h"
+
+enum session_state {
+	SESSION_CONNECTING,		/* upstream TCP (and TLS) connect under way */
+	SESSION_GREETING,		/* waiting for the upstream greeting */
+	SESSION_UPSTREAM_STARTTLS,	/* our STARTTLS sent upstream, then its handshake */
+	SESSION_RUNNING,		/* relaying commands and responses */
+	SESSION_CLIENT_STARTTLS,	/* our "OK Begin TLS" is flushing to the client */
+	SESSION_CLOSING,		/* final output flushing to the client */
+	SESSION_DEAD,			/* free scheduled */
+};
+
+/* What the client is allowed to send next besides new commands. */
+enum session_wait {
+	WAIT_NONE,
+	WAIT_LITERAL,	/* a synchronizing literal waits for the upstream's "+" */
+	WAIT_AUTH,	/* AUTHENTICATE exchange: client lines are SASL responses */
+	WAIT_IDLE,	/* IDLE: the next client line is DONE */
+};
+
+/* A command the upstream has (at least partly) received and not yet completed. */
+struct inflight {
+	char tag[COMMAND_TAG_MAX + 1];
+	enum command_kind kind;
+	int sent_whole;		/* its last line has gone upstream */
+};
+
+/* How the current upstream response travels to the client. */
+enum resp_mode {
+	RESP_UNDECIDED,	/* tag and first word not seen yet */
+	RESP_PASS,	/* bytes stream through as they are lexed */
+	RESP_REWRITE,	/* held to the end of the line, then rewritten */
+	RESP_SWALLOW,	/* consumed by imapfresh, never shown to the client */
+};
+
+struct session {
+	uint64_t id;
+	char sid[24];			/* "s" + id, the log prefix */
+	struct server *srv;
+	TAILQ_ENTRY(session) entry;
+	enum session_state state;
+	char client_addr[64];
+	int listener_tls;		/* accepted on listen_tls */
+	int client_tls;			/* client link is TLS now */
+	int client_tls_pending;		/* handshake not finished yet */
+	int authenticated;
+	int client_eof;
+
+	struct bufferevent *client;
+	struct bufferevent *up;
+	struct imap_lex *clex, *ulex;
+	struct event *ev_free;
+
+	/* client to upstream */
+	struct evbuffer *cline;		/* raw bytes of the command segment being read */
+	struct command cmd;		/* the command being read */
+	int cmd_reject;			/* answer locally, forward nothing */
+	const char *cmd_reject_resp;	/* the tagged response to give */
+	int cmd_forwarded;		/* some segment already went upstream */
+	int cmd_local;			/* handled by imapfresh (STARTTLS) */
+	int line_is_continuation;	/* a DONE or SASL line, not a command */
+	enum session_wait wait;
+	struct inflight *inflight;	/* FIFO, oldest first */
+	unsigned n_inflight, cap_inflight;
+
+	/* upstream to client */
+	struct evbuffer *uline;		/* raw bytes of the response held so far */
+	enum resp_mode resp_mode;
+	char resp_tag[COMMAND_TAG_MAX + 1];
+	char resp_word[16];		/* OK, NO, CAPABILITY, EXISTS, ... (index 1) */
+	struct evbuffer *resp_text;	/* rewritten line under construction */
+	int upstream_bye;		/* the upstream said BYE itself */
+	int up_paused, client_paused;	/* reading stopped for backpressure */
+	char up_tag[24];		/* tag of imapfresh's own upstream command */
+	uint64_t up_tag_seq;
+
+	struct timeval started;
+};
+
+/* Start a session on an accepted socket. */
+void session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int tls);
+
+/* Enter a new state, logging the transition. */
+void session_enter(struct session *s, enum session_state next, const char *why);
+
+/* Close: send "* BYE text" (unless bye is NULL), flush, then free out of the
+ * callback. Safe to call more than once. */
+void session_close(struct session *s, const char *bye, const char *why);
+
+/* (Re)attach the client bufferevent's callbacks, after accept or STARTTLS. */
+void session_set_client_callbacks(struct session *s);
+
+/* Write a line (CRLF added) to the client. */
+void session_reply(struct session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Apply the timeouts that fit the session's state. */
+void session_set_timeouts(struct session *s);
+
+/* Backpressure: stop reading the peer while out is above the high mark. */
+int session_out_full(struct evbuffer *out);
+void session_pause_reading(struct session *s, struct bufferevent *from);
+
+/* In-flight command queue. */
+struct inflight *session_inflight_push(struct session *s, const struct command *cmd);
+struct inflight *session_inflight_find(struct session *s, const char *tag);
+void session_inflight_remove(struct session *s, struct inflight *f);
+
+/* session_client.c: the client's bytes, command by command. */
+void session_client_process(struct session *s);
+/* Our "OK Begin TLS negotiation" reached the client: start the handshake. */
+void session_client_starttls_flushed(struct session *s);
+/* session_upstream.c: the upstream's bytes, response by response. */
+void session_upstream_process(struct session *s);
+void session_upstream_start(struct session *s);
+
+const char *session_state_name(enum session_state st);
+
+#define SESSION_OUT_HIGH (256 * 1024)	/* stop reading the peer above this */
+#define SESSION_OUT_LOW (64 * 1024)	/* resume once drained to this */
+#define SESSION_READ_HIGH (128 * 1024)	/* per-direction input cap */
+
+#endif

@@ -1,0 +1,275 @@
+/* session_client: the client's bytes, command by command: forwarded upstream, refused, or handled here. */
+#include <stdio.h>
+#include <string.h>
+
+#include "log.h"
+#include "session.h"
+#include "tls.h"
+
+static const char SESSION_PRIVACY[] =
+    "NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.";
+
+static void
+session_client_reset(struct session *s)
+{
+	command_reset(&s->cmd);
+	s->cmd_reject = 0;
+	s->cmd_reject_resp = NULL;
+	s->cmd_forwarded = 0;
+	s->cmd_local = 0;
+	s->line_is_continuation = 0;
+}
+
+static void
+session_client_reject(struct session *s, const char *resp)
+{
+	s->cmd_reject = 1;
+	s->cmd_reject_resp = resp;
+}
+
+/* The first segment of a command has arrived: forward it, refuse it, or keep it. */
+static void
+session_client_decide(struct session *s, int whole_line)
+{
+	struct server *srv = s->srv;
+
+	switch (s->cmd.kind) {
+	case CMD_STARTTLS:
+		if (!whole_line)
+			session_client_reject(s, "BAD STARTTLS takes no arguments");
+		else if (s->client_tls)
+			session_client_reject(s, "BAD TLS is already active");
+		else if (srv->tls_server == NULL)
+			session_client_reject(s, "BAD STARTTLS is not available");
+		else if (s->n_inflight > 0)
+			session_client_reject(s, "BAD STARTTLS must not be pipelined");
+		else
+			s->cmd_local = 1;
+		break;
+	case CMD_LOGIN:
+	case CMD_AUTHENTICATE:
+		if (srv->cfg.require_tls && !s->client_tls)
+			session_client_reject(s, SESSION_PRIVACY);
+		break;
+	case CMD_COMPRESS:
+		/* The proxy reads every byte; it does not advertise COMPRESS. */
+		session_client_reject(s, "NO [CANNOT] COMPRESS is not available");
+		break;
+	default:
+		break;
+	}
+	if (s->cmd_reject)
+		log_msg(LOG_LEVEL_DEBUG, s->sid, "refusing %s: %s", s->cmd.name, s->cmd_reject_resp);
+}
+
+static void
+session_client_forward(struct session *s)
+{
+	struct evbuffer *out = bufferevent_get_output(s->up);
+
+	s->srv->stats.bytes_client_to_upstream += evbuffer_get_length(s->cline);
+	evbuffer_add_buffer(out, s->cline);
+	if (!s->cmd_forwarded && s->cmd.tag_ok && !s->line_is_continuation)
+		session_inflight_push(s, &s->cmd);
+	s->cmd_forwarded = 1;
+}
+
+static void
+session_client_finish_reject(struct session *s)
+{
+	evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
+	s->srv->stats.rejected_commands++;
+	if (s->cmd.tag_ok)
+		session_reply(s, "%s %s", s->cmd.tag, s->cmd_reject_resp);
+	else
+		session_reply(s, "* %s", s->cmd_reject_resp);
+	session_client_reset(s);
+}
+
+/* Our answer to STARTTLS is queued; nothing the client pipelined after it may
+ * be read as TLS data or as a command (CVE-2011-0411), so drop it. */
+static void
+session_client_starttls(struct session *s)
+{
+	struct evbuffer *in = bufferevent_get_input(s->client);
+
+	evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
+	if (evbuffer_get_length(in) > 0) {
+		log_msg(LOG_LEVEL_NOTICE, s->sid, "discarding %zu bytes pipelined after STARTTLS",
+		    evbuffer_get_length(in));
+		evbuffer_drain(in, evbuffer_get_length(in));
+	}
+	session_reply(s, "%s OK Begin TLS negotiation now", s->cmd.tag);
+	session_client_reset(s);
+	bufferevent_disable(s->client, EV_READ);
+	session_enter(s, SESSION_CLIENT_STARTTLS, "client STARTTLS");
+}
+
+void
+session_client_starttls_flushed(struct session *s)
+{
+	SSL *ssl = SSL_new(s->srv->tls_server);
+
+	s->client = ssl ? tls_upgrade(s->client, ssl, 1) : NULL;
+	if (s->client == NULL) {
+		s->client_eof = 1;
+		session_close(s, NULL, "cannot start client TLS");
+		return;
+	}
+	s->client_tls = s->client_tls_pending = 1;
+	session_set_client_callbacks(s);
+	session_enter(s, SESSION_RUNNING, "client TLS handshake started");
+	session_upstream_process(s);
+}
+
+static const char *
+session_client_error_resp(const struct imap_tok *tok, char *buf, size_t len, const struct config *cfg)
+{
+	switch (tok->err) {
+	case IMAP_LEX_ERR_TOO_LONG:
+		return "BAD [TOOBIG] Command line too long";
+	case IMAP_LEX_ERR_LITERAL_TOO_BIG:
+		snprintf(buf, len, "BAD [TOOBIG] Literal too large (max_literal is %llu bytes)",
+		    (unsigned long long)cfg->max_literal);
+		return buf;
+	default:
+		snprintf(buf, len, "BAD Error in IMAP command: %s", tok->errmsg ? tok->errmsg : "syntax");
+		return buf;
+	}
+}
+
+/* A token's bytes are already in cline: act on it. */
+static void
+session_client_act(struct session *s, const struct imap_tok *tok)
+{
+	static char errbuf[160];
+
+	switch (tok->type) {
+	case IMAP_TOK_ERROR:
+		if (s->cmd_forwarded || s->line_is_continuation) {
+			/* Part of it is upstream already: there is no clean way back. */
+			session_close(s, "Protocol error: command line could not be parsed",
+			    tok->errmsg ? tok->errmsg : "client protocol error");
+			return;
+		}
+		session_client_reject(s, session_client_error_resp(tok, errbuf, sizeof(errbuf),
+		    &s->srv->cfg));
+		log_msg(LOG_LEVEL_INFO, s->sid, "client command refused: %s",
+		    tok->errmsg ? tok->errmsg : "error");
+		evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
+		break;
+	case IMAP_TOK_LITERAL:
+		if (!s->cmd_forwarded && !s->cmd_reject && !s->line_is_continuation)
+			session_client_decide(s, 0);
+		if (s->cmd_reject || s->cmd_local) {
+			if (s->cmd_local)
+				session_client_reject(s, "BAD STARTTLS takes no arguments");
+			evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
+			if (!(tok->literal_flags & IMAP_LIT_NONSYNC)) {
+				imap_lex_reject_literal(s->clex);
+				session_client_finish_reject(s);
+			}
+			break;
+		}
+		session_client_forward(s);
+		if (!(tok->literal_flags & IMAP_LIT_NONSYNC))
+			s->wait = WAIT_LITERAL;
+		break;
+	case IMAP_TOK_EOL:
+		if (s->cmd_reject) {
+			session_client_finish_reject(s);
+			break;
+		}
+		if (s->line_is_continuation) {
+			session_client_forward(s);
+			if (s->wait == WAIT_IDLE)
+				s->wait = WAIT_NONE;	/* that was DONE */
+			session_client_reset(s);
+			break;
+		}
+		if (!s->cmd_forwarded) {
+			session_client_decide(s, 1);
+			if (s->cmd_reject) {
+				session_client_finish_reject(s);
+				break;
+			}
+			if (s->cmd_local) {
+				session_client_starttls(s);
+				break;
+			}
+		}
+		session_client_forward(s);
+		s->srv->stats.commands++;
+		if (s->n_inflight > 0 && !s->inflight[s->n_inflight - 1].sent_whole)
+			s->inflight[s->n_inflight - 1].sent_whole = 1;
+		if (s->cmd.kind == CMD_AUTHENTICATE)
+			s->wait = WAIT_AUTH;
+		else if (s->cmd.kind == CMD_IDLE)
+			s->wait = WAIT_IDLE;
+		session_client_reset(s);
+		break;
+	default:
+		if (s->cmd_reject)
+			evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
+		break;
+	}
+}
+
+/* Big literal payloads move in bulk, without the lexer looking at them. */
+static int
+session_client_move_literal(struct session *s, struct evbuffer *in)
+{
+	uint64_t rem = imap_lex_literal_remaining(s->clex);
+	size_t avail = evbuffer_get_length(in), n;
+
+	if (rem <= COMMAND_ARG_MAX || avail == 0)
+		return 0;
+	n = avail < rem ? avail : (size_t)rem;
+	if (s->cmd_reject)
+		evbuffer_drain(in, n);
+	else {
+		evbuffer_remove_buffer(in, bufferevent_get_output(s->up), n);
+		s->srv->stats.bytes_client_to_upstream += n;
+	}
+	imap_lex_skip_literal(s->clex, n);
+	return 1;
+}
+
+void
+session_client_process(struct session *s)
+{
+	struct evbuffer *in;
+
+	if (s->client == NULL)
+		return;
+	in = bufferevent_get_input(s->client);
+	while (s->state == SESSION_RUNNING && !s->client_paused && s->up != NULL) {
+		struct evbuffer_iovec v;
+		struct imap_tok tok;
+		size_t used = 0;
+		enum imap_lex_status st;
+
+		if (!session_client_move_literal(s, in)) {
+			int at_start = imap_lex_at_command_start(s->clex);
+			int nv = evbuffer_peek(in, -1, NULL, &v, 1);
+
+			if (nv < 1)
+				v.iov_base = NULL, v.iov_len = 0;
+			st = imap_lex_next(s->clex, v.iov_base, v.iov_len, &used, &tok);
+			if (st == IMAP_LEX_TOKEN) {
+				if (at_start && (s->wait == WAIT_AUTH || s->wait == WAIT_IDLE))
+					s->line_is_continuation = 1;
+				if (!s->line_is_continuation)
+					command_feed(&s->cmd, &tok);
+			}
+			if (used > 0)
+				evbuffer_remove_buffer(in, s->cline, used);
+			if (st == IMAP_LEX_TOKEN)
+				session_client_act(s, &tok);
+			else if (used == 0 || evbuffer_get_length(in) == 0)
+				break;
+		}
+		if (s->up != NULL && session_out_full(bufferevent_get_output(s->up)))
+			session_pause_reading(s, s->client);
+	}
+}

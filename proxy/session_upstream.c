@@ -1,0 +1,331 @@
+/* session_upstream: the upstream's bytes, response by response: streamed, rewritten or consumed here. */
+#include <ctype.h>
+#include <stdio.h>
+#include <string.h>
+#include <strings.h>
+
+#include "capability.h"
+#include "log.h"
+#include "session.h"
+#include "upstream.h"
+
+static int
+session_upstream_is_status(const char *word)
+{
+	return strcmp(word, "OK") == 0 || strcmp(word, "NO") == 0 || strcmp(word, "BAD") == 0 ||
+	    strcmp(word, "BYE") == 0 || strcmp(word, "PREAUTH") == 0;
+}
+
+static void
+session_upstream_policy(const struct session *s, struct capability_policy *p)
+{
+	p->offer_starttls = !s->client_tls && s->srv->tls_server != NULL;
+	p->login_disabled = s->srv->cfg.require_tls && !s->client_tls;
+}
+
+static void
+session_upstream_reset(struct session *s)
+{
+	s->resp_mode = RESP_UNDECIDED;
+	s->resp_tag[0] = '\0';
+	s->resp_word[0] = '\0';
+	evbuffer_drain(s->resp_text, evbuffer_get_length(s->resp_text));
+}
+
+static void
+session_upstream_flush(struct session *s)
+{
+	size_t n = evbuffer_get_length(s->uline);
+
+	if (n == 0)
+		return;
+	if (s->resp_mode == RESP_SWALLOW || s->client == NULL) {
+		evbuffer_drain(s->uline, n);
+		return;
+	}
+	s->srv->stats.bytes_upstream_to_client += n;
+	evbuffer_add_buffer(bufferevent_get_output(s->client), s->uline);
+}
+
+static void
+session_upstream_set_mode(struct session *s, enum resp_mode mode)
+{
+	s->resp_mode = mode;
+	if (mode == RESP_PASS)
+		session_upstream_flush(s);
+}
+
+/* Record what identifies the response, before its bytes move on. */
+static void
+session_upstream_observe(struct session *s, const struct imap_tok *tok)
+{
+	struct capability_policy p;
+	char *out;
+
+	if (tok->index == 0 && tok->type == IMAP_TOK_ATOM && tok->len <= COMMAND_TAG_MAX) {
+		memcpy(s->resp_tag, tok->str, tok->len);
+		s->resp_tag[tok->len] = '\0';
+	} else if (tok->index == 1 && tok->depth == 0 && tok->type == IMAP_TOK_ATOM) {
+		size_t n = tok->len < sizeof(s->resp_word) - 1 ? tok->len : sizeof(s->resp_word) - 1;
+		for (size_t i = 0; i < n; i++)
+			s->resp_word[i] = (char)toupper((unsigned char)tok->str[i]);
+		s->resp_word[n] = '\0';
+	}
+	if (s->resp_mode == RESP_SWALLOW)
+		return;
+
+	if (tok->type == IMAP_TOK_TEXT && session_upstream_is_status(s->resp_word) &&
+	    capability_in_text(tok->str, tok->len)) {
+		/* Before upstream STARTTLS the list describes a link the client never sees. */
+		int drop = s->state == SESSION_GREETING &&
+		    s->srv->cfg.upstream_tls == UPSTREAM_TLS_STARTTLS;
+		struct evbuffer_iovec v;
+
+		session_upstream_policy(s, &p);
+		if (evbuffer_reserve_space(s->resp_text, tok->len + CAPABILITY_EXTRA, &v, 1) < 1)
+			return;
+		out = v.iov_base;
+		v.iov_len = capability_rewrite_text(tok->str, tok->len, &p, drop, out);
+		if (v.iov_len == 0) {
+			memcpy(out, "Ready.", 6);	/* resp-text must not be empty */
+			v.iov_len = 6;
+		}
+		evbuffer_commit_space(s->resp_text, &v, 1);
+		s->resp_mode = RESP_REWRITE;
+	} else if (s->resp_mode == RESP_REWRITE && tok->type == IMAP_TOK_ATOM && tok->index >= 2) {
+		/* A CAPABILITY line: collect the names, rewritten at EOL. */
+		if (evbuffer_get_length(s->resp_text) > 0)
+			evbuffer_add(s->resp_text, " ", 1);
+		evbuffer_add(s->resp_text, tok->str, tok->len);
+	}
+}
+
+static void
+session_upstream_decide(struct session *s, const struct imap_tok *tok)
+{
+	if (s->state == SESSION_UPSTREAM_STARTTLS) {
+		s->resp_mode = RESP_SWALLOW;
+		return;
+	}
+	if (tok->index == 0 && tok->type != IMAP_TOK_EOL) {
+		if (strcmp(s->resp_tag, "+") == 0)
+			session_upstream_set_mode(s, RESP_PASS);
+		return;	/* wait for the word after the tag */
+	}
+	if (strcmp(s->resp_tag, "*") == 0 && strcmp(s->resp_word, "CAPABILITY") == 0 &&
+	    tok->type != IMAP_TOK_EOL) {
+		s->resp_mode = RESP_REWRITE;
+		return;
+	}
+	if (session_upstream_is_status(s->resp_word) && tok->type != IMAP_TOK_TEXT &&
+	    tok->type != IMAP_TOK_EOL && tok->index < 2)
+		return;	/* the resp-text decides */
+	session_upstream_set_mode(s, RESP_PASS);
+}
+
+static void
+session_upstream_write_rewritten(struct session *s)
+{
+	struct evbuffer *out = bufferevent_get_output(s->client);
+	struct capability_policy p;
+
+	evbuffer_drain(s->uline, evbuffer_get_length(s->uline));
+	if (strcmp(s->resp_word, "CAPABILITY") == 0) {
+		size_t len = evbuffer_get_length(s->resp_text);
+		char *list = (char *)evbuffer_pullup(s->resp_text, -1);
+		struct evbuffer_iovec v;
+
+		session_upstream_policy(s, &p);
+		if (evbuffer_reserve_space(out, len + CAPABILITY_EXTRA + 20, &v, 1) < 1)
+			return;
+		memcpy(v.iov_base, "* CAPABILITY ", 13);
+		v.iov_len = 13 + capability_rewrite(list, len, &p, (char *)v.iov_base + 13);
+		memcpy((char *)v.iov_base + v.iov_len, "\r\n", 2);
+		v.iov_len += 2;
+		evbuffer_commit_space(out, &v, 1);
+	} else {
+		evbuffer_add_printf(out, "%s %s ", s->resp_tag, s->resp_word);
+		evbuffer_add_buffer(out, s->resp_text);
+		evbuffer_add(out, "\r\n", 2);
+	}
+}
+
+/* The greeting is through: start STARTTLS upstream, or start relaying. */
+static void
+session_upstream_greeted(struct session *s)
+{
+	if (strcmp(s->resp_word, "BYE") == 0) {
+		s->upstream_bye = 1;
+		return;	/* the upstream closes; its event callback ends the session */
+	}
+	if (strcmp(s->resp_word, "PREAUTH") == 0)
+		s->authenticated = 1;
+	if (s->srv->cfg.upstream_tls == UPSTREAM_TLS_STARTTLS) {
+		snprintf(s->up_tag, sizeof(s->up_tag), "imapfresh.%llu", (unsigned long long)++s->up_tag_seq);
+		evbuffer_add_printf(bufferevent_get_output(s->up), "%s STARTTLS\r\n", s->up_tag);
+		session_enter(s, SESSION_UPSTREAM_STARTTLS, "upstream greeting received");
+	} else
+		session_upstream_start(s);
+}
+
+void
+session_upstream_start(struct session *s)
+{
+	bufferevent_set_timeouts(s->up, NULL, NULL);
+	session_enter(s, SESSION_RUNNING, "upstream ready");
+	session_client_process(s);
+}
+
+/* A tagged completion: the command is done, for the upstream and for us. */
+static void
+session_upstream_completed(struct session *s)
+{
+	struct inflight *f = session_inflight_find(s, s->resp_tag);
+	int ok = strcmp(s->resp_word, "OK") == 0;
+
+	if (f == NULL)
+		return;
+	if (!f->sent_whole && s->wait == WAIT_LITERAL) {
+		/* Refused instead of "+": the client will not send that literal. */
+		imap_lex_reject_literal(s->clex);
+		evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
+		command_reset(&s->cmd);
+		s->cmd_forwarded = 0;
+		s->wait = WAIT_NONE;
+	}
+	if ((f->kind == CMD_AUTHENTICATE && s->wait == WAIT_AUTH) ||
+	    (f->kind == CMD_IDLE && s->wait == WAIT_IDLE))
+		s->wait = WAIT_NONE;
+	if (ok && (f->kind == CMD_LOGIN || f->kind == CMD_AUTHENTICATE)) {
+		s->authenticated = 1;
+		log_msg(LOG_LEVEL_INFO, s->sid, "authenticated");
+		session_set_timeouts(s);
+	} else if (ok && f->kind == CMD_UNAUTHENTICATE) {
+		s->authenticated = 0;
+		session_set_timeouts(s);
+	}
+	session_inflight_remove(s, f);
+}
+
+static void
+session_upstream_continuation(struct session *s)
+{
+	if (s->wait == WAIT_LITERAL)
+		s->wait = WAIT_NONE;
+	else if (s->wait == WAIT_AUTH && imap_lex_at_command_start(s->clex))
+		imap_lex_expect_text_line(s->clex);
+}
+
+/* Our own STARTTLS got its answer. Returns 1 when the link was replaced. */
+static int
+session_upstream_starttls_done(struct session *s)
+{
+	if (strcmp(s->resp_tag, s->up_tag) != 0)
+		return 0;
+	if (strcmp(s->resp_word, "OK") != 0) {
+		log_msg(LOG_LEVEL_WARNING, s->sid, "upstream refused STARTTLS");
+		session_close(s, "[UNAVAILABLE] Backend server refused STARTTLS",
+		    "upstream refused STARTTLS");
+		return 1;
+	}
+	upstream_starttls(s);
+	return 1;
+}
+
+/* The response is complete. Returns 1 when processing must stop. */
+static int
+session_upstream_eol(struct session *s)
+{
+	enum session_state st = s->state;
+
+	if (s->resp_mode == RESP_REWRITE)
+		session_upstream_write_rewritten(s);
+	else
+		session_upstream_flush(s);
+
+	if (st == SESSION_UPSTREAM_STARTTLS) {
+		int replaced = session_upstream_starttls_done(s);
+		session_upstream_reset(s);
+		return replaced;
+	}
+	if (strcmp(s->resp_tag, "+") == 0)
+		session_upstream_continuation(s);
+	else if (strcmp(s->resp_tag, "*") == 0) {
+		if (strcmp(s->resp_word, "BYE") == 0)
+			s->upstream_bye = 1;
+	} else if (st == SESSION_RUNNING)
+		session_upstream_completed(s);
+	if (st == SESSION_GREETING)
+		session_upstream_greeted(s);
+	session_upstream_reset(s);
+	return s->state != SESSION_RUNNING;
+}
+
+/* Big literal payloads (message bodies) move in bulk. */
+static int
+session_upstream_move_literal(struct session *s, struct evbuffer *in)
+{
+	uint64_t rem = imap_lex_literal_remaining(s->ulex);
+	size_t avail = evbuffer_get_length(in), n;
+
+	if (rem == 0 || avail == 0 || s->resp_mode != RESP_PASS)
+		return 0;
+	n = avail < rem ? avail : (size_t)rem;
+	s->srv->stats.bytes_upstream_to_client += n;
+	evbuffer_remove_buffer(in, bufferevent_get_output(s->client), n);
+	imap_lex_skip_literal(s->ulex, n);
+	return 1;
+}
+
+static int
+session_upstream_may_process(const struct session *s)
+{
+	return s->up != NULL && !s->up_paused && s->client != NULL &&
+	    (s->state == SESSION_GREETING || s->state == SESSION_UPSTREAM_STARTTLS ||
+	    s->state == SESSION_RUNNING);
+}
+
+void
+session_upstream_process(struct session *s)
+{
+	while (session_upstream_may_process(s)) {
+		struct evbuffer *in = bufferevent_get_input(s->up);
+		struct evbuffer_iovec v;
+		struct imap_tok tok;
+		size_t used = 0;
+		enum imap_lex_status st;
+
+		if (!session_upstream_move_literal(s, in)) {
+			if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
+				v.iov_base = NULL, v.iov_len = 0;
+			st = imap_lex_next(s->ulex, v.iov_base, v.iov_len, &used, &tok);
+			if (st == IMAP_LEX_TOKEN)
+				session_upstream_observe(s, &tok);
+			if (used > 0)
+				evbuffer_remove_buffer(in, s->uline, used);
+			if (st != IMAP_LEX_TOKEN) {
+				if (used == 0 || evbuffer_get_length(in) == 0)
+					break;
+				continue;
+			}
+			if (tok.type == IMAP_TOK_ERROR) {
+				log_msg(LOG_LEVEL_WARNING, s->sid, "upstream protocol error: %s",
+				    tok.errmsg ? tok.errmsg : "?");
+				session_close(s, "[UNAVAILABLE] Backend server protocol error",
+				    "upstream protocol error");
+				return;
+			}
+			if (s->resp_mode == RESP_UNDECIDED)
+				session_upstream_decide(s, &tok);
+			if (tok.type == IMAP_TOK_LITERAL && s->resp_mode == RESP_REWRITE)
+				session_upstream_set_mode(s, RESP_PASS);	/* not a list we rewrite */
+			if (tok.type == IMAP_TOK_EOL) {
+				if (session_upstream_eol(s))
+					return;
+			} else if (s->resp_mode == RESP_PASS || s->resp_mode == RESP_SWALLOW)
+				session_upstream_flush(s);
+		}
+		if (s->client != NULL && session_out_full(bufferevent_get_output(s->client)))
+			session_pause_reading(s, s->up);
+	}
+}

@@ -1,0 +1,162 @@
+/* upstream: a session's link to the backend server: connect, TLS, STARTTLS. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/dns.h>
+
+#include "log.h"
+#include "session.h"
+#include "tls.h"
+#include "upstream.h"
+
+static void upstream_read_cb(struct bufferevent *bev, void *arg);
+static void upstream_write_cb(struct bufferevent *bev, void *arg);
+static void upstream_event_cb(struct bufferevent *bev, short what, void *arg);
+
+static void
+upstream_set_callbacks(struct session *s)
+{
+	bufferevent_setcb(s->up, upstream_read_cb, upstream_write_cb, upstream_event_cb, s);
+	bufferevent_setwatermark(s->up, EV_READ, 0, SESSION_READ_HIGH);
+	bufferevent_enable(s->up, EV_READ | EV_WRITE);
+}
+
+/* Until the greeting arrives, timeout_connect bounds the wait. */
+static void
+upstream_set_connect_timeout(struct session *s)
+{
+	struct timeval t = { s->srv->cfg.timeout_connect, 0 };
+
+	bufferevent_set_timeouts(s->up, &t, &t);
+}
+
+static void
+upstream_fail(struct session *s, const char *what, const char *detail)
+{
+	const struct config *cfg = &s->srv->cfg;
+	char bye[600], why[700];
+
+	s->srv->stats.upstream_connect_failures++;
+	snprintf(why, sizeof(why), "upstream %s:%s %s: %s", cfg->upstream.host,
+	    cfg->upstream.port, what, detail);
+	snprintf(bye, sizeof(bye), "[UNAVAILABLE] Backend server unavailable (%s)", what);
+	log_msg(LOG_LEVEL_WARNING, s->sid, "%s", why);
+	session_close(s, bye, why);
+}
+
+void
+upstream_connect(struct session *s)
+{
+	struct server *srv = s->srv;
+	const struct config *cfg = &srv->cfg;
+	int port = atoi(cfg->upstream.port);
+
+	if (cfg->upstream_tls == UPSTREAM_TLS_TLS) {
+		SSL *ssl = tls_upstream_ssl_new(srv->tls_client, cfg);
+		s->up = ssl ? tls_bufferevent_new(srv->base, -1, ssl, 0) : NULL;
+	} else
+		s->up = bufferevent_socket_new(srv->base, -1,
+		    BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+	if (s->up == NULL) {
+		upstream_fail(s, "setup", "out of memory");
+		return;
+	}
+	upstream_set_callbacks(s);
+	upstream_set_connect_timeout(s);
+	if (bufferevent_socket_connect_hostname(s->up, srv->dns, AF_UNSPEC, cfg->upstream.host,
+	    port) < 0) {
+		int dns_err = bufferevent_socket_get_dns_error(s->up);
+		upstream_fail(s, "connect", dns_err ? evutil_gai_strerror(dns_err) :
+		    evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
+	}
+}
+
+void
+upstream_starttls(struct session *s)
+{
+	SSL *ssl = tls_upstream_ssl_new(s->srv->tls_client, &s->srv->cfg);
+
+	s->up = ssl ? tls_upgrade(s->up, ssl, 0) : NULL;
+	if (s->up == NULL) {
+		upstream_fail(s, "STARTTLS", "cannot set up TLS");
+		return;
+	}
+	upstream_set_callbacks(s);
+	upstream_set_connect_timeout(s);
+}
+
+static void
+upstream_read_cb(struct bufferevent *bev, void *arg)
+{
+	session_upstream_process(arg);
+}
+
+static void
+upstream_write_cb(struct bufferevent *bev, void *arg)
+{
+	struct session *s = arg;
+
+	if (s->client_paused &&
+	    evbuffer_get_length(bufferevent_get_output(bev)) <= SESSION_OUT_LOW) {
+		s->client_paused = 0;
+		bufferevent_setwatermark(bev, EV_WRITE, 0, 0);
+		bufferevent_enable(s->client, EV_READ);
+		session_client_process(s);
+	}
+}
+
+static void
+upstream_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+	struct session *s = arg;
+	char detail[512];
+	int one = 1;
+
+	if (what & BEV_EVENT_CONNECTED) {
+		setsockopt(bufferevent_getfd(bev), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		if (bufferevent_openssl_get_ssl(bev) != NULL) {
+			tls_describe(bev, detail, sizeof(detail));
+			log_msg(LOG_LEVEL_DEBUG, s->sid, "upstream TLS established: %s", detail);
+		}
+		if (s->state == SESSION_CONNECTING)
+			session_enter(s, SESSION_GREETING, "upstream connected");
+		else if (s->state == SESSION_UPSTREAM_STARTTLS)
+			session_upstream_start(s);
+		return;
+	}
+	if (what & BEV_EVENT_TIMEOUT) {
+		upstream_fail(s, s->state == SESSION_CONNECTING ? "connect" : "greeting",
+		    "timed out");
+		return;
+	}
+	if (s->state < SESSION_RUNNING) {
+		int err = EVUTIL_SOCKET_ERROR();
+
+		detail[0] = '\0';
+		if (bufferevent_socket_get_dns_error(bev))
+			snprintf(detail, sizeof(detail), "%s",
+			    evutil_gai_strerror(bufferevent_socket_get_dns_error(bev)));
+		else if (bufferevent_openssl_get_ssl(bev) != NULL) {
+			tls_error_describe(bev, detail, sizeof(detail));
+			if (strncmp(detail, "connection closed", 17) != 0)
+				s->srv->stats.tls_handshake_failures++;
+			else
+				detail[0] = '\0';
+		}
+		if (detail[0] == '\0')
+			snprintf(detail, sizeof(detail), "%s", (what & BEV_EVENT_ERROR) && err ?
+			    evutil_socket_error_to_string(err) : "connection closed");
+		upstream_fail(s, s->state == SESSION_CONNECTING ? "connect" :
+		    s->state == SESSION_GREETING ? "greeting" : "STARTTLS", detail);
+		return;
+	}
+	/* Running: pass on whatever the upstream said last, then close. */
+	s->up_paused = 0;
+	session_upstream_process(s);
+	session_close(s, s->upstream_bye ? NULL :
+	    "[UNAVAILABLE] Backend server closed the connection", "upstream closed the connection");
+}
