@@ -20,6 +20,23 @@
  * Feeding the same bytes split at any points yields the same token sequence
  * (LITERAL_DATA chunks may be split differently; their concatenation is the
  * same).
+ *
+ * Call imap_lex_next() until it returns IMAP_LEX_MORE: a token may be owed
+ * without consuming anything (LITERAL_END once the payload is complete, the
+ * EOL after an error), so a call with len == 0 (buf may then be NULL) can
+ * still return a token. A token is returned as soon as it is known, without
+ * consuming what follows it: an atom ends at the SP, ')' or CR that follows,
+ * and a LITERAL is returned right after its CRLF, payload untouched.
+ *
+ * Positions: LIST_BEGIN and LIST_END carry the list's own index and the depth
+ * outside the list; tokens inside have that index and depth >= 1. EOL's index
+ * is the number of top-level items and its depth the number of lists left
+ * unclosed (0 normally; the line is not rejected for it). ERROR carries the
+ * position where the failed item started.
+ *
+ * Lines end with CRLF or a bare LF; a CR not followed by LF and a NUL outside
+ * literal payloads are syntax errors. Atoms may hold 8-bit bytes but no CTL
+ * and no '{' ('{' only starts a literal at the start of a token).
  */
 
 enum imap_lex_mode {
@@ -68,6 +85,8 @@ struct imap_tok {
 	const char *errmsg;	/* ERROR: short human-readable reason */
 };
 
+/* imap_lex_new()/imap_lex_set_limits() with NULL limits: 64 KiB line and
+ * token, literals unlimited. max_token 0 is taken as 1. */
 struct imap_lex_limits {
 	size_t max_line;	/* bytes of one command/response excluding literal
 				   payloads; 0 = unlimited */
@@ -102,18 +121,23 @@ enum imap_lex_status imap_lex_next(struct imap_lex *lx, const char *buf, size_t 
 
 /* Client mode: the consumer refuses a synchronizing literal it was just given
  * (IMAP_TOK_LITERAL returned, no payload consumed yet): the client will not
- * send it, so the next byte starts a new command. No EOL is emitted. */
+ * send it, so the next byte starts a new command. No EOL is emitted.
+ * For a non-synchronizing literal (or in server mode) the payload comes
+ * anyway, so it and the rest of the command are skipped, then EOL is emitted.
+ * Called at any other time it does nothing. */
 void imap_lex_reject_literal(struct imap_lex *lx);
 
 /* The next line (which must not have started yet) is raw text: one TEXT token
- * then EOL. Used for AUTHENTICATE responses from the client. */
+ * (possibly empty) then EOL. Used for AUTHENTICATE responses from the client.
+ * Called mid-command, it applies to the line after the current command. */
 void imap_lex_expect_text_line(struct imap_lex *lx);
 
 /* While in a literal payload: bytes of it not yet consumed. 0 otherwise. */
 uint64_t imap_lex_literal_remaining(const struct imap_lex *lx);
 
 /* Consume n payload bytes the caller moved on its own (n <= remaining), without
- * seeing them; the next imap_lex_next() emits LITERAL_END when the payload is done. */
+ * seeing them; the next imap_lex_next() emits LITERAL_END when the payload is done.
+ * A larger n is clamped to what remains. */
 void imap_lex_skip_literal(struct imap_lex *lx, uint64_t n);
 
 /* True between tokens at the very start of a command/response. */
