@@ -1,0 +1,49 @@
+/* seqmap: a client's view of its selected mailbox: message count and sequence number -> UID, as far as known. */
+#ifndef SEQMAP_H
+#define SEQMAP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "uidset.h"
+
+/* UIDs ascend with sequence numbers, so a run of consecutive sequence numbers
+ * with consecutive UIDs is one entry; a whole mailbox is usually a few runs. */
+struct seqmap_run {
+	uint32_t seq, uid, len;
+};
+
+struct seqmap {
+	uint32_t count;		/* messages, from EXISTS / EXPUNGE */
+	struct seqmap_run *runs;	/* sorted by seq; unknown positions are in no run */
+	size_t n, cap;
+};
+
+void seqmap_init(struct seqmap *m);
+void seqmap_free(struct seqmap *m);
+void seqmap_reset(struct seqmap *m, uint32_t count);	/* after SELECT: count known, UIDs not */
+
+void seqmap_exists(struct seqmap *m, uint32_t count);
+void seqmap_expunge(struct seqmap *m, uint32_t seq);
+/* VANISHED (QRESYNC): the message with this UID is gone; its position need
+ * not be known, only that it lies between the known runs around its UID. */
+void seqmap_vanished(struct seqmap *m, uint32_t uid);
+/* A FETCH response showed that seq has this UID. */
+void seqmap_learn(struct seqmap *m, uint32_t seq, uint32_t uid);
+
+/* UID at seq, 0 when unknown. */
+uint32_t seqmap_uid(const struct seqmap *m, uint32_t seq);
+/* How many positions have a known UID. */
+uint32_t seqmap_known(const struct seqmap *m);
+
+/* Does the view agree with the mailbox holding exactly these UIDs? Unknown
+ * positions agree with anything; the count must match. */
+int seqmap_consistent(const struct seqmap *m, const struct uidset *truth);
+
+/* The known UIDs as a set. */
+int seqmap_known_uids(const struct seqmap *m, struct uidset *out);
+
+/* Replace the view by a fully known one. */
+int seqmap_assign(struct seqmap *m, const struct uidset *uids);
+
+#endif
