@@ -210,7 +210,10 @@ session_close(struct session *s, const char *bye, const char *why)
 			session_schedule_free(s);
 		return;
 	}
-	bufferevent_disable(s->client, EV_READ);
+	/* A TLS handshake still under way must keep reading, or the BYE never
+	 * gets out; client input is ignored from now on either way. */
+	if (!s->client_tls_pending)
+		bufferevent_disable(s->client, EV_READ);
 	if (bye != NULL)
 		session_reply(s, "* BYE %s", bye);
 	if (evbuffer_get_length(bufferevent_get_output(s->client)) == 0)
@@ -331,11 +334,15 @@ session_client_event_cb(struct bufferevent *bev, short what, void *arg)
 	}
 	/* EOF or error: the client is gone, nothing more can reach it. */
 	s->client_eof = 1;
+	if (s->state == SESSION_CLOSING) {
+		session_schedule_free(s);
+		return;
+	}
 	if (s->client_tls_pending) {
 		s->srv->stats.tls_handshake_failures++;
 		tls_error_describe(bev, why, sizeof(why));
 		session_close(s, NULL, why);
-	} else if (what & BEV_EVENT_ERROR) {
+	} else if ((what & BEV_EVENT_ERROR) && EVUTIL_SOCKET_ERROR() != 0) {
 		snprintf(why, sizeof(why), "client connection error: %s",
 		    evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
 		session_close(s, NULL, why);

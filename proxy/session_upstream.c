@@ -16,10 +16,23 @@ session_upstream_is_status(const char *word)
 	    strcmp(word, "BYE") == 0 || strcmp(word, "PREAUTH") == 0;
 }
 
-static void
-session_upstream_policy(const struct session *s, struct capability_policy *p)
+/* Does this response complete a LOGIN or AUTHENTICATE successfully? */
+static int
+session_upstream_logs_in(struct session *s)
 {
-	p->offer_starttls = !s->client_tls && s->srv->tls_server != NULL;
+	struct inflight *f;
+
+	if (strcmp(s->resp_word, "OK") != 0 || (f = session_inflight_find(s, s->resp_tag)) == NULL)
+		return 0;
+	return f->kind == CMD_LOGIN || f->kind == CMD_AUTHENTICATE;
+}
+
+static void
+session_upstream_policy(struct session *s, struct capability_policy *p)
+{
+	/* STARTTLS is valid only before authentication. */
+	p->offer_starttls = !s->client_tls && !s->authenticated && !session_upstream_logs_in(s) &&
+	    s->srv->tls_server != NULL;
 	p->login_disabled = s->srv->cfg.require_tls && !s->client_tls;
 }
 

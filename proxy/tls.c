@@ -148,6 +148,8 @@ tls_error_describe(struct bufferevent *bev, char *buf, size_t len)
 
 	buf[0] = '\0';
 	while ((e = bufferevent_get_openssl_error(bev)) != 0 && n + 2 < len) {
+		if (ERR_GET_LIB(e) == 0)
+			continue;	/* libevent's own placeholder entries say nothing */
 		if (n > 0)
 			buf[n++] = ';', buf[n] = '\0';
 		ERR_error_string_n(e, buf + n, len - n);

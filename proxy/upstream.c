@@ -136,22 +136,25 @@ upstream_event_cb(struct bufferevent *bev, short what, void *arg)
 	if (s->state < SESSION_RUNNING) {
 		int err = EVUTIL_SOCKET_ERROR();
 
+		const char *phase = s->state == SESSION_CONNECTING ? "connect" :
+		    s->state == SESSION_GREETING ? "greeting" : "STARTTLS";
+
 		detail[0] = '\0';
 		if (bufferevent_socket_get_dns_error(bev))
 			snprintf(detail, sizeof(detail), "%s",
 			    evutil_gai_strerror(bufferevent_socket_get_dns_error(bev)));
 		else if (bufferevent_openssl_get_ssl(bev) != NULL) {
 			tls_error_describe(bev, detail, sizeof(detail));
-			if (strncmp(detail, "connection closed", 17) != 0)
+			if (strncmp(detail, "connection closed", 17) != 0) {
 				s->srv->stats.tls_handshake_failures++;
-			else
+				phase = "TLS";
+			} else
 				detail[0] = '\0';
 		}
 		if (detail[0] == '\0')
 			snprintf(detail, sizeof(detail), "%s", (what & BEV_EVENT_ERROR) && err ?
 			    evutil_socket_error_to_string(err) : "connection closed");
-		upstream_fail(s, s->state == SESSION_CONNECTING ? "connect" :
-		    s->state == SESSION_GREETING ? "greeting" : "STARTTLS", detail);
+		upstream_fail(s, phase, detail);
 		return;
 	}
 	/* Running: pass on whatever the upstream said last, then close. */
