@@ -33,6 +33,9 @@ _Static_assert(sizeof config_log_level_names / sizeof *config_log_level_names
     == LOG_LEVEL_DEBUG + 2, "one name per log_level");
 
 static const char *config_check_state(const char *value);
+static const char *config_check_commands(const char *value);
+static const char *config_check_prefix(const char *value);
+static const char *config_check_instance(const char *value);
 
 /*
  * The keys. One row each: X(name, TYPE, designated initializers...). The
@@ -64,6 +67,19 @@ static const char *config_check_state(const char *value);
 	    .help = "server name sent and checked upstream; empty = upstream host name") \
 	X(state, STRING, .def = "memory", .check = config_check_state, \
 	    .help = "session state store: memory or redis://host[:port][/db]") \
+	X(resync, BOOL, .def = "yes", \
+	    .help = "resync a stale session before the commands in resync_on") \
+	X(resync_on, STRING, .def = "GETQUOTAROOT, FETCH, UID FETCH", .min = 1, \
+	    .check = config_check_commands, \
+	    .help = "comma-separated commands that trigger the staleness check") \
+	X(resync_after, DURATION, .def = "0", \
+	    .help = "also resync a session not synced for this long; 0 = off") \
+	X(redis_prefix, STRING, .def = "imapfresh:", .min = 1, .check = config_check_prefix, \
+	    .help = "prefix of every Redis key and channel") \
+	X(instance_id, STRING, .check = config_check_instance, \
+	    .help = "this instance's name in Redis keys and messages; empty = host name") \
+	X(state_ttl, DURATION, .def = "1h", .min = 60, \
+	    .help = "how long a session's Redis key outlives its last refresh") \
 	X(max_clients, INT, .def = "10000", .min = 1, .max = 1000000, \
 	    .help = "client connections accepted at once") \
 	X(max_line, SIZE, .def = "64k", .min = 1024, .max = 16 << 20, \
@@ -293,6 +309,100 @@ config_check_state(const char *value)
 	return "memory, redis://host[:port][/db] or redis+unix:///path";
 }
 
+/* One resync_on item, trimmed: a command word (letters, digits, '-'),
+ * optionally after "UID" and blanks. Returns the word's length, or 0. */
+static size_t
+config_command_item(const char *s, size_t len)
+{
+	size_t i = 0, word;
+
+	if (len > 3 && strncasecmp(s, "UID", 3) == 0 && (s[3] == ' ' || s[3] == '\t')) {
+		for (i = 3; i < len && (s[i] == ' ' || s[i] == '\t'); i++)
+			;
+	}
+	for (word = i; i < len && (isalnum((unsigned char)s[i]) || s[i] == '-'); i++)
+		;
+	if (i != len || i == word)
+		return 0;
+	/* A bare "UID" names no command. */
+	if (word == 0 && len == 3 && strncasecmp(s, "UID", 3) == 0)
+		return 0;
+	return len;
+}
+
+/*
+ * Walk the comma-separated items of a resync_on value; with out, write the
+ * normalised list there ("UID  fetch ,x" -> "UID FETCH, X"). Returns 0, or
+ * -1 on a bad item or when out is too small.
+ */
+static int
+config_commands(const char *value, char *out, size_t outlen)
+{
+	const char *p = value, *end;
+	size_t used = 0, len, i;
+
+	for (;;) {
+		end = strchr(p, ',');
+		if (!end)
+			end = p + strlen(p);
+		while (p < end && isspace((unsigned char)*p))
+			p++;
+		len = (size_t)(end - p);
+		while (len && isspace((unsigned char)p[len - 1]))
+			len--;
+		if (!config_command_item(p, len))
+			return -1;
+		if (out) {
+			if (used + len + 3 > outlen)
+				return -1;
+			if (used) {
+				memcpy(out + used, ", ", 2);
+				used += 2;
+			}
+			for (i = 0; i < len; i++) {
+				/* Blanks after UID collapse to one space. */
+				if (isspace((unsigned char)p[i]) && isspace((unsigned char)p[i + 1]))
+					continue;
+				out[used++] = isspace((unsigned char)p[i]) ? ' '
+				    : (char)toupper((unsigned char)p[i]);
+			}
+			out[used] = '\0';
+		}
+		if (*end == '\0')
+			return 0;
+		p = end + 1;
+	}
+}
+
+static const char *
+config_check_commands(const char *value)
+{
+	if (config_commands(value, NULL, 0) == 0)
+		return NULL;
+	return "comma-separated IMAP commands, as in FETCH, UID FETCH";
+}
+
+/* Keys are "<prefix>{<user>}:...": a brace in the prefix would move the
+ * Redis Cluster hash tag off the user name. */
+static const char *
+config_check_prefix(const char *value)
+{
+	for (; *value; value++)
+		if (*value <= ' ' || *value >= 0x7f || *value == '{' || *value == '}')
+			return "printable characters without spaces or braces";
+	return NULL;
+}
+
+/* The instance name travels in tab-separated messages and in keys. */
+static const char *
+config_check_instance(const char *value)
+{
+	for (; *value; value++)
+		if (!isalnum((unsigned char)*value) && !strchr(".-_", *value))
+			return "letters, digits, '.', '-' and '_'";
+	return NULL;
+}
+
 /* Largest value a numeric field holds, used when a row leaves max at 0. */
 static uint64_t
 config_capacity(const struct config_key *k)
@@ -437,7 +547,7 @@ config_apply(struct config *cfg, const struct config_key *k, const char *value,
     char *err, size_t errlen)
 {
 	void *field = (char *)cfg + k->offset;
-	char choices[128];
+	char choices[128], normal[1024];
 	const char *why;
 	size_t i, len;
 
@@ -454,6 +564,10 @@ config_apply(struct config *cfg, const struct config_key *k, const char *value,
 			return config_err(err, errlen, "%s: %s: %s", k->name, why, value);
 		return 0;
 	case CONFIG_T_STRING:
+		/* Command lists are stored normalised; a bad one fails the check below. */
+		if (k->check == config_check_commands
+		    && config_commands(value, normal, sizeof normal) == 0)
+			value = normal;
 		len = strlen(value);
 		if (len >= k->size)
 			return config_err(err, errlen, "%s: too long (max %zu bytes)", k->name, k->size - 1);

@@ -60,6 +60,14 @@ struct config {
 	int timeout_preauth;	/* idle before authentication */
 	int timeout_idle;	/* idle once authenticated, IDLE included */
 
+	/* stale-session fix */
+	int resync;			/* resync stale sessions at all */
+	char resync_on[256];		/* trigger commands: "GETQUOTAROOT, FETCH, UID FETCH" */
+	int resync_after;		/* seconds; 0 = only on detected changes */
+	char redis_prefix[128];		/* key prefix, "imapfresh:" */
+	char instance_id[128];		/* this instance in keys and messages; "" = host name */
+	int state_ttl;			/* seconds a session key outlives its last refresh */
+
 	/* process */
 	enum log_level log_level;
 	char pid_file[1024];

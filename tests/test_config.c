@@ -70,6 +70,13 @@ test_defaults(void)
 	ok(c.upstream_tls_verify == 1, "default upstream_tls_verify = yes");
 	ok(c.upstream_ca[0] == '\0' && c.upstream_sni[0] == '\0', "default upstream_ca, upstream_sni empty");
 	ok(strcmp(c.state, "memory") == 0, "default state = memory");
+	ok(c.resync == 1, "default resync = yes");
+	ok(strcmp(c.resync_on, "GETQUOTAROOT, FETCH, UID FETCH") == 0, "default resync_on is %s",
+	    c.resync_on);
+	ok(c.resync_after == 0, "default resync_after = 0 (off)");
+	ok(strcmp(c.redis_prefix, "imapfresh:") == 0, "default redis_prefix = imapfresh:");
+	ok(c.instance_id[0] == '\0', "default instance_id empty (the host name)");
+	ok(c.state_ttl == 3600, "default state_ttl = 1h");
 	ok(c.max_clients == 10000, "default max_clients = 10000");
 	ok(c.max_line == 64 * 1024, "default max_line = 64k");
 	ok(c.max_literal == 100ULL << 20, "default max_literal = 100M");
@@ -113,7 +120,7 @@ test_table(void)
 			no_help++;
 	}
 	ok(n > 0 && names_match && config_keys[n] == NULL, "config_keys[] lists the %d table rows in order", n);
-	ok(n == 22, "22 keys (got %d); update the tests and docs when adding one", n);
+	ok(n == 28, "28 keys (got %d); update the tests and docs when adding one", n);
 	ok(dups == 0, "no key twice in the table");
 	ok(bad_defaults == 0, "every default parses");
 	ok(bad_ranges == 0, "every numeric range fits its field");
@@ -160,6 +167,27 @@ static const struct {
 	{ "state", "redis://h/x", "state: expected memory, redis://host[:port][/db] or redis+unix:///path, got \"redis://h/x\"" },
 	{ "state", "redis://:pw@h", "state: expected memory, redis://host[:port][/db] or redis+unix:///path, got \"redis://:pw@h\"" },
 	{ "state", "redis+unix://rel.sock", "state: expected memory, redis://host[:port][/db] or redis+unix:///path, got \"redis+unix://rel.sock\"" },
+	{ "resync", "sometimes", "resync: expected yes or no, got \"sometimes\"" },
+	{ "resync_on", "", "resync_on: must not be empty" },
+	{ "resync_on", "FETCH,", "resync_on: expected comma-separated IMAP commands, as in FETCH, UID FETCH, got \"FETCH,\"" },
+	{ "resync_on", "FETCH,,STATUS", "resync_on: expected comma-separated IMAP commands, as in FETCH, UID FETCH, got \"FETCH,,STATUS\"" },
+	{ "resync_on", "FETCH STATUS", "resync_on: expected comma-separated IMAP commands, as in FETCH, UID FETCH, got \"FETCH STATUS\"" },
+	{ "resync_on", "UID", "resync_on: expected comma-separated IMAP commands, as in FETCH, UID FETCH, got \"UID\"" },
+	{ "resync_on", "UIDFETCH;", "resync_on: expected comma-separated IMAP commands, as in FETCH, UID FETCH, got \"UIDFETCH;\"" },
+	{ "resync_on", "UID UID FETCH", "resync_on: expected comma-separated IMAP commands, as in FETCH, UID FETCH, got \"UID UID FETCH\"" },
+	{ "resync_on", "X_Y", "resync_on: expected comma-separated IMAP commands, as in FETCH, UID FETCH, got \"X_Y\"" },
+	{ "resync_after", "-1", "resync_after: not a duration: -1" },
+	{ "resync_after", "1d", "resync_after: not a duration: 1d" },
+	{ "redis_prefix", "", "redis_prefix: must not be empty" },
+	{ "redis_prefix", "my app:", "redis_prefix: expected printable characters without spaces or braces, got \"my app:\"" },
+	{ "redis_prefix", "a{b}:", "redis_prefix: expected printable characters without spaces or braces, got \"a{b}:\"" },
+	{ "redis_prefix", LONG_VALUE, "redis_prefix: too long (max 127 bytes)" },
+	{ "instance_id", "mail 1", "instance_id: expected letters, digits, '.', '-' and '_', got \"mail 1\"" },
+	{ "instance_id", "a:b", "instance_id: expected letters, digits, '.', '-' and '_', got \"a:b\"" },
+	{ "instance_id", LONG_VALUE, "instance_id: too long (max 127 bytes)" },
+	{ "state_ttl", "59", "state_ttl: must be at least 1m, got 59" },
+	{ "state_ttl", "0", "state_ttl: must be at least 1m, got 0" },
+	{ "state_ttl", "1w", "state_ttl: not a duration: 1w" },
 	{ "max_clients", "0", "max_clients: 0 out of range 1..1000000" },
 	{ "max_clients", "1000001", "max_clients: 1000001 out of range 1..1000000" },
 	{ "max_clients", "99999999999999999999", "max_clients: 99999999999999999999 out of range 1..1000000" },
@@ -212,7 +240,11 @@ static const struct {
 	{ "tls_ciphers", "HIGH" }, { "require_tls", "no" }, { "upstream", "mail" },
 	{ "upstream_tls", "starttls" }, { "upstream_tls_verify", "off" },
 	{ "upstream_ca", "/etc/ssl/ca.pem" }, { "upstream_sni", "imap.example.org" },
-	{ "state", "redis://127.0.0.1" }, { "max_clients", "1" }, { "max_line", "16M" },
+	{ "state", "redis://127.0.0.1" }, { "resync", "no" }, { "resync_on", "fetch" },
+	{ "resync_on", "UID FETCH, GETQUOTAROOT, X-CUSTOM2" }, { "resync_after", "15m" },
+	{ "redis_prefix", "mail:imapfresh:" }, { "instance_id", "mx1.example.org" },
+	{ "instance_id", "" }, { "state_ttl", "60" }, { "state_ttl", "24h" },
+	{ "max_clients", "1" }, { "max_line", "16M" },
 	{ "max_literal", "1" }, { "timeout_connect", "1" }, { "timeout_tls_handshake", "1m" },
 	{ "timeout_preauth", "2h" }, { "timeout_idle", "2147483647" }, { "log_level", "DEBUG" },
 	{ "pid_file", "/run/imapfresh.pid" }, { "user", "nobody" },
@@ -424,6 +456,22 @@ test_good_values(void)
 	ok(set(&c, "state", "redis+unix:///run/redis/redis.sock") == 0, "state: redis+unix");
 	ok(set(&c, "state", "memory") == 0 && strcmp(c.state, "memory") == 0, "state: memory");
 	ok(set(&c, "upstream_sni", "") == 0 && c.upstream_sni[0] == '\0', "strings may be emptied");
+
+	/* resync_on is stored normalised: upper case, ", " between items. */
+	ok(set(&c, "resync_on", " fetch ,uid\t  Fetch,getQuotaRoot ") == 0
+	    && strcmp(c.resync_on, "FETCH, UID FETCH, GETQUOTAROOT") == 0,
+	    "resync_on normalised: \"%s\" (%s)", c.resync_on, err);
+	ok_err(set(&c, "resync_on", "x-1") == 0 && strcmp(c.resync_on, "X-1") == 0,
+	    "resync_on: one item, digits and '-'");
+	memset(buf, 0, sizeof buf);
+	for (i = 0; i < 64; i++)
+		strcat(buf, i ? ",ABC" : "ABC");	/* 255 bytes, 318 once normalised */
+	ok(set(&c, "resync_on", buf) == -1 && strcmp(err, "resync_on: too long (max 255 bytes)") == 0
+	    && strcmp(c.resync_on, "X-1") == 0, "resync_on: the normalised length counts (%s)", err);
+	ok(set(&c, "resync_after", "0") == 0 && c.resync_after == 0
+	    && set(&c, "resync_after", "90s") == 0 && c.resync_after == 90, "resync_after: 0 and 90s");
+	ok(set(&c, "state_ttl", "1m") == 0 && c.state_ttl == 60, "state_ttl: 1m is the minimum");
+	ok(set(&c, "redis_prefix", "x") == 0 && strcmp(c.redis_prefix, "x") == 0, "redis_prefix: one byte");
 }
 
 static void

@@ -1,0 +1,978 @@
+/* store: per-user mailbox generations and sessions' state, kept locally and shared through Redis. */
+
+/*
+ * Redis schema (P = redis_prefix, U = user name, I = instance_id or the host
+ * name). U sits in a hash tag, {U}, so that one user's keys share a Redis
+ * Cluster slot; the prefix may hold no braces for that reason.
+ *
+ *   P{U}:gen             hash: mailbox name -> generation. HINCRBY 1 for
+ *                        every change made through any instance.
+ *   P{U}:session:<sid>   hash, one per live session, sid = "<I>:<id>":
+ *                        user, instance, client, mailbox, uidvalidity,
+ *                        uidnext, count, highestmodseq, synced_gen, started,
+ *                        last_resync, resyncs, escalations, stale_detected,
+ *                        view. Numbers in decimal, times in unix seconds.
+ *                        EXPIRE state_ttl on every save and refresh.
+ *   P{U}:sessions        set of the user's sids: SADD on save, SREM on
+ *                        forget, EXPIRE state_ttl with each save and refresh.
+ *                        Sids of an instance that died linger until the set
+ *                        expires: check that P{U}:session:<sid> exists.
+ *   channel Pchanges     one PUBLISH per change:
+ *                        "<I>\t<U>\t<mailbox>\t<generation>\t<detail>",
+ *                        generation being the HINCRBY result. Receivers skip
+ *                        their own instance's messages. Users with a tab or
+ *                        a line break in their name are not published;
+ *                        tabs and line breaks in detail become spaces.
+ *
+ * A change is published from the HINCRBY reply, so that the message carries
+ * the shared generation; receivers do not rely on it (each process counts
+ * its own generations, compared only within that process), it is there for
+ * event logs and tools. Needs Redis 4 or later (HSET with several fields).
+ *
+ * Session keys must outlive idle sessions (IDLE lasts 30 minutes or more):
+ * one timer every state_ttl/3 EXPIREs, in one pipeline, the keys of the
+ * sessions saved here and not saved again since the previous tick.
+ *
+ * Two connections: commands, and SUBSCRIBE (which allows nothing else).
+ * Either one failing, or a command failing, starts an outage: both are
+ * dropped, the epoch grows, and reconnection is tried after 1 s, 2 s, 4 s...
+ * up to 30 s. Regaining both grows the epoch again. Host names in the URL are
+ * resolved with a blocking lookup at each (re)connect: prefer an address.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+#include <hiredis/hiredis.h>
+#include <hiredis/async.h>
+#include <hiredis/adapters/libevent.h>
+
+#include "log.h"
+#include "store.h"
+
+#define STORE_BACKOFF_FIRST 1	/* seconds before the first reconnection */
+#define STORE_BACKOFF_MAX 30
+#define STORE_NOTIFY_STACK 16	/* members notified without a malloc */
+
+/* A string-keyed hash map with chained, heap-allocated entries, so that an
+ * entry (and its key) stays put while the table grows. */
+struct store_entry {
+	struct store_entry *next;
+	uint32_t hash;
+	char *key;
+	union {
+		void *ptr;
+		uint64_t n;
+	} v;
+};
+
+struct store_map {
+	struct store_entry **b;
+	size_t nb, n;
+};
+
+struct store_user {
+	char *name;
+	void **members;
+	size_t n, cap;
+	struct store_map gens;	/* mailbox -> local generation (v.n) */
+	unsigned busy;		/* notify loops running: freeing waits for them */
+};
+
+/* A session saved here and not forgotten yet, for the TTL refresh. */
+struct store_live {
+	int saved;		/* saved since the last refresh tick */
+	char user[];
+};
+
+struct store_link {
+	struct store *st;
+	const char *name;	/* for the log */
+	redisAsyncContext *ac;	/* NULL while disconnected */
+	int up;			/* SELECT (or PING) answered / SUBSCRIBE confirmed */
+};
+
+struct store {
+	struct event_base *base;
+	store_notify_fn notify;
+	char instance[256];
+	struct store_map users;	/* name -> struct store_user (v.ptr) */
+
+	/* Redis only */
+	int redis;
+	struct config_redis url;
+	char where[1300];	/* the server, for the log */
+	char *prefix, *channel;
+	int ttl;
+	struct store_map live;	/* sid -> struct store_live (v.ptr) */
+	struct store_link cmd, sub;
+	struct event *retry, *tick;
+	int healthy;		/* both links up: nothing is being missed */
+	int ever_up, warned;	/* warned: this outage was logged as a warning */
+	int backoff;		/* seconds before the next reconnection */
+	uint64_t epoch;
+	struct store_stats stats;
+};
+
+/* A change waiting for its HINCRBY reply, to be published then. */
+struct store_pub {
+	size_t head_len;	/* "<I>\t<U>\t<mailbox>", then NUL, then detail */
+	char text[];
+};
+
+static void store_lost(struct store *st, const char *what, const char *why);
+
+/* --- hash map --- */
+
+static uint32_t
+store_hash(const char *s)
+{
+	uint32_t h = 2166136261u;	/* FNV-1a */
+
+	for (; *s; s++)
+		h = (h ^ (unsigned char)*s) * 16777619u;
+	return h;
+}
+
+static struct store_entry *
+store_map_find(const struct store_map *m, const char *key)
+{
+	uint32_t h = store_hash(key);
+	struct store_entry *e;
+
+	if (m->nb == 0)
+		return NULL;
+	for (e = m->b[h & (m->nb - 1)]; e; e = e->next)
+		if (e->hash == h && strcmp(e->key, key) == 0)
+			return e;
+	return NULL;
+}
+
+/* Double the buckets once entries outnumber them; chains are relinked, not copied. */
+static int
+store_map_grow(struct store_map *m)
+{
+	size_t nb = m->nb ? m->nb * 2 : 16, i;
+	struct store_entry **b = calloc(nb, sizeof *b), *e, *next;
+
+	if (!b)
+		return -1;
+	for (i = 0; i < m->nb; i++)
+		for (e = m->b[i]; e; e = next) {
+			next = e->next;
+			e->next = b[e->hash & (nb - 1)];
+			b[e->hash & (nb - 1)] = e;
+		}
+	free(m->b);
+	m->b = b;
+	m->nb = nb;
+	return 0;
+}
+
+/* The entry for key, created zeroed when missing; NULL when out of memory. */
+static struct store_entry *
+store_map_get(struct store_map *m, const char *key)
+{
+	struct store_entry *e = store_map_find(m, key);
+	size_t slot;
+
+	if (e)
+		return e;
+	if (m->n >= m->nb && store_map_grow(m) < 0)
+		return NULL;
+	if (!(e = calloc(1, sizeof *e)) || !(e->key = strdup(key))) {
+		free(e);
+		return NULL;
+	}
+	e->hash = store_hash(key);
+	slot = e->hash & (m->nb - 1);
+	e->next = m->b[slot];
+	m->b[slot] = e;
+	m->n++;
+	return e;
+}
+
+/* Unlink and free key's entry; its value is the caller's. */
+static void
+store_map_del(struct store_map *m, const char *key)
+{
+	struct store_entry **p, *e;
+
+	if (m->nb == 0)
+		return;
+	for (p = &m->b[store_hash(key) & (m->nb - 1)]; (e = *p); p = &e->next)
+		if (strcmp(e->key, key) == 0) {
+			*p = e->next;
+			free(e->key);
+			free(e);
+			m->n--;
+			return;
+		}
+}
+
+/* Free every entry, and with free_value each v.ptr. */
+static void
+store_map_clear(struct store_map *m, void (*free_value)(void *))
+{
+	struct store_entry *e, *next;
+	size_t i;
+
+	for (i = 0; i < m->nb; i++)
+		for (e = m->b[i]; e; e = next) {
+			next = e->next;
+			if (free_value)
+				free_value(e->v.ptr);
+			free(e->key);
+			free(e);
+		}
+	free(m->b);
+	memset(m, 0, sizeof *m);
+}
+
+static char *
+store_strf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static char *
+store_strf(const char *fmt, ...)
+{
+	va_list ap;
+	char *s;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(NULL, 0, fmt, ap);
+	va_end(ap);
+	if (n < 0 || !(s = malloc((size_t)n + 1)))
+		return NULL;
+	va_start(ap, fmt);
+	vsnprintf(s, (size_t)n + 1, fmt, ap);
+	va_end(ap);
+	return s;
+}
+
+/* --- users and notification (no I/O) --- */
+
+static void
+store_user_destroy(void *p)
+{
+	struct store_user *u = p;
+
+	store_map_clear(&u->gens, NULL);
+	free(u->members);
+	free(u->name);
+	free(u);
+}
+
+static void
+store_user_free(struct store *st, struct store_user *u)
+{
+	store_map_del(&st->users, u->name);
+	store_user_destroy(u);
+}
+
+static int
+store_user_has(const struct store_user *u, const void *member)
+{
+	size_t i;
+
+	for (i = 0; i < u->n; i++)
+		if (u->members[i] == member)
+			return 1;
+	return 0;
+}
+
+struct store_user *
+store_user_join(struct store *st, const char *user, void *member)
+{
+	struct store_entry *e = store_map_get(&st->users, user);
+	struct store_user *u;
+	void **grown;
+
+	if (!e)
+		goto oom;
+	if (!(u = e->v.ptr)) {
+		if (!(u = calloc(1, sizeof *u)) || !(u->name = strdup(user))) {
+			free(u);
+			store_map_del(&st->users, user);
+			goto oom;
+		}
+		e->v.ptr = u;
+	}
+	if (u->n == u->cap) {
+		if (!(grown = realloc(u->members, (u->cap ? u->cap * 2 : 4) * sizeof *grown))) {
+			if (u->n == 0)
+				store_user_free(st, u);
+			goto oom;
+		}
+		u->members = grown;
+		u->cap = u->cap ? u->cap * 2 : 4;
+	}
+	u->members[u->n++] = member;
+	return u;
+oom:
+	log_error("store: out of memory; user %s not tracked", user);
+	return NULL;
+}
+
+void
+store_user_leave(struct store *st, struct store_user *u, void *member)
+{
+	size_t i;
+
+	if (!u)
+		return;
+	for (i = 0; i < u->n; i++)
+		if (u->members[i] == member) {
+			/* Order is irrelevant, and notify loops work on a snapshot. */
+			u->members[i] = u->members[--u->n];
+			break;
+		}
+	if (u->n == 0 && u->busy == 0)
+		store_user_free(st, u);
+}
+
+const char *
+store_user_name(const struct store_user *u)
+{
+	return u->name;
+}
+
+uint64_t
+store_gen(struct store_user *u, const char *mailbox)
+{
+	const struct store_entry *e = u ? store_map_find(&u->gens, mailbox) : NULL;
+
+	return e ? e->v.n : 0;
+}
+
+/*
+ * Tell u's members, except one, that mailbox changed. A notify callback may
+ * make any member leave, even close every session of the user: it works on
+ * a snapshot, skips members gone meanwhile, and keeps u alive until done.
+ * mailbox must outlive u's members (the key of u's generation entry does).
+ */
+static void
+store_notify(struct store *st, struct store_user *u, const char *mailbox, const void *except)
+{
+	void *stack[STORE_NOTIFY_STACK], **snap = stack;
+	size_t n = u->n, i;
+
+	if (n == 0 || !st->notify)
+		return;
+	if (n > STORE_NOTIFY_STACK && !(snap = malloc(n * sizeof *snap))) {
+		log_error("store: out of memory; sessions of %s not told of a change", u->name);
+		return;
+	}
+	memcpy(snap, u->members, n * sizeof *snap);
+	u->busy++;
+	for (i = 0; i < n; i++)
+		if (snap[i] != except && store_user_has(u, snap[i]))
+			st->notify(snap[i], mailbox);
+	u->busy--;
+	if (snap != stack)
+		free(snap);
+	if (u->n == 0 && u->busy == 0)
+		store_user_free(st, u);
+}
+
+/* Count a change of u's mailbox here and tell its members. u may be gone after. */
+static uint64_t
+store_changed(struct store *st, struct store_user *u, const char *mailbox, const void *except)
+{
+	struct store_entry *e = store_map_get(&u->gens, mailbox);
+	uint64_t gen;
+
+	if (!e) {
+		log_error("store: out of memory; change of %s not counted", mailbox);
+		return store_gen(u, mailbox);
+	}
+	gen = ++e->v.n;
+	store_notify(st, u, e->key, except);
+	return gen;
+}
+
+/* --- Redis links --- */
+
+/* Commands are queued while connecting too; only between attempts are they dropped. */
+static int
+store_link_ok(const struct store_link *link)
+{
+	return link->ac != NULL;
+}
+
+/*
+ * Drop both links. Their contexts are marked (data = NULL) before being
+ * freed, so that the callbacks hiredis runs while freeing (NULL replies, the
+ * disconnect callback), now or deferred when inside one of its callbacks,
+ * recognise a link given up and touch nothing.
+ */
+static void
+store_teardown(struct store *st)
+{
+	struct store_link *links[2] = { &st->cmd, &st->sub };
+	redisAsyncContext *ac;
+	int i;
+
+	for (i = 0; i < 2; i++) {
+		if (!(ac = links[i]->ac))
+			continue;
+		links[i]->ac = NULL;
+		links[i]->up = 0;
+		ac->data = NULL;
+		redisAsyncFree(ac);
+	}
+}
+
+static void
+store_schedule_retry(struct store *st)
+{
+	struct timeval tv = { st->backoff, 0 };
+
+	if (evtimer_pending(st->retry, NULL))
+		return;
+	evtimer_add(st->retry, &tv);
+	st->backoff = st->backoff * 2 > STORE_BACKOFF_MAX ? STORE_BACKOFF_MAX : st->backoff * 2;
+}
+
+/* A link or a command failed: an outage starts (or goes on). Changes made
+ * elsewhere may be missed from now on, hence the epoch. */
+static void
+store_lost(struct store *st, const char *what, const char *why)
+{
+	st->stats.errors++;
+	if (st->healthy) {
+		st->healthy = 0;
+		st->epoch++;
+	}
+	if (!st->warned) {
+		st->warned = 1;
+		log_warning("redis %s: %s: %s; changes through other instances are missed until "
+		    "it is back", st->where, what, why);
+	} else {
+		log_info("redis %s: %s: %s; retrying in %d s", st->where, what, why, st->backoff);
+	}
+	store_teardown(st);
+	store_schedule_retry(st);
+}
+
+/* A link became ready; with both, nothing is missed any more. */
+static void
+store_link_up(struct store_link *link)
+{
+	struct store *st = link->st;
+
+	link->up = 1;
+	if (st->healthy || !st->cmd.up || !st->sub.up)
+		return;
+	st->healthy = 1;
+	st->epoch++;		/* what happened while down (or before) was missed */
+	st->warned = 0;
+	st->backoff = STORE_BACKOFF_FIRST;
+	if (st->ever_up) {
+		st->stats.reconnects++;
+		log_notice("redis %s: reconnected; changes made meanwhile were missed", st->where);
+	} else {
+		log_notice("redis %s: connected", st->where);
+	}
+	st->ever_up = 1;
+}
+
+/* The reply to a command that must not fail: anything but an error is fine. */
+static int
+store_reply_ok(redisAsyncContext *ac, const redisReply *r, const char *command)
+{
+	struct store_link *link = ac->data;
+	char why[300];
+
+	if (!r || !link)	/* the link is being freed: its loss is counted already */
+		return 0;
+	if (r->type != REDIS_REPLY_ERROR)
+		return 1;
+	snprintf(why, sizeof why, "%s failed: %.*s", command, (int)(r->len > 200 ? 200 : r->len),
+	    r->str);
+	store_lost(link->st, "command", why);
+	return 0;
+}
+
+static void
+store_on_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	store_reply_ok(ac, reply, privdata);
+}
+
+static void
+store_on_ready(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	if (store_reply_ok(ac, reply, privdata))
+		store_link_up(ac->data);
+}
+
+static void
+store_on_published(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	if (store_reply_ok(ac, reply, privdata))
+		((struct store_link *)ac->data)->st->stats.published++;
+}
+
+/* Queue a command on the command link, its name as the callback's privdata
+ * (for the log); a refusal is a failed command. */
+static void
+store_command(struct store *st, redisCallbackFn *fn, const char *name, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void
+store_command(struct store *st, redisCallbackFn *fn, const char *name, const char *fmt, ...)
+{
+	va_list ap;
+	int rc;
+
+	if (!st->cmd.ac)
+		return;
+	va_start(ap, fmt);
+	rc = redisvAsyncCommand(st->cmd.ac, fn, (void *)name, fmt, ap);
+	va_end(ap);
+	if (rc != REDIS_OK)
+		store_lost(st, "command", name);
+}
+
+/* HINCRBY answered: publish the change with the shared generation. */
+static void
+store_on_hincrby(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	struct store_pub *p = privdata;
+	const redisReply *r = reply;
+	struct store *st;
+	char *msg;
+
+	if (store_reply_ok(ac, r, "HINCRBY") && r->type == REDIS_REPLY_INTEGER) {
+		st = ((struct store_link *)ac->data)->st;
+		msg = store_strf("%s\t%lld\t%s", p->text, r->integer, p->text + p->head_len + 1);
+		if (msg)
+			store_command(st, store_on_published, "PUBLISH", "PUBLISH %s %s", st->channel, msg);
+		free(msg);
+	}
+	free(p);
+}
+
+static void
+store_publish(struct store *st, const char *user, const char *mailbox, const char *detail)
+{
+	struct store_pub *p;
+	size_t i;
+
+	if (!st->redis)
+		return;
+	if (!store_link_ok(&st->cmd)) {
+		st->stats.errors++;	/* dropped: the other instances won't hear of it */
+		return;
+	}
+	if (strpbrk(user, "\t\r\n")) {
+		log_debug("store: user name with a tab or line break, change not published");
+		return;
+	}
+	if (!detail)
+		detail = "";
+	p = malloc(sizeof *p + strlen(st->instance) + strlen(user) + strlen(mailbox)
+	    + strlen(detail) + 4);
+	if (!p) {
+		st->stats.errors++;
+		return;
+	}
+	p->head_len = (size_t)sprintf(p->text, "%s\t%s\t%s", st->instance, user, mailbox);
+	strcpy(p->text + p->head_len + 1, detail);
+	/* The receiver splits detail off at the last tab. */
+	for (i = p->head_len + 1; p->text[i]; i++)
+		if (p->text[i] == '\t' || p->text[i] == '\r' || p->text[i] == '\n')
+			p->text[i] = ' ';
+	if (redisAsyncCommand(st->cmd.ac, store_on_hincrby, p, "HINCRBY %s{%s}:gen %s 1",
+	    st->prefix, user, mailbox) != REDIS_OK) {
+		free(p);
+		store_lost(st, "command", "HINCRBY");
+	}
+}
+
+/* A change message: "<I>\t<U>\t<mailbox>\t<generation>\t<detail>"; the
+ * mailbox may hold tabs, so it is found from both ends. */
+static void
+store_heard(struct store *st, const char *payload, size_t len)
+{
+	char *msg = malloc(len + 1), *user, *mailbox, *gen, *detail;
+	struct store_entry *e;
+
+	if (!msg)
+		return;
+	memcpy(msg, payload, len);
+	msg[len] = '\0';
+	if (strlen(msg) != len || !(user = strchr(msg, '\t'))
+	    || !(mailbox = strchr(user + 1, '\t')) || !(detail = strrchr(msg, '\t'))
+	    || detail <= mailbox) {
+		log_debug("store: malformed change message ignored");
+		goto out;
+	}
+	*detail = '\0';
+	if (!(gen = strrchr(msg, '\t')) || gen <= mailbox) {
+		log_debug("store: malformed change message ignored");
+		goto out;
+	}
+	*user++ = '\0';
+	*mailbox++ = '\0';
+	*gen = '\0';
+	if (strcmp(msg, st->instance) == 0)	/* our own, counted when made */
+		goto out;
+	st->stats.received++;
+	if ((e = store_map_find(&st->users, user))) {
+		log_debug("store: change from %s: %s \"%s\" (%s)", msg, user, mailbox, detail + 1);
+		store_changed(st, e->v.ptr, mailbox, NULL);
+	}
+out:
+	free(msg);
+}
+
+static void
+store_on_message(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	const redisReply *r = reply;
+	struct store_link *link = ac->data;
+	const char *kind;
+
+	if (!store_reply_ok(ac, r, privdata) || r->type != REDIS_REPLY_ARRAY || r->elements < 3
+	    || r->element[0]->type != REDIS_REPLY_STRING)
+		return;
+	kind = r->element[0]->str;
+	if (strcmp(kind, "subscribe") == 0)
+		store_link_up(link);
+	else if (strcmp(kind, "message") == 0 && r->element[2]->type == REDIS_REPLY_STRING)
+		store_heard(link->st, r->element[2]->str, r->element[2]->len);
+}
+
+static void
+store_on_connect(const redisAsyncContext *cac, int status)
+{
+	struct store_link *link = cac->data;
+	redisAsyncContext *ac;
+
+	if (status == REDIS_OK || !link)
+		return;
+	/* hiredis frees the context when this returns. */
+	ac = link->ac;
+	ac->data = NULL;
+	link->ac = NULL;
+	store_lost(link->st, link->name, ac->c.errstr[0] ? ac->c.errstr : "cannot connect");
+}
+
+static void
+store_on_disconnect(const redisAsyncContext *cac, int status)
+{
+	struct store_link *link = cac->data;
+	redisAsyncContext *ac;
+
+	if (!link)		/* given up by store_teardown */
+		return;
+	ac = link->ac;
+	ac->data = NULL;
+	link->ac = NULL;
+	link->up = 0;
+	store_lost(link->st, link->name, status == REDIS_OK || !ac->c.errstr[0]
+	    ? "connection closed" : ac->c.errstr);
+}
+
+/* Open one link; 0, or -1 after store_lost(). */
+static int
+store_link_open(struct store *st, struct store_link *link)
+{
+	const struct config_redis *u = &st->url;
+	redisAsyncContext *ac;
+	char why[200];
+
+	ac = u->path[0] ? redisAsyncConnectUnix(u->path) : redisAsyncConnect(u->host, atoi(u->port));
+	if (!ac || ac->err) {
+		snprintf(why, sizeof why, "%s", ac ? ac->c.errstr : "out of memory");
+		if (ac)
+			redisAsyncFree(ac);
+		store_lost(st, link->name, why);
+		return -1;
+	}
+	ac->data = link;
+	link->ac = ac;
+	link->up = 0;
+	if (redisLibeventAttach(ac, st->base) != REDIS_OK) {
+		store_lost(st, link->name, "cannot attach to the event loop");
+		return -1;
+	}
+	redisAsyncSetConnectCallback(ac, store_on_connect);
+	redisAsyncSetDisconnectCallback(ac, store_on_disconnect);
+	return 0;
+}
+
+/* Open both links and queue their first commands, sent once connected:
+ * their replies tell when each link is usable. */
+static void
+store_connect(struct store *st)
+{
+	if (store_link_open(st, &st->cmd) < 0 || store_link_open(st, &st->sub) < 0)
+		return;
+	if (st->url.db)
+		store_command(st, store_on_ready, "SELECT", "SELECT %d", st->url.db);
+	else
+		store_command(st, store_on_ready, "PING", "PING");
+	/* Channels are not per database: no SELECT on this one. */
+	if (st->sub.ac && redisAsyncCommand(st->sub.ac, store_on_message, "SUBSCRIBE",
+	    "SUBSCRIBE %s", st->channel) != REDIS_OK)
+		store_lost(st, "command", "SUBSCRIBE");
+}
+
+static void
+store_on_retry(evutil_socket_t fd, short what, void *arg)
+{
+	struct store *st = arg;
+
+	if (!st->cmd.ac && !st->sub.ac)
+		store_connect(st);
+}
+
+/* Keep the keys of sessions saved here from expiring while they sit idle. */
+static void
+store_on_tick(evutil_socket_t fd, short what, void *arg)
+{
+	struct store *st = arg;
+	struct store_live *l;
+	struct store_entry *e;
+	size_t i;
+
+	for (i = 0; i < st->live.nb; i++)
+		for (e = st->live.b[i]; e && st->cmd.up; e = e->next) {
+			l = e->v.ptr;
+			if (l->saved) {		/* its save set the TTL since the last tick */
+				l->saved = 0;
+				continue;
+			}
+			store_command(st, store_on_reply, "EXPIRE",
+			    "EXPIRE %s{%s}:session:%s %d", st->prefix, l->user, e->key, st->ttl);
+			store_command(st, store_on_reply, "EXPIRE",
+			    "EXPIRE %s{%s}:sessions %d", st->prefix, l->user, st->ttl);
+		}
+}
+
+/* Remember a saved session for the refresh tick (even while Redis is down:
+ * its next save, or the tick after, puts it back). */
+static void
+store_live_saved(struct store *st, const char *sid, const char *user)
+{
+	struct store_entry *e = store_map_get(&st->live, sid);
+	struct store_live *l;
+
+	if (!e)
+		return;
+	l = e->v.ptr;
+	if (!l || strcmp(l->user, user) != 0) {
+		free(l);
+		if (!(l = malloc(sizeof *l + strlen(user) + 1))) {
+			store_map_del(&st->live, sid);
+			return;
+		}
+		strcpy(l->user, user);
+		e->v.ptr = l;
+	}
+	l->saved = 1;
+}
+
+void
+store_session_save(struct store *st, const struct store_session_record *rec)
+{
+	char num[10][24], *key;		/* the ten numeric fields */
+	const char *argv[2 + 2 * 15];	/* HSET key, then 15 fields and values */
+	size_t argc = 0;
+	int i = 0;
+
+	if (!st->redis)
+		return;
+	store_live_saved(st, rec->sid, rec->user);
+	if (!store_link_ok(&st->cmd)) {
+		st->stats.errors++;	/* dropped; the caller saves again on its next change */
+		return;
+	}
+	if (!(key = store_strf("%s{%s}:session:%s", st->prefix, rec->user, rec->sid))) {
+		st->stats.errors++;
+		return;
+	}
+#define STORE_FIELD(name, value) (argv[argc++] = (name), argv[argc++] = (value))
+#define STORE_NUM(name, fmt, value) (snprintf(num[i], sizeof num[i], fmt, value), \
+	STORE_FIELD(name, num[i]), i++)
+	STORE_FIELD("HSET", key);
+	STORE_FIELD("user", rec->user);
+	STORE_FIELD("instance", st->instance);
+	STORE_FIELD("client", rec->client ? rec->client : "");
+	STORE_FIELD("mailbox", rec->mailbox ? rec->mailbox : "");
+	STORE_NUM("uidvalidity", "%lu", (unsigned long)rec->uidvalidity);
+	STORE_NUM("uidnext", "%lu", (unsigned long)rec->uidnext);
+	STORE_NUM("count", "%lu", (unsigned long)rec->count);
+	STORE_NUM("highestmodseq", "%llu", (unsigned long long)rec->highestmodseq);
+	STORE_NUM("synced_gen", "%llu", (unsigned long long)rec->synced_gen);
+	STORE_NUM("started", "%lld", (long long)rec->started);
+	STORE_NUM("last_resync", "%lld", (long long)rec->last_resync);
+	STORE_NUM("resyncs", "%llu", (unsigned long long)rec->resyncs);
+	STORE_NUM("escalations", "%llu", (unsigned long long)rec->escalations);
+	STORE_NUM("stale_detected", "%llu", (unsigned long long)rec->stale_detected);
+	STORE_FIELD("view", rec->view ? rec->view : "");
+#undef STORE_NUM
+#undef STORE_FIELD
+	if (redisAsyncCommandArgv(st->cmd.ac, store_on_reply, "HSET", (int)argc, argv, NULL)
+	    != REDIS_OK)
+		store_lost(st, "command", "HSET");
+	store_command(st, store_on_reply, "EXPIRE", "EXPIRE %s %d", key, st->ttl);
+	store_command(st, store_on_reply, "SADD", "SADD %s{%s}:sessions %s",
+	    st->prefix, rec->user, rec->sid);
+	store_command(st, store_on_reply, "EXPIRE", "EXPIRE %s{%s}:sessions %d",
+	    st->prefix, rec->user, st->ttl);
+	free(key);
+}
+
+void
+store_session_forget(struct store *st, const char *user, const char *sid)
+{
+	struct store_entry *e;
+
+	if (!st->redis)
+		return;
+	if ((e = store_map_find(&st->live, sid))) {
+		free(e->v.ptr);
+		store_map_del(&st->live, sid);
+	}
+	if (!store_link_ok(&st->cmd)) {
+		st->stats.errors++;	/* dropped; the key expires on its own */
+		return;
+	}
+	store_command(st, store_on_reply, "DEL", "DEL %s{%s}:session:%s",
+	    st->prefix, user, sid);
+	store_command(st, store_on_reply, "SREM", "SREM %s{%s}:sessions %s",
+	    st->prefix, user, sid);
+}
+
+uint64_t
+store_bump(struct store *st, struct store_user *u, const char *mailbox, void *except,
+    const char *detail)
+{
+	if (!u)
+		return 0;
+	/* Published first: notifying may free u. */
+	store_publish(st, u->name, mailbox, detail);
+	return store_changed(st, u, mailbox, except);
+}
+
+uint64_t
+store_epoch(const struct store *st)
+{
+	return st->epoch;
+}
+
+void
+store_get_stats(const struct store *st, struct store_stats *out)
+{
+	*out = st->stats;
+	out->redis = st->redis;
+	out->connected = st->cmd.up;
+}
+
+/* The instance's name: instance_id, or the host name. */
+static void
+store_instance(struct store *st, const struct config *cfg)
+{
+	if (cfg->instance_id[0]) {
+		snprintf(st->instance, sizeof st->instance, "%s", cfg->instance_id);
+		return;
+	}
+	if (gethostname(st->instance, sizeof st->instance - 1) < 0 || !st->instance[0])
+		snprintf(st->instance, sizeof st->instance, "localhost");
+	st->instance[sizeof st->instance - 1] = '\0';
+}
+
+static int
+store_setup_redis(struct store *st, const struct config *cfg, char *err, size_t errlen)
+{
+	struct timeval tick = { cfg->state_ttl / 3 > 0 ? cfg->state_ttl / 3 : 1, 0 };
+
+	if (config_parse_redis(cfg->state, &st->url) < 0) {
+		snprintf(err, errlen, "state: not memory or a Redis URL: %s", cfg->state);
+		return -1;
+	}
+	if (!st->base || cfg->state_ttl <= 0 || !cfg->redis_prefix[0]) {
+		snprintf(err, errlen, "store: needs an event base, a state_ttl and a redis_prefix");
+		return -1;
+	}
+	st->redis = 1;
+	st->ttl = cfg->state_ttl;
+	st->backoff = STORE_BACKOFF_FIRST;
+	if (st->url.path[0])
+		snprintf(st->where, sizeof st->where, "%s", st->url.path);
+	else
+		snprintf(st->where, sizeof st->where, strchr(st->url.host, ':') ? "[%s]:%s" : "%s:%s",
+		    st->url.host, st->url.port);
+	st->cmd = (struct store_link){ .st = st, .name = "command link" };
+	st->sub = (struct store_link){ .st = st, .name = "subscriber link" };
+	st->prefix = strdup(cfg->redis_prefix);
+	st->channel = store_strf("%schanges", cfg->redis_prefix);
+	st->retry = evtimer_new(st->base, store_on_retry, st);
+	st->tick = event_new(st->base, -1, EV_PERSIST, store_on_tick, st);
+	if (!st->prefix || !st->channel || !st->retry || !st->tick || event_add(st->tick, &tick) < 0) {
+		snprintf(err, errlen, "store: out of memory");
+		return -1;
+	}
+	store_connect(st);
+	return 0;
+}
+
+struct store *
+store_new(struct event_base *base, const struct config *cfg, store_notify_fn notify,
+    char *err, size_t errlen)
+{
+	struct store *st = calloc(1, sizeof *st);
+
+	if (!st) {
+		snprintf(err, errlen, "store: out of memory");
+		return NULL;
+	}
+	st->base = base;
+	st->notify = notify;
+	store_instance(st, cfg);
+	if (strcmp(cfg->state, "memory") != 0 && store_setup_redis(st, cfg, err, errlen) < 0) {
+		store_free(st);
+		return NULL;
+	}
+	return st;
+}
+
+/* Hand what is queued on the command link to the kernel, as far as it takes
+ * it without blocking, so that a last DEL or SREM is not lost at exit. */
+static void
+store_flush(struct store *st)
+{
+	redisAsyncContext *ac = st->cmd.ac;
+	int done = 0, tries;
+
+	if (!ac || !(ac->c.flags & REDIS_CONNECTED))
+		return;
+	for (tries = 0; tries < 16 && !done; tries++)
+		if (redisBufferWrite(&ac->c, &done) != REDIS_OK)
+			break;
+}
+
+void
+store_free(struct store *st)
+{
+	if (!st)
+		return;
+	store_flush(st);
+	store_teardown(st);	/* callbacks run now see NULL replies and unowned contexts */
+	if (st->retry)
+		event_free(st->retry);
+	if (st->tick)
+		event_free(st->tick);
+	store_map_clear(&st->live, free);
+	store_map_clear(&st->users, store_user_destroy);
+	free(st->prefix);
+	free(st->channel);
+	free(st);
+}

@@ -1,0 +1,82 @@
+/* store: per-user mailbox generations and per-session state, in memory or in a Redis shared by instances. */
+#ifndef STORE_H
+#define STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <event2/event.h>
+
+#include "config.h"
+
+struct store;
+struct store_user;	/* one user with live sessions on this instance */
+
+/* Called for every member of a user when one of the user's mailboxes changed
+ * (through this instance, or another one sharing the Redis). It may make
+ * members leave, itself or others, even the last one: those not notified yet
+ * are skipped. mailbox is valid during the call only. */
+typedef void (*store_notify_fn)(void *member, const char *mailbox);
+
+/* Connects asynchronously when cfg->state is a redis:// URL; never blocks
+ * (but for resolving a host name in the URL), and succeeds with Redis down:
+ * it keeps retrying. NULL with err set on a bad configuration. The key
+ * schema and the reconnection policy are described at the top of store.c. */
+struct store *store_new(struct event_base *base, const struct config *cfg, store_notify_fn notify,
+    char *err, size_t errlen);
+/* Before event_base_free(). What is queued for Redis is written out as far as
+ * it goes without blocking; users still joined are freed with the store. */
+void store_free(struct store *st);
+
+/* A session (member, opaque here) authenticated as user. */
+struct store_user *store_user_join(struct store *st, const char *user, void *member);
+void store_user_leave(struct store *st, struct store_user *u, void *member);
+const char *store_user_name(const struct store_user *u);
+
+/* This instance's generation counter for one of the user's mailboxes: it
+ * only grows, with every change seen or heard of. No I/O: the hot path. */
+uint64_t store_gen(struct store_user *u, const char *mailbox);
+
+/* A command through this instance changed the mailbox: bump it here, notify
+ * the user's other members, and (Redis) HINCRBY the shared generation and
+ * PUBLISH the change for the other instances, asynchronously. except (may be
+ * NULL) is the member that made the change, not notified. Returns the new
+ * local generation. detail (may be NULL) is kept for the event log:
+ * e.g. "MOVE from INBOX" or "COPYUID 17 5:6". */
+uint64_t store_bump(struct store *st, struct store_user *u, const char *mailbox,
+    void *except, const char *detail);
+
+/* Per-session state as written to Redis (HSET, with the TTL refreshed). */
+struct store_session_record {
+	const char *sid;		/* unique across instances: "<instance>:<id>" */
+	const char *user;
+	const char *client;		/* client address */
+	const char *mailbox;		/* "" when none selected */
+	uint32_t uidvalidity, uidnext, count;
+	uint64_t highestmodseq;
+	uint64_t synced_gen;
+	int64_t started, last_resync;	/* unix seconds; 0 = never */
+	uint64_t resyncs, escalations, stale_detected;
+	const char *view;		/* client's known UIDs as a sequence set */
+};
+
+/* Write a session's state (async, coalesced by the caller), or delete it.
+ * Saved sessions' keys are kept from expiring by the store until forgotten;
+ * while Redis is down, saves and forgets are dropped (stats.errors). */
+void store_session_save(struct store *st, const struct store_session_record *rec);
+void store_session_forget(struct store *st, const char *user, const char *sid);
+
+/* Grows whenever changes may have been missed (Redis lost or regained,
+ * once each per outage; also when Redis is first reached): sessions synced
+ * under an older epoch are possibly stale. Constant with state = memory. */
+uint64_t store_epoch(const struct store *st);
+
+struct store_stats {
+	int redis;			/* configured with Redis */
+	int connected;			/* command link up */
+	uint64_t errors;		/* failed commands and connections, writes dropped while down */
+	uint64_t reconnects;		/* outages ended (the first connection is not one) */
+	uint64_t published, received;	/* change notifications; received: from other instances */
+};
+void store_get_stats(const struct store *st, struct store_stats *out);
+
+#endif
