@@ -4,6 +4,7 @@
 #include <ctype.h>
 
 #include "command.h"
+#include "sasl.h"
 
 static const struct {
 	const char *name;
@@ -30,6 +31,7 @@ command_reset(struct command *cmd)
 	cmd->uid = 0;
 	cmd->ntokens = 0;
 	cmd->literals = 0;
+	cmd->sasl_user[0] = '\0';
 	for (int i = 0; i < COMMAND_NARGS; i++) {
 		cmd->args[i].val[0] = '\0';
 		cmd->args[i].len = 0;
@@ -47,20 +49,24 @@ command_kind_name(enum command_kind kind)
 	return kind == CMD_NONE ? "(none)" : "(other)";
 }
 
+enum command_kind
+command_kind_from_name(const char *name)
+{
+	for (size_t i = 0; i < sizeof(command_table) / sizeof(command_table[0]); i++)
+		if (strcasecmp(command_table[i].name, name) == 0)
+			return command_table[i].kind;
+	return CMD_UNKNOWN;
+}
+
 static void
 command_set_name(struct command *cmd, const char *s, size_t len)
 {
-	size_t i;
-
 	if (len >= sizeof(cmd->name))
 		len = sizeof(cmd->name) - 1;
-	for (i = 0; i < len; i++)
+	for (size_t i = 0; i < len; i++)
 		cmd->name[i] = (char)toupper((unsigned char)s[i]);
 	cmd->name[len] = '\0';
-	cmd->kind = CMD_UNKNOWN;
-	for (i = 0; i < sizeof(command_table) / sizeof(command_table[0]); i++)
-		if (strcmp(command_table[i].name, cmd->name) == 0)
-			cmd->kind = command_table[i].kind;
+	cmd->kind = command_kind_from_name(cmd->name);
 }
 
 int
@@ -129,6 +135,10 @@ command_feed(struct command *cmd, const struct imap_tok *tok)
 	if (tok->depth > 0 || tok->index < command_first_arg(cmd))
 		return;
 	argi = tok->index - command_first_arg(cmd);
+	if (cmd->kind == CMD_AUTHENTICATE && argi == 1 && tok->type == IMAP_TOK_ATOM &&
+	    strcasecmp(cmd->args[0].val, "PLAIN") == 0 &&
+	    sasl_plain_user(tok->str, tok->len, cmd->sasl_user, sizeof(cmd->sasl_user)) < 0)
+		cmd->sasl_user[0] = '\0';
 	if (argi >= COMMAND_NARGS || command_arg_is_secret(cmd, argi))
 		return;
 	arg = &cmd->args[argi];

@@ -54,6 +54,7 @@ struct command {
 	 * password, AUTHENTICATE's initial response) is never stored. */
 	struct command_arg args[COMMAND_NARGS];
 	unsigned literals;	/* literals in this command */
+	char sasl_user[256];	/* AUTHENTICATE PLAIN initial response: the user only */
 };
 
 void command_reset(struct command *cmd);
@@ -65,5 +66,7 @@ void command_feed(struct command *cmd, const struct imap_tok *tok);
 int command_arg_is_secret(const struct command *cmd, unsigned argi);
 
 const char *command_kind_name(enum command_kind kind);
+/* CMD_UNKNOWN for a name imapfresh does not act on. */
+enum command_kind command_kind_from_name(const char *name);
 
 #endif

@@ -9,7 +9,9 @@
 
 #include "log.h"
 #include "server.h"
+#include "resync.h"
 #include "session.h"
+#include "store.h"
 #include "tls.h"
 
 #define SERVER_SHUTDOWN_GRACE_SECS 10	/* longest wait for BYEs to flush */
@@ -142,12 +144,32 @@ server_load_tls(const struct config *cfg, SSL_CTX **server_ctx, SSL_CTX **client
 	return 0;
 }
 
+/* resync_on names commands; unknown ones are a configuration error. */
+static int
+server_load_resync(struct server *srv, const struct config *cfg, char *err, size_t errlen)
+{
+	if (resync_parse_triggers(cfg->resync_on, &srv->resync_mask) < 0) {
+		snprintf(err, errlen, "resync_on: not a command imapfresh can act on: %s",
+		    cfg->resync_on);
+		return -1;
+	}
+	return 0;
+}
+
 int
 server_init(struct server *srv, struct event_base *base, char *err, size_t errlen)
 {
 	srv->base = base;
 	TAILQ_INIT(&srv->sessions);
+	if (srv->cfg.instance_id[0] != '\0')
+		snprintf(srv->instance, sizeof(srv->instance), "%s", srv->cfg.instance_id);
+	else if (gethostname(srv->instance, sizeof(srv->instance) - 1) < 0)
+		snprintf(srv->instance, sizeof(srv->instance), "imapfresh");
+	if (server_load_resync(srv, &srv->cfg, err, errlen) < 0)
+		return -1;
 	if (server_load_tls(&srv->cfg, &srv->tls_server, &srv->tls_client, err, errlen) < 0)
+		return -1;
+	if ((srv->store = store_new(base, &srv->cfg, session_store_notify, err, errlen)) == NULL)
 		return -1;
 	srv->dns = evdns_base_new(base, EVDNS_BASE_INITIALIZE_NAMESERVERS);
 	if (srv->dns == NULL)
@@ -187,13 +209,18 @@ server_reload(struct server *srv)
 	if (next == NULL)
 		return;
 	if (server_load_config(next, srv->config_file, srv->overrides, srv->n_overrides, err,
-	    sizeof(err)) < 0 || server_load_tls(next, &tls_server, &tls_client, err, sizeof(err)) < 0) {
+	    sizeof(err)) < 0 || server_load_resync(srv, next, err, sizeof(err)) < 0 ||
+	    server_load_tls(next, &tls_server, &tls_client, err, sizeof(err)) < 0) {
 		log_error("reload failed, keeping the running configuration: %s", err);
 		free(next);
 		return;
 	}
 	if (!server_same_listeners(&srv->cfg, next))
 		log_warning("reload: listener changes take effect only after a restart");
+	if (strcmp(srv->cfg.state, next->state) != 0 ||
+	    strcmp(srv->cfg.redis_prefix, next->redis_prefix) != 0 ||
+	    strcmp(srv->cfg.instance_id, next->instance_id) != 0)
+		log_warning("reload: state, redis_prefix and instance_id take effect only after a restart");
 	/* Listeners stay as bound; everything else is replaced whole. */
 	memcpy(next->listen, srv->cfg.listen, sizeof(next->listen));
 	memcpy(next->listen_tls, srv->cfg.listen_tls, sizeof(next->listen_tls));
@@ -255,6 +282,18 @@ server_free(struct server *srv)
 {
 	const struct server_stats *st = &srv->stats;
 
+	struct store_stats ss;
+
+	if (srv->store != NULL)
+		store_get_stats(srv->store, &ss);
+	else
+		memset(&ss, 0, sizeof(ss));
+	log_notice("resync totals: %llu checks, %llu injections, %llu stale detected, "
+	    "%llu escalations, %llu idle refreshes, %llu disconnects; state store errors %llu",
+	    (unsigned long long)st->resync_checks, (unsigned long long)st->resync_injections,
+	    (unsigned long long)st->stale_detected, (unsigned long long)st->resync_escalations,
+	    (unsigned long long)st->resync_idle_refreshes,
+	    (unsigned long long)st->resync_disconnects, (unsigned long long)ss.errors);
 	log_notice("totals: %llu sessions accepted, %llu refused (max_clients), %llu upstream "
 	    "connect failures, %llu TLS handshake failures, %llu commands (%llu refused), "
 	    "%llu bytes to upstream, %llu bytes to clients",
@@ -282,4 +321,6 @@ server_free(struct server *srv)
 		SSL_CTX_free(srv->tls_server);
 	if (srv->tls_client)
 		SSL_CTX_free(srv->tls_client);
+	if (srv->store)
+		store_free(srv->store);
 }

@@ -11,6 +11,7 @@
 #include "config.h"
 
 struct session;
+struct store;
 TAILQ_HEAD(session_list, session);
 
 struct server_listener {
@@ -25,6 +26,13 @@ struct server_stats {
 	uint64_t upstream_connect_failures, tls_handshake_failures;
 	uint64_t bytes_client_to_upstream, bytes_upstream_to_client;
 	uint64_t commands, rejected_commands;
+	/* the stale-session fix */
+	uint64_t resync_checks;		/* trigger commands examined */
+	uint64_t resync_injections;	/* NOOP + UID SEARCH sent */
+	uint64_t resync_escalations;	/* re-SELECTs */
+	uint64_t stale_detected;	/* sessions found stale after NOOP */
+	uint64_t resync_idle_refreshes;	/* idling clients refreshed */
+	uint64_t resync_disconnects;	/* sessions ended because no legal repair existed */
 };
 
 struct server {
@@ -33,6 +41,9 @@ struct server {
 	struct config cfg;
 	SSL_CTX *tls_server;	/* NULL: no certificate, no TLS offered */
 	SSL_CTX *tls_client;	/* towards the upstream */
+	struct store *store;	/* generations and session state */
+	char instance[128];	/* instance_id, or the host name */
+	unsigned long long resync_mask;	/* resync_on, parsed */
 
 	struct server_listener listeners[2 * CONFIG_MAX_LISTEN];
 	int n_listeners;

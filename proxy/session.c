@@ -110,6 +110,8 @@ session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int t
 	s->state = SESSION_CONNECTING;
 	gettimeofday(&s->started, NULL);
 	command_reset(&s->cmd);
+	track_init(&s->track);
+	resync_init(&s->resync);
 	TAILQ_INSERT_TAIL(&srv->sessions, s, entry);
 	srv->n_sessions++;
 	srv->stats.accepted++;
@@ -248,6 +250,11 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 		evbuffer_free(s->resp_text);
 	if (s->ev_free != NULL)
 		event_free(s->ev_free);
+	track_forget(s);
+	track_free(&s->track);
+	resync_free(&s->resync);
+	while (s->n_inflight > 0)
+		session_inflight_remove(s, &s->inflight[s->n_inflight - 1]);
 	free(s->inflight);
 	TAILQ_REMOVE(&s->srv->sessions, s, entry);
 	s->srv->n_sessions--;
@@ -364,9 +371,39 @@ session_inflight_push(struct session *s, const struct command *cmd)
 		s->cap_inflight = cap;
 	}
 	f = &s->inflight[s->n_inflight++];
+	memset(f, 0, sizeof(*f));
 	memcpy(f->tag, cmd->tag, sizeof(f->tag));
 	f->kind = cmd->kind;
-	f->sent_whole = 0;
+	f->uid = cmd->uid;
+	return f;
+}
+
+struct inflight *
+session_inject(struct session *s, enum resync_cmd purpose, const char *fmt, ...)
+{
+	struct evbuffer *out = bufferevent_get_output(s->up);
+	struct command cmd;
+	struct inflight *f;
+	va_list ap;
+
+	/* Our tags never match a client command in flight: we inject only
+	 * when none is, and the tag space is our own. */
+	command_reset(&cmd);
+	do
+		snprintf(cmd.tag, sizeof(cmd.tag), "imapfresh.%llu",
+		    (unsigned long long)++s->up_tag_seq);
+	while (session_inflight_find(s, cmd.tag) != NULL);
+	cmd.kind = CMD_UNKNOWN;
+	if ((f = session_inflight_push(s, &cmd)) == NULL)
+		return NULL;
+	f->injected = 1;
+	f->purpose = purpose;
+	f->sent_whole = 1;
+	evbuffer_add_printf(out, "%s ", f->tag);
+	va_start(ap, fmt);
+	evbuffer_add_vprintf(out, fmt, ap);
+	va_end(ap);
+	evbuffer_add(out, "\r\n", 2);
 	return f;
 }
 
@@ -384,6 +421,15 @@ session_inflight_remove(struct session *s, struct inflight *f)
 {
 	unsigned i = (unsigned)(f - s->inflight);
 
+	free(f->mailbox);
+	free(f->user);
 	memmove(&s->inflight[i], &s->inflight[i + 1], (s->n_inflight - i - 1) * sizeof(*f));
 	s->n_inflight--;
+}
+
+/* The store tells every session of a user when one of its mailboxes changed. */
+void
+session_store_notify(void *member, const char *mailbox)
+{
+	resync_mailbox_changed(member, mailbox);
 }

@@ -3,6 +3,7 @@
 #define SESSION_H
 
 #include <stdint.h>
+#include <time.h>
 #include <sys/queue.h>
 #include <sys/socket.h>
 #include <event2/bufferevent.h>
@@ -10,7 +11,9 @@
 
 #include "command.h"
 #include "imap_lex.h"
+#include "resync.h"
 #include "server.h"
+#include "track.h"
 
 enum session_state {
 	SESSION_CONNECTING,		/* upstream TCP (and TLS) connect under way */
@@ -34,7 +37,15 @@ enum session_wait {
 struct inflight {
 	char tag[COMMAND_TAG_MAX + 1];
 	enum command_kind kind;
+	int uid;		/* UID FETCH, UID MOVE, ... */
 	int sent_whole;		/* its last line has gone upstream */
+	int injected;		/* imapfresh's own: never shown to the client */
+	enum resync_cmd purpose;	/* what an injected command is for */
+	int started;		/* SELECT: its untagged responses have begun */
+	int sasl_plain;		/* AUTHENTICATE PLAIN: the user can be read */
+	int readonly;		/* EXAMINE */
+	char *mailbox;		/* SELECT/EXAMINE/APPEND/COPY/MOVE target, canonical */
+	char *user;		/* LOGIN / AUTHENTICATE PLAIN identity, until the OK */
 };
 
 /* How the current upstream response travels to the client. */
@@ -87,6 +98,17 @@ struct session {
 	uint64_t up_tag_seq;
 
 	struct timeval started;
+
+	struct track track;		/* what the client knows of its mailbox */
+	struct resync resync;		/* repairing a stale upstream session */
+	int held;			/* a trigger command waits for a resync */
+	int no_hold;			/* the released command goes on unchecked */
+	int idling;			/* the upstream said "+" to the client's IDLE */
+	time_t resync_last;		/* per-session resync counters, for the store */
+	uint64_t resync_count, resync_escalations, resync_stale;
+	char resp_status_text[256];	/* resp-text of the response being read */
+	enum imap_tok_type held_tok;	/* the token its first segment ended with */
+	unsigned held_lit_flags;
 };
 
 /* Start a session on an accepted socket. */
@@ -114,11 +136,19 @@ void session_pause_reading(struct session *s, struct bufferevent *from);
 
 /* In-flight command queue. */
 struct inflight *session_inflight_push(struct session *s, const struct command *cmd);
+/* Send one of imapfresh's own commands upstream (tag chosen here). */
+struct inflight *session_inject(struct session *s, enum resync_cmd purpose, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 struct inflight *session_inflight_find(struct session *s, const char *tag);
 void session_inflight_remove(struct session *s, struct inflight *f);
 
+/* store_notify_fn: one of the user's mailboxes changed. */
+void session_store_notify(void *member, const char *mailbox);
+
 /* session_client.c: the client's bytes, command by command. */
 void session_client_process(struct session *s);
+/* A held command may go on (the resync is over). */
+void session_client_release(struct session *s);
 /* Our "OK Begin TLS negotiation" reached the client: start the handshake. */
 void session_client_starttls_flushed(struct session *s);
 /* session_upstream.c: the upstream's bytes, response by response. */

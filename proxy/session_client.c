@@ -138,6 +138,38 @@ session_client_error_resp(const struct imap_tok *tok, char *buf, size_t len, con
 	}
 }
 
+/* A trigger command on a possibly stale session waits, its first segment
+ * kept in cline, until the resync is over. */
+static int
+session_client_hold(struct session *s, const struct imap_tok *tok)
+{
+	if (s->cmd_reject || s->cmd_local || !resync_hold(s, &s->cmd))
+		return 0;
+	s->held = 1;
+	s->held_tok = tok->type;
+	s->held_lit_flags = tok->literal_flags;
+	return 1;
+}
+
+static void session_client_act(struct session *s, const struct imap_tok *tok);
+
+void
+session_client_release(struct session *s)
+{
+	struct imap_tok tok;
+
+	if (!s->held)
+		return;
+	memset(&tok, 0, sizeof(tok));
+	tok.type = s->held_tok;
+	tok.literal_flags = s->held_lit_flags;
+	s->held = 0;
+	s->no_hold = 1;
+	session_client_act(s, &tok);
+	s->no_hold = 0;
+	session_client_process(s);
+}
+
 /* A token's bytes are already in cline: act on it. */
 static void
 session_client_act(struct session *s, const struct imap_tok *tok)
@@ -159,8 +191,11 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 		evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
 		break;
 	case IMAP_TOK_LITERAL:
-		if (!s->cmd_forwarded && !s->cmd_reject && !s->line_is_continuation)
+		if (!s->cmd_forwarded && !s->cmd_reject && !s->line_is_continuation) {
 			session_client_decide(s, 0);
+			if (session_client_hold(s, tok))
+				return;
+		}
 		if (s->cmd_reject || s->cmd_local) {
 			if (s->cmd_local)
 				session_client_reject(s, "BAD STARTTLS takes no arguments");
@@ -181,14 +216,24 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 			break;
 		}
 		if (s->line_is_continuation) {
+			if (s->wait == WAIT_IDLE && resync_client_idle_line(s)) {
+				/* DONE while we refresh the idling client: ours to answer. */
+				evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
+				session_client_reset(s);
+				break;
+			}
 			session_client_forward(s);
-			if (s->wait == WAIT_IDLE)
+			if (s->wait == WAIT_IDLE) {
 				s->wait = WAIT_NONE;	/* that was DONE */
+				s->idling = 0;
+			}
 			session_client_reset(s);
 			break;
 		}
 		if (!s->cmd_forwarded) {
 			session_client_decide(s, 1);
+			if (session_client_hold(s, tok))
+				return;
 			if (s->cmd_reject) {
 				session_client_finish_reject(s);
 				break;
@@ -200,8 +245,12 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 		}
 		session_client_forward(s);
 		s->srv->stats.commands++;
-		if (s->n_inflight > 0 && !s->inflight[s->n_inflight - 1].sent_whole)
-			s->inflight[s->n_inflight - 1].sent_whole = 1;
+		if (s->n_inflight > 0 && !s->inflight[s->n_inflight - 1].sent_whole &&
+		    !s->inflight[s->n_inflight - 1].injected) {
+			struct inflight *f = &s->inflight[s->n_inflight - 1];
+			f->sent_whole = 1;
+			track_command_sent(s, f, &s->cmd);
+		}
 		if (s->cmd.kind == CMD_AUTHENTICATE)
 			s->wait = WAIT_AUTH;
 		else if (s->cmd.kind == CMD_IDLE)
@@ -243,7 +292,8 @@ session_client_process(struct session *s)
 	if (s->client == NULL)
 		return;
 	in = bufferevent_get_input(s->client);
-	while (s->state == SESSION_RUNNING && !s->client_paused && s->up != NULL) {
+	while (s->state == SESSION_RUNNING && !s->client_paused && s->up != NULL && !s->held &&
+	    resync_client_may_read(s)) {
 		struct evbuffer_iovec v;
 		struct imap_tok tok;
 		size_t used = 0;
@@ -261,6 +311,8 @@ session_client_process(struct session *s)
 					s->line_is_continuation = 1;
 				if (!s->line_is_continuation)
 					command_feed(&s->cmd, &tok);
+				else if (tok.type == IMAP_TOK_TEXT && s->wait == WAIT_AUTH)
+					track_sasl_line(s, tok.str, tok.len);
 			}
 			if (used > 0)
 				evbuffer_remove_buffer(in, s->cline, used);

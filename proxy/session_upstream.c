@@ -42,6 +42,7 @@ session_upstream_reset(struct session *s)
 	s->resp_mode = RESP_UNDECIDED;
 	s->resp_tag[0] = '\0';
 	s->resp_word[0] = '\0';
+	s->resp_status_text[0] = '\0';
 	evbuffer_drain(s->resp_text, evbuffer_get_length(s->resp_text));
 }
 
@@ -84,6 +85,14 @@ session_upstream_observe(struct session *s, const struct imap_tok *tok)
 			s->resp_word[i] = (char)toupper((unsigned char)tok->str[i]);
 		s->resp_word[n] = '\0';
 	}
+	if (tok->type == IMAP_TOK_TEXT) {
+		size_t n = tok->len < sizeof(s->resp_status_text) - 1 ? tok->len :
+		    sizeof(s->resp_status_text) - 1;
+		memcpy(s->resp_status_text, tok->str, n);
+		s->resp_status_text[n] = '\0';
+	}
+	if (s->state == SESSION_RUNNING)
+		track_token(s, tok);
 	if (s->resp_mode == RESP_SWALLOW)
 		return;
 
@@ -122,8 +131,12 @@ session_upstream_decide(struct session *s, const struct imap_tok *tok)
 	}
 	if (tok->index == 0 && tok->type != IMAP_TOK_EOL) {
 		if (strcmp(s->resp_tag, "+") == 0)
-			session_upstream_set_mode(s, RESP_PASS);
+			session_upstream_set_mode(s, resync_response_hidden(s) ? RESP_SWALLOW : RESP_PASS);
 		return;	/* wait for the word after the tag */
+	}
+	if (resync_response_hidden(s)) {
+		s->resp_mode = RESP_SWALLOW;
+		return;
 	}
 	if (strcmp(s->resp_tag, "*") == 0 && strcmp(s->resp_word, "CAPABILITY") == 0 &&
 	    tok->type != IMAP_TOK_EOL) {
@@ -198,6 +211,17 @@ session_upstream_completed(struct session *s)
 
 	if (f == NULL)
 		return;
+	if (f->injected) {
+		struct inflight done = *f;	/* resync may push new entries */
+		session_inflight_remove(s, f);
+		resync_completed(s, &done, ok, s->resp_status_text);
+		return;
+	}
+	if (f->kind == CMD_IDLE && resync_idle_completed(s)) {
+		session_inflight_remove(s, f);
+		resync_quiet(s);
+		return;
+	}
 	if (!f->sent_whole && s->wait == WAIT_LITERAL) {
 		/* Refused instead of "+": the client will not send that literal. */
 		imap_lex_reject_literal(s->clex);
@@ -207,23 +231,34 @@ session_upstream_completed(struct session *s)
 		s->wait = WAIT_NONE;
 	}
 	if ((f->kind == CMD_AUTHENTICATE && s->wait == WAIT_AUTH) ||
-	    (f->kind == CMD_IDLE && s->wait == WAIT_IDLE))
+	    (f->kind == CMD_IDLE && s->wait == WAIT_IDLE)) {
 		s->wait = WAIT_NONE;
+		s->idling = 0;
+	}
 	if (ok && (f->kind == CMD_LOGIN || f->kind == CMD_AUTHENTICATE)) {
 		s->authenticated = 1;
-		log_msg(LOG_LEVEL_INFO, s->sid, "authenticated");
 		session_set_timeouts(s);
 	} else if (ok && f->kind == CMD_UNAUTHENTICATE) {
 		s->authenticated = 0;
 		session_set_timeouts(s);
 	}
+	track_completed(s, f, ok, s->resp_status_text);
 	session_inflight_remove(s, f);
+	track_save(s);
+	if (s->n_inflight == 0)
+		resync_quiet(s);
 }
 
 static void
 session_upstream_continuation(struct session *s)
 {
-	if (s->wait == WAIT_LITERAL)
+	if (s->resp_mode == RESP_SWALLOW) {
+		resync_continuation(s);	/* the "+" to the IDLE we re-entered */
+		return;
+	}
+	if (s->wait == WAIT_IDLE)
+		s->idling = 1;
+	else if (s->wait == WAIT_LITERAL)
 		s->wait = WAIT_NONE;
 	else if (s->wait == WAIT_AUTH && imap_lex_at_command_start(s->clex))
 		imap_lex_expect_text_line(s->clex);
@@ -264,8 +299,10 @@ session_upstream_eol(struct session *s)
 	if (strcmp(s->resp_tag, "+") == 0)
 		session_upstream_continuation(s);
 	else if (strcmp(s->resp_tag, "*") == 0) {
-		if (strcmp(s->resp_word, "BYE") == 0)
+		if (strcmp(s->resp_word, "BYE") == 0 && s->resp_mode != RESP_SWALLOW)
 			s->upstream_bye = 1;
+		if (st == SESSION_RUNNING)
+			track_response_end(s, s->resp_mode != RESP_SWALLOW);
 	} else if (st == SESSION_RUNNING)
 		session_upstream_completed(s);
 	if (st == SESSION_GREETING)

@@ -2,6 +2,7 @@
 #include <string.h>
 
 #include "command.h"
+#include "sasl.h"
 #include "tap.h"
 
 static struct imap_tok
@@ -85,6 +86,31 @@ main(void)
 	command_reset(&c);
 	feed(&c, IMAP_TOK_ATOM, 0, 0, longtag);
 	ok(!c.tag_ok, "over-long tag is not echoed");
+
+	/* SASL PLAIN: the identity is read, the password is not kept. */
+	{
+		char user[64];
+
+		/* "\0alice\0s3cret" and "admin\0alice\0s3cret" */
+		ok(sasl_plain_user("AGFsaWNlAHMzY3JldA==", 20, user, sizeof(user)) == 0 &&
+		    strcmp(user, "alice") == 0, "PLAIN without authzid: authcid (%s)", user);
+		ok(sasl_plain_user("YWRtaW4AYWxpY2UAczNjcmV0", 24, user, sizeof(user)) == 0 &&
+		    strcmp(user, "admin") == 0, "PLAIN with authzid: the identity acted as (%s)", user);
+		ok(sasl_plain_user("YWxpY2U=", 8, user, sizeof(user)) < 0, "no NUL separators: not PLAIN");
+		ok(sasl_plain_user("not base64!", 11, user, sizeof(user)) < 0, "not base64");
+		ok(sasl_plain_user("*", 1, user, sizeof(user)) < 0, "a cancelled exchange");
+		ok(sasl_plain_user("AGFsaWNlAHMzY3JldA==", 20, user, 3) < 0, "a user longer than the buffer");
+
+		command_reset(&c);
+		feed(&c, IMAP_TOK_ATOM, 0, 0, "a6");
+		feed(&c, IMAP_TOK_ATOM, 1, 0, "AUTHENTICATE");
+		feed(&c, IMAP_TOK_ATOM, 2, 0, "PLAIN");
+		feed(&c, IMAP_TOK_ATOM, 3, 0, "AGFsaWNlAHMzY3JldA==");
+		ok(strcmp(c.sasl_user, "alice") == 0 && !c.args[1].present,
+		    "SASL-IR: user read (%s), response not stored", c.sasl_user);
+		ok(command_kind_from_name("getquotaroot") == CMD_GETQUOTAROOT &&
+		    command_kind_from_name("XYZZY") == CMD_UNKNOWN, "kinds by name");
+	}
 
 	command_reset(&c);
 	ok(c.kind == CMD_NONE && c.tag[0] == '\0', "reset clears the command");

@@ -1219,6 +1219,10 @@ def t_quota(ctx):
 
 # ================================================================== main
 
+# The stale-session fix registers its tests after the foundation's.
+import stale_tests  # noqa: E402,F401
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--binary", help="path to imapfresh")

@@ -1,0 +1,429 @@
+/* resync: bringing a stale upstream session back in line with its mailbox, without the client noticing. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include "log.h"
+#include "resync.h"
+#include "session.h"
+#include "store.h"
+
+#define RESYNC_BIT(kind, uid) (1ULL << ((unsigned)(kind) * 2 + ((uid) ? 1 : 0)))
+
+void
+resync_init(struct resync *r)
+{
+	memset(r, 0, sizeof(*r));
+	uidset_init(&r->truth);
+	uidset_init(&r->server_view);
+}
+
+void
+resync_free(struct resync *r)
+{
+	uidset_free(&r->truth);
+	uidset_free(&r->server_view);
+}
+
+int
+resync_parse_triggers(const char *list, unsigned long long *mask)
+{
+	char buf[256], *item, *save = NULL;
+
+	*mask = 0;
+	snprintf(buf, sizeof(buf), "%s", list);
+	for (item = strtok_r(buf, ",", &save); item != NULL; item = strtok_r(NULL, ",", &save)) {
+		int uid = 0;
+		enum command_kind kind;
+
+		item += strspn(item, " ");
+		if (strncasecmp(item, "UID ", 4) == 0) {
+			uid = 1;
+			item += 4 + strspn(item + 4, " ");
+		}
+		item[strcspn(item, " ")] = '\0';
+		if (*item == '\0')
+			continue;
+		if ((kind = command_kind_from_name(item)) == CMD_UNKNOWN)
+			return -1;
+		*mask |= RESYNC_BIT(kind, uid);
+	}
+	return 0;
+}
+
+/* Why this session may no longer match its mailbox; NULL when it does. */
+static const char *
+resync_stale_reason(struct session *s)
+{
+	struct track *t = &s->track;
+	const struct config *cfg = &s->srv->cfg;
+
+	if (t->suser != NULL && store_gen(t->suser, t->mailbox) > t->synced_gen)
+		return "mailbox changed by another session";
+	if (store_epoch(s->srv->store) != t->synced_epoch)
+		return "changes may have been missed while the state store was unreachable";
+	if (cfg->resync_after > 0 && time(NULL) - t->last_sync >= cfg->resync_after)
+		return "resync_after elapsed";
+	return NULL;
+}
+
+/* Nothing in flight and nothing half-said: safe to put our commands between. */
+static int
+resync_quiet_now(const struct session *s)
+{
+	return s->n_inflight == 0 &&
+	    (s->wait == WAIT_NONE || (s->resync.for_idle && s->wait == WAIT_IDLE));
+}
+
+static void
+resync_quote(const char *name, char *out, size_t len)
+{
+	size_t o = 0;
+
+	out[o++] = '"';
+	for (; *name && o + 3 < len; name++) {
+		if (*name == '"' || *name == '\\')
+			out[o++] = '\\';
+		out[o++] = *name;
+	}
+	out[o++] = '"';
+	out[o] = '\0';
+}
+
+static void
+resync_start_check(struct session *s)
+{
+	struct resync *r = &s->resync;
+	struct track *t = &s->track;
+
+	r->gen = t->suser ? store_gen(t->suser, t->mailbox) : 0;
+	r->failed = 0;
+	r->matched_at_search = 0;
+	uidset_clear(&r->truth);
+	t->search_sink = &r->truth;
+	r->phase = RESYNC_CHECK;
+	r->pending = 2;
+	session_inject(s, RESYNC_CMD_NOOP, "NOOP");
+	session_inject(s, RESYNC_CMD_SEARCH, "UID SEARCH ALL");
+	s->srv->stats.resync_injections++;
+	s->resync_count++;
+	log_msg(LOG_LEVEL_INFO, s->sid, "resync \"%s\": %s; injecting NOOP + UID SEARCH ALL",
+	    t->mailbox, r->reason);
+}
+
+int
+resync_hold(struct session *s, const struct command *cmd)
+{
+	struct resync *r = &s->resync;
+	const char *reason;
+
+	if (s->no_hold) {
+		s->no_hold = 0;
+		return 0;
+	}
+	if (!s->srv->cfg.resync || !s->track.selected || r->phase != RESYNC_NONE ||
+	    !(s->srv->resync_mask & RESYNC_BIT(cmd->kind, cmd->uid)))
+		return 0;
+	s->srv->stats.resync_checks++;
+	if ((reason = resync_stale_reason(s)) == NULL)
+		return 0;
+	r->reason = reason;
+	r->for_idle = 0;
+	if (resync_quiet_now(s))
+		resync_start_check(s);
+	else
+		r->phase = RESYNC_WAIT_QUIET;
+	return 1;
+}
+
+void
+resync_quiet(struct session *s)
+{
+	if (s->resync.phase == RESYNC_WAIT_QUIET && resync_quiet_now(s))
+		resync_start_check(s);
+}
+
+void
+resync_mailbox_changed(struct session *s, const char *mailbox)
+{
+	struct resync *r = &s->resync;
+	struct inflight *idle = NULL;
+
+	if (!s->srv->cfg.resync || !s->track.selected || strcmp(mailbox, s->track.mailbox) != 0 ||
+	    s->state != SESSION_RUNNING || s->wait != WAIT_IDLE || !s->idling ||
+	    r->phase != RESYNC_NONE)
+		return;
+	for (unsigned i = 0; i < s->n_inflight; i++)
+		if (s->inflight[i].kind == CMD_IDLE)
+			idle = &s->inflight[i];
+	if (idle == NULL || s->n_inflight != 1)
+		return;
+	/* End the upstream IDLE ourselves; the client goes on idling. */
+	snprintf(r->idle_tag, sizeof(r->idle_tag), "%s", idle->tag);
+	r->for_idle = 1;
+	r->client_done = 0;
+	r->reason = "mailbox changed while the client idles";
+	r->phase = RESYNC_IDLE_DONE;
+	s->idling = 0;
+	s->srv->stats.resync_idle_refreshes++;
+	evbuffer_add(bufferevent_get_output(s->up), "DONE\r\n", 6);
+	log_msg(LOG_LEVEL_INFO, s->sid, "resync \"%s\": %s; ending the upstream IDLE", mailbox,
+	    r->reason);
+}
+
+int
+resync_client_may_read(const struct session *s)
+{
+	const struct resync *r = &s->resync;
+
+	if (r->phase == RESYNC_NONE || r->phase == RESYNC_WAIT_QUIET ||
+	    r->phase == RESYNC_IDLE_REENTER)
+		return 1;
+	/* Refreshing an idling client: only its DONE can come, and is taken. */
+	return r->for_idle && !r->client_done;
+}
+
+int
+resync_client_idle_line(struct session *s)
+{
+	struct resync *r = &s->resync;
+
+	if (!r->for_idle || r->phase == RESYNC_NONE || r->phase == RESYNC_IDLE_REENTER)
+		return 0;
+	r->client_done = 1;
+	s->wait = WAIT_NONE;
+	return 1;
+}
+
+int
+resync_response_hidden(struct session *s)
+{
+	struct resync *r = &s->resync;
+	struct inflight *f;
+
+	if (r->phase == RESYNC_NONE || r->phase == RESYNC_WAIT_QUIET)
+		return 0;
+	if (strcmp(s->resp_tag, "+") == 0)
+		return r->phase == RESYNC_IDLE_REENTER;
+	if (strcmp(s->resp_tag, "*") != 0) {
+		if (r->phase == RESYNC_IDLE_DONE && strcmp(s->resp_tag, r->idle_tag) == 0)
+			return 1;
+		return (f = session_inflight_find(s, s->resp_tag)) != NULL && f->injected;
+	}
+	if (r->phase == RESYNC_ESCALATE)
+		return 1;	/* the re-SELECT's data would contradict the client's view */
+	return r->phase == RESYNC_CHECK &&
+	    (strcmp(s->resp_word, "SEARCH") == 0 || strcmp(s->resp_word, "ESEARCH") == 0);
+}
+
+int
+resync_continuation(struct session *s)
+{
+	if (s->resync.phase != RESYNC_IDLE_REENTER)
+		return 0;
+	s->resync.phase = RESYNC_NONE;
+	s->idling = 1;
+	return 1;
+}
+
+/* The resync is over: let the client go on. */
+static void
+resync_finish(struct session *s, int synced, const char *outcome)
+{
+	struct resync *r = &s->resync;
+	struct track *t = &s->track;
+	int for_idle = r->for_idle;
+
+	t->search_sink = NULL;
+	t->fetch_sink = NULL;
+	if (synced) {
+		track_synced(s, r->gen);
+		s->resync_last = time(NULL);
+	}
+	log_msg(LOG_LEVEL_INFO, s->sid, "resync \"%s\": %s", t->mailbox, outcome);
+	r->phase = RESYNC_NONE;
+	r->for_idle = 0;
+	track_save(s);
+	if (!for_idle) {
+		session_client_release(s);
+		return;
+	}
+	if (r->client_done) {
+		session_reply(s, "%s OK Idle completed", r->idle_tag);
+		session_client_process(s);
+		return;
+	}
+	/* Back to idling upstream, under the client's own tag. */
+	{
+		struct command idle;
+		struct inflight *f;
+
+		command_reset(&idle);
+		snprintf(idle.tag, sizeof(idle.tag), "%s", r->idle_tag);
+		idle.tag_ok = 1;
+		idle.kind = CMD_IDLE;
+		if ((f = session_inflight_push(s, &idle)) != NULL)
+			f->sent_whole = 1;
+		evbuffer_add_printf(bufferevent_get_output(s->up), "%s IDLE\r\n", r->idle_tag);
+		r->phase = RESYNC_IDLE_REENTER;
+	}
+}
+
+static void
+resync_disconnect(struct session *s, const char *why)
+{
+	s->srv->stats.resync_disconnects++;
+	log_msg(LOG_LEVEL_WARNING, s->sid, "resync \"%s\": %s; ending the session so the client "
+	    "selects the mailbox afresh", s->track.mailbox, why);
+	session_close(s, "[UNAVAILABLE] Mailbox state changed; please reconnect", why);
+}
+
+static void
+resync_escalate(struct session *s)
+{
+	struct resync *r = &s->resync;
+	struct track *t = &s->track;
+	char quoted[2 * COMMAND_ARG_MAX + 3];
+
+	s->srv->stats.stale_detected++;
+	s->srv->stats.resync_escalations++;
+	s->resync_stale++;
+	s->resync_escalations++;
+	log_msg(LOG_LEVEL_NOTICE, s->sid, "resync \"%s\": stale session detected (client sees %u "
+	    "messages, the mailbox holds %llu); re-selecting", t->mailbox, t->view.count,
+	    (unsigned long long)r->truth.count);
+	r->phase = RESYNC_ESCALATE;
+	r->failed = 0;
+	r->pending = 0;
+	r->old_uidvalidity = t->uidvalidity;
+	uidset_clear(&r->server_view);
+	t->search_sink = NULL;
+	/* Where the client's positions are not all known, the stale server
+	 * session's own list says which UID each position holds. */
+	if (t->view.count > 0 && seqmap_known(&t->view) < t->view.count) {
+		t->fetch_sink = &r->server_view;
+		session_inject(s, RESYNC_CMD_FETCH_UIDS, "FETCH 1:* (UID)");
+		r->pending++;
+	}
+	resync_quote(t->mailbox, quoted, sizeof(quoted));
+	session_inject(s, RESYNC_CMD_SELECT, "%s %s%s", t->readonly ? "EXAMINE" : "SELECT", quoted,
+	    t->condstore ? " (CONDSTORE)" : "");
+	uidset_clear(&r->truth);
+	session_inject(s, RESYNC_CMD_SEARCH, "UID SEARCH ALL");
+	r->pending += 2;
+}
+
+/* After the re-SELECT: tell the client exactly what changed, as EXPUNGEs and
+ * an EXISTS, so its sequence numbers match the server's again. */
+static void
+resync_apply(struct session *s)
+{
+	struct resync *r = &s->resync;
+	struct track *t = &s->track;
+	struct uidset client;
+	uint32_t count = t->view.count, kept = 0, expunged = 0;
+
+	if (t->uidvalidity != r->old_uidvalidity) {
+		resync_disconnect(s, "UIDVALIDITY changed");
+		return;
+	}
+	uidset_init(&client);
+	if (seqmap_known(&t->view) == count)
+		seqmap_known_uids(&t->view, &client);
+	else if (r->server_view.count >= count)
+		for (uint32_t k = 1; k <= count; k++)
+			uidset_add(&client, uidset_nth(&r->server_view, k));
+	if (client.count != count) {
+		uidset_free(&client);
+		resync_disconnect(s, "the client's view could not be read back");
+		return;
+	}
+	/* New messages can only be shown after the ones the client has. */
+	for (size_t i = 0; i < r->truth.n; i++)
+		for (uint64_t u = r->truth.r[i].lo; u <= r->truth.r[i].hi; u++)
+			if (!uidset_contains(&client, (uint32_t)u) && u < uidset_max(&client)) {
+				uidset_free(&client);
+				resync_disconnect(s, "a message appeared below UIDs the client has");
+				return;
+			}
+	for (uint32_t k = count; k >= 1; k--) {
+		if (uidset_contains(&r->truth, uidset_nth(&client, k)))
+			continue;
+		session_reply(s, "* %u EXPUNGE", k);
+		expunged++;
+	}
+	kept = count - expunged;
+	if (r->truth.count > kept)
+		session_reply(s, "* %llu EXISTS", (unsigned long long)r->truth.count);
+	seqmap_assign(&t->view, &r->truth);
+	t->dirty = 1;
+	uidset_free(&client);
+	{
+		char outcome[160];
+		snprintf(outcome, sizeof(outcome), "re-selected; client told of %u expunged and %llu new "
+		    "messages", expunged, (unsigned long long)(r->truth.count - kept));
+		resync_finish(s, 1, outcome);
+	}
+}
+
+/* Servers that run pipelined commands side by side (Dovecot) answer the
+ * SEARCH from the session's view before the NOOP's EXISTS goes out: compare
+ * with the view as it stood when the result came, as well as at the end. */
+void
+resync_search_result(struct session *s)
+{
+	if (s->resync.phase == RESYNC_CHECK)
+		s->resync.matched_at_search = seqmap_consistent(&s->track.view, &s->resync.truth);
+}
+
+void
+resync_completed(struct session *s, struct inflight *f, int ok, const char *text)
+{
+	struct resync *r = &s->resync;
+	struct track *t = &s->track;
+
+	if (!ok) {
+		r->failed = 1;
+		log_msg(LOG_LEVEL_WARNING, s->sid, "resync: upstream refused our %s: %s",
+		    f->purpose == RESYNC_CMD_NOOP ? "NOOP" : f->purpose == RESYNC_CMD_SEARCH ?
+		    "UID SEARCH" : f->purpose == RESYNC_CMD_SELECT ? "SELECT" : "FETCH",
+		    text ? text : "");
+	}
+	if (f->purpose == RESYNC_CMD_FETCH_UIDS)
+		t->fetch_sink = NULL;
+	if (f->purpose == RESYNC_CMD_SELECT)
+		t->search_sink = &r->truth;	/* the UID SEARCH that follows */
+	if (r->pending > 0)
+		r->pending--;
+	if (r->pending > 0)
+		return;
+	if (r->phase == RESYNC_CHECK) {
+		if (r->failed)
+			resync_finish(s, 0, "check refused by the server; going on unchecked");
+		else if (r->matched_at_search || seqmap_consistent(&t->view, &r->truth))
+			resync_finish(s, 1, "in sync");
+		else
+			resync_escalate(s);
+	} else if (r->phase == RESYNC_ESCALATE) {
+		if (r->failed)
+			resync_disconnect(s, "re-SELECT refused");
+		else
+			resync_apply(s);
+	}
+}
+
+int
+resync_idle_completed(struct session *s)
+{
+	struct resync *r = &s->resync;
+
+	if (r->phase != RESYNC_IDLE_DONE || strcmp(s->resp_tag, r->idle_tag) != 0)
+		return 0;
+	/* The IDLE we ended is done upstream; the client is still idling. The
+	 * check starts once the caller has retired that command. */
+	s->wait = r->client_done ? WAIT_NONE : WAIT_IDLE;
+	r->phase = RESYNC_WAIT_QUIET;
+	return 1;
+}

@@ -1,0 +1,88 @@
+/* resync: bringing a stale upstream session back in line with its mailbox, without the client noticing. */
+#ifndef RESYNC_H
+#define RESYNC_H
+
+#include <stdint.h>
+
+#include "command.h"
+#include "uidset.h"
+
+struct session;
+struct inflight;
+
+enum resync_phase {
+	RESYNC_NONE,		/* nothing under way */
+	RESYNC_WAIT_QUIET,	/* trigger held until the commands in flight finish */
+	RESYNC_IDLE_DONE,	/* our DONE sent; waiting for the client's IDLE to complete upstream */
+	RESYNC_CHECK,		/* NOOP + UID SEARCH in flight */
+	RESYNC_ESCALATE,	/* [FETCH 1:* (UID)] + re-SELECT + UID SEARCH in flight */
+	RESYNC_IDLE_REENTER,	/* the client's IDLE re-issued; its "+" is ours */
+};
+
+/* What an injected command is for. */
+enum resync_cmd {
+	RESYNC_CMD_NOOP,
+	RESYNC_CMD_SEARCH,
+	RESYNC_CMD_FETCH_UIDS,
+	RESYNC_CMD_SELECT,
+	RESYNC_CMD_IDLE,	/* the client's IDLE, re-entered under its own tag */
+};
+
+struct resync {
+	enum resync_phase phase;
+	int for_idle;			/* refreshing a client that is idling */
+	int client_done;		/* the client sent DONE during the refresh */
+	char idle_tag[COMMAND_TAG_MAX + 1];
+	unsigned pending;		/* injected commands not completed */
+	int failed;			/* one of them was refused */
+	uint64_t gen;			/* the generation being synced to */
+	struct uidset truth;		/* UID SEARCH ALL: what the mailbox holds */
+	struct uidset server_view;	/* FETCH 1:* (UID): the server session's UIDs */
+	int matched_at_search;		/* the view matched the SEARCH result when it came */
+	uint32_t old_uidvalidity;
+	const char *reason;		/* why this resync started, for the log */
+};
+
+void resync_init(struct resync *r);
+void resync_free(struct resync *r);
+
+/* Parse resync_on into a set of trigger commands; -1 on an unknown name. */
+int resync_parse_triggers(const char *list, unsigned long long *mask);
+
+/* The client's command (first segment read, nothing forwarded) is a trigger
+ * and the session may be stale: hold it and start (or queue) a resync.
+ * Returns 1 when the command is held; the client side resumes with
+ * session_client_release() when the resync is over. */
+int resync_hold(struct session *s, const struct command *cmd);
+
+/* Nothing is in flight any more: a held resync may start. */
+void resync_quiet(struct session *s);
+
+/* One of the user's mailboxes changed (store notification). */
+void resync_mailbox_changed(struct session *s, const char *mailbox);
+
+/* May the client's bytes be read now? */
+int resync_client_may_read(const struct session *s);
+
+/* The client sent a line while idling: returns 1 when the resync took it
+ * (a DONE during a refresh), so it must not be forwarded. */
+int resync_client_idle_line(struct session *s);
+
+/* Should the upstream response being read reach the client? Decided once the
+ * tag and first word are known. */
+int resync_response_hidden(struct session *s);
+
+/* A continuation "+" from the upstream: returns 1 when it is ours. */
+int resync_continuation(struct session *s);
+
+/* Our UID SEARCH result is complete. */
+void resync_search_result(struct session *s);
+
+/* A tagged completion of one of our commands (f->injected). */
+void resync_completed(struct session *s, struct inflight *f, int ok, const char *text);
+
+/* The tagged completion of the client's IDLE that we ended ourselves:
+ * returns 1 when it is (it is hidden; the check follows). */
+int resync_idle_completed(struct session *s);
+
+#endif

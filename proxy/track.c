@@ -1,0 +1,484 @@
+/* track: what a session's client knows of its mailbox, read from the commands and responses that pass. */
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "log.h"
+#include "resync.h"
+#include "sasl.h"
+#include "session.h"
+#include "store.h"
+#include "track.h"
+
+void
+track_init(struct track *t)
+{
+	memset(t, 0, sizeof(*t));
+	seqmap_init(&t->view);
+}
+
+void
+track_free(struct track *t)
+{
+	seqmap_free(&t->view);
+}
+
+void
+track_canonical_mailbox(const char *in, char *out, size_t outlen)
+{
+	if (strcasecmp(in, "INBOX") == 0)
+		in = "INBOX";
+	snprintf(out, outlen, "%s", in);
+}
+
+static char *
+track_strdup_mailbox(const struct command_arg *a)
+{
+	char name[COMMAND_ARG_MAX + 1];
+
+	if (!a->present || a->truncated)
+		return NULL;	/* a name we could not read whole is not tracked */
+	track_canonical_mailbox(a->val, name, sizeof(name));
+	return strdup(name);
+}
+
+static void
+track_deselect(struct session *s, const char *why)
+{
+	struct track *t = &s->track;
+
+	if (t->selected)
+		log_msg(LOG_LEVEL_DEBUG, s->sid, "mailbox \"%s\" deselected (%s)", t->mailbox, why);
+	t->selected = 0;
+	t->mailbox[0] = '\0';
+	t->uidvalidity = t->uidnext = 0;
+	t->highestmodseq = 0;
+	seqmap_reset(&t->view, 0);
+	t->dirty = 1;
+}
+
+void
+track_command_sent(struct session *s, struct inflight *f, const struct command *cmd)
+{
+	switch (cmd->kind) {
+	case CMD_SELECT:
+	case CMD_EXAMINE:
+	case CMD_APPEND:
+		f->mailbox = track_strdup_mailbox(&cmd->args[0]);
+		f->readonly = cmd->kind == CMD_EXAMINE;
+		break;
+	case CMD_COPY:
+	case CMD_MOVE:
+		f->mailbox = track_strdup_mailbox(&cmd->args[1]);
+		break;
+	case CMD_LOGIN:
+		if (cmd->args[0].present && !cmd->args[0].truncated)
+			f->user = strdup(cmd->args[0].val);
+		break;
+	case CMD_AUTHENTICATE:
+		f->sasl_plain = cmd->args[0].present && strcasecmp(cmd->args[0].val, "PLAIN") == 0;
+		if (f->sasl_plain && cmd->sasl_user[0] != '\0')
+			f->user = strdup(cmd->sasl_user);
+		break;
+	default:
+		break;
+	}
+}
+
+void
+track_sasl_line(struct session *s, const char *line, size_t len)
+{
+	char user[256];
+
+	for (unsigned i = 0; i < s->n_inflight; i++) {
+		struct inflight *f = &s->inflight[i];
+		if (f->kind != CMD_AUTHENTICATE || !f->sasl_plain || f->user != NULL)
+			continue;
+		if (sasl_plain_user(line, len, user, sizeof(user)) == 0)
+			f->user = strdup(user);
+		return;
+	}
+}
+
+/* The oldest command in flight owns the untagged responses now arriving:
+ * once a SELECT's responses begin, they describe the new mailbox. */
+static void
+track_select_begins(struct session *s)
+{
+	struct track *t = &s->track;
+	struct inflight *f = s->n_inflight ? &s->inflight[0] : NULL;
+
+	if (f == NULL || f->started || (f->kind != CMD_SELECT && f->kind != CMD_EXAMINE))
+		return;
+	f->started = 1;
+	track_deselect(s, "SELECT begins");
+	t->select_exists = 0;
+}
+
+static uint32_t
+track_number(const char *s, size_t len)
+{
+	uint64_t v = 0;
+
+	if (len == 0 || len > 10)
+		return 0;
+	for (size_t i = 0; i < len; i++) {
+		if (s[i] < '0' || s[i] > '9')
+			return 0;
+		v = v * 10 + (uint64_t)(s[i] - '0');
+	}
+	return v > UINT32_MAX ? 0 : (uint32_t)v;
+}
+
+static int
+track_atom_is(const struct imap_tok *tok, const char *word)
+{
+	return tok->type == IMAP_TOK_ATOM && tok->len == strlen(word) &&
+	    strncasecmp(tok->str, word, tok->len) == 0;
+}
+
+/* [UIDVALIDITY n], [UIDNEXT n], [HIGHESTMODSEQ n] in resp-text. */
+static void
+track_resp_code(struct session *s, const char *text, size_t len)
+{
+	struct track *t = &s->track;
+	char code[64];
+	unsigned long long v;
+
+	if (len < 3 || text[0] != '[')
+		return;
+	snprintf(code, sizeof(code), "%.*s", (int)(len < sizeof(code) - 1 ? len : sizeof(code) - 1), text);
+	if (sscanf(code, "[UIDVALIDITY %llu]", &v) == 1 && v <= UINT32_MAX)
+		t->uidvalidity = (uint32_t)v;
+	else if (sscanf(code, "[UIDNEXT %llu]", &v) == 1 && v <= UINT32_MAX)
+		t->uidnext = (uint32_t)v;
+	else if (sscanf(code, "[HIGHESTMODSEQ %llu]", &v) == 1)
+		t->highestmodseq = v;
+	else if (strncasecmp(code, "[READ-ONLY]", 11) == 0)
+		t->readonly = 1;
+	else
+		return;
+	t->dirty = 1;
+}
+
+void
+track_token(struct session *s, const struct imap_tok *tok)
+{
+	struct track *t = &s->track;
+
+	if (tok->index == 0) {
+		t->resp = TRACK_RESP_OTHER;
+		t->resp_num = 0;
+		t->fetch_uid_next = 0;
+		t->fetch_uid = 0;
+		t->vanished_earlier = 0;
+		t->esearch_all_next = 0;
+		return;
+	}
+	if (strcmp(s->resp_tag, "*") != 0)
+		return;
+	if (tok->index == 1 && tok->depth == 0) {
+		if ((t->resp_num = track_number(tok->str, tok->len)) == 0) {
+			if (track_atom_is(tok, "SEARCH"))
+				t->resp = TRACK_RESP_SEARCH;
+			else if (track_atom_is(tok, "ESEARCH"))
+				t->resp = TRACK_RESP_ESEARCH;
+			else if (track_atom_is(tok, "VANISHED"))
+				t->resp = TRACK_RESP_VANISHED;
+			else if (track_atom_is(tok, "OK") || track_atom_is(tok, "NO") ||
+			    track_atom_is(tok, "BAD"))
+				t->resp = TRACK_RESP_STATUS;
+		}
+		return;
+	}
+	switch (t->resp) {
+	case TRACK_RESP_OTHER:
+		if (tok->index == 2 && t->resp_num > 0) {
+			if (track_atom_is(tok, "EXISTS"))
+				t->resp = TRACK_RESP_EXISTS;
+			else if (track_atom_is(tok, "EXPUNGE"))
+				t->resp = TRACK_RESP_EXPUNGE;
+			else if (track_atom_is(tok, "FETCH"))
+				t->resp = TRACK_RESP_FETCH;
+		}
+		break;
+	case TRACK_RESP_FETCH:
+		/* Only the top level of the FETCH list: UID inside a BODYSTRUCTURE is not ours. */
+		if (tok->depth != 1 || tok->type == IMAP_TOK_LIST_BEGIN)
+			break;
+		if (t->fetch_uid_next && tok->type == IMAP_TOK_ATOM)
+			t->fetch_uid = track_number(tok->str, tok->len);
+		t->fetch_uid_next = track_atom_is(tok, "UID");
+		break;
+	case TRACK_RESP_SEARCH:
+		if (tok->type == IMAP_TOK_ATOM && t->search_sink != NULL) {
+			uint32_t uid = track_number(tok->str, tok->len);
+			if (uid > 0)
+				uidset_add(t->search_sink, uid);
+		}
+		break;
+	case TRACK_RESP_ESEARCH:
+		if (tok->depth > 0 || tok->type != IMAP_TOK_ATOM)
+			break;
+		if (t->esearch_all_next && t->search_sink != NULL)
+			uidset_parse(t->search_sink, tok->str, tok->len);
+		t->esearch_all_next = track_atom_is(tok, "ALL");
+		break;
+	case TRACK_RESP_VANISHED:
+		if (tok->depth == 1 && track_atom_is(tok, "EARLIER"))
+			t->vanished_earlier = 1;
+		else if (tok->depth == 0 && tok->type == IMAP_TOK_ATOM && !t->vanished_earlier) {
+			struct uidset gone;
+			uidset_init(&gone);
+			if (uidset_parse(&gone, tok->str, tok->len) == 0)
+				for (size_t i = 0; i < gone.n; i++)
+					for (uint64_t u = gone.r[i].lo; u <= gone.r[i].hi; u++)
+						seqmap_vanished(&t->view, (uint32_t)u);
+			uidset_free(&gone);
+			t->dirty = 1;
+		}
+		break;
+	case TRACK_RESP_STATUS:
+		if (tok->type == IMAP_TOK_TEXT)
+			track_resp_code(s, tok->str, tok->len);
+		break;
+	default:
+		break;
+	}
+}
+
+void
+track_response_end(struct session *s, int to_client)
+{
+	struct track *t = &s->track;
+
+	if (strcmp(s->resp_tag, "*") != 0)
+		return;
+	if (t->resp == TRACK_RESP_EXISTS || t->resp == TRACK_RESP_STATUS ||
+	    t->resp == TRACK_RESP_FETCH)
+		track_select_begins(s);
+	switch (t->resp) {
+	case TRACK_RESP_EXISTS:
+		t->select_exists = t->resp_num;
+		if (to_client) {
+			seqmap_exists(&t->view, t->resp_num);
+			t->dirty = 1;
+		}
+		break;
+	case TRACK_RESP_EXPUNGE:
+		if (to_client) {
+			seqmap_expunge(&t->view, t->resp_num);
+			t->dirty = 1;
+		}
+		break;
+	case TRACK_RESP_SEARCH:
+	case TRACK_RESP_ESEARCH:
+		if (t->search_sink != NULL)
+			resync_search_result(s);
+		break;
+	case TRACK_RESP_FETCH:
+		if (t->fetch_uid == 0)
+			break;
+		if (t->fetch_sink != NULL)
+			uidset_add(t->fetch_sink, t->fetch_uid);
+		else if (to_client) {
+			seqmap_learn(&t->view, t->resp_num, t->fetch_uid);
+			t->dirty = 1;
+		}
+		break;
+	default:
+		break;
+	}
+}
+
+/* Generations are per user; a session whose user imapfresh could not read
+ * (an unknown SASL mechanism) is tracked alone under a private name. */
+static void
+track_join_user(struct session *s, const char *user)
+{
+	struct track *t = &s->track;
+
+	if (t->suser != NULL)
+		store_user_leave(s->srv->store, t->suser, s);
+	if (user != NULL)
+		snprintf(t->user, sizeof(t->user), "%s", user);
+	else
+		snprintf(t->user, sizeof(t->user), "#%s", s->sid);
+	t->suser = store_user_join(s->srv->store, t->user, s);
+	t->dirty = 1;
+	log_msg(LOG_LEVEL_INFO, s->sid, "authenticated as %s", user ? user : "(unknown user)");
+}
+
+void
+track_synced(struct session *s, uint64_t gen)
+{
+	struct track *t = &s->track;
+
+	t->synced_gen = gen;
+	t->synced_epoch = store_epoch(s->srv->store);
+	t->last_sync = time(NULL);
+	t->dirty = 1;
+}
+
+/* This session changed a mailbox; when it is the one selected here, the
+ * server told this session itself, so it stays in sync. */
+static void
+track_bump(struct session *s, const char *mailbox, const char *detail)
+{
+	struct track *t = &s->track;
+	uint64_t before, after;
+
+	if (t->suser == NULL || mailbox == NULL)
+		return;
+	before = store_gen(t->suser, mailbox);
+	after = store_bump(s->srv->store, t->suser, mailbox, s, detail);
+	if (t->selected && strcmp(t->mailbox, mailbox) == 0 && t->synced_gen == before)
+		track_synced(s, after);
+	log_msg(LOG_LEVEL_DEBUG, s->sid, "mailbox \"%s\" changed (%s): generation %llu", mailbox,
+	    detail, (unsigned long long)after);
+}
+
+/* " [COPYUID 17 5:6 1:2]" out of a completion's text, or "". */
+static void
+track_uid_code(const char *text, const char *name, char *out, size_t len)
+{
+	const char *code = text ? strstr(text, name) : NULL;
+
+	out[0] = '\0';
+	if (code != NULL)
+		snprintf(out, len, " %.*s", (int)(strcspn(code, "]") + 1), code);
+}
+
+void
+track_completed(struct session *s, struct inflight *f, int ok, const char *text)
+{
+	struct track *t = &s->track;
+	char detail[1400];
+
+	switch (f->kind) {
+	case CMD_LOGIN:
+	case CMD_AUTHENTICATE:
+		if (ok)
+			track_join_user(s, f->user);
+		break;
+	case CMD_SELECT:
+	case CMD_EXAMINE:
+		if (!ok || f->mailbox == NULL) {
+			track_deselect(s, ok ? "name not tracked" : "SELECT failed");
+			break;
+		}
+		if (!f->started)	/* no untagged data came: still a fresh view */
+			track_select_begins(s);
+		t->selected = 1;
+		snprintf(t->mailbox, sizeof(t->mailbox), "%s", f->mailbox);
+		t->readonly = t->readonly || f->readonly;
+		track_synced(s, t->suser ? store_gen(t->suser, t->mailbox) : 0);
+		log_msg(LOG_LEVEL_DEBUG, s->sid, "mailbox \"%s\" selected: %u messages, UIDVALIDITY %u",
+		    t->mailbox, t->view.count, t->uidvalidity);
+		break;
+	case CMD_CLOSE:
+		if (ok && t->selected) {
+			snprintf(detail, sizeof(detail), "CLOSE");
+			track_bump(s, t->mailbox, detail);
+		}
+		/* FALLTHROUGH */
+	case CMD_UNSELECT:
+		if (ok)
+			track_deselect(s, "closed");
+		break;
+	case CMD_UNAUTHENTICATE:
+		if (ok) {
+			track_deselect(s, "UNAUTHENTICATE");
+			if (t->suser != NULL)
+				store_user_leave(s->srv->store, t->suser, s);
+			t->suser = NULL;
+			t->user[0] = '\0';
+		}
+		break;
+	case CMD_MOVE:
+		if (ok && t->selected) {
+			snprintf(detail, sizeof(detail), "%sMOVE to %s", f->uid ? "UID " : "",
+			    f->mailbox ? f->mailbox : "?");
+			track_bump(s, t->mailbox, detail);
+		}
+		/* FALLTHROUGH */
+	case CMD_COPY:
+		if (ok) {
+			char code[100];
+
+			track_uid_code(text, "[COPYUID ", code, sizeof(code));
+			snprintf(detail, sizeof(detail), "%s%s from %s%s", f->uid ? "UID " : "",
+			    f->kind == CMD_MOVE ? "MOVE" : "COPY", t->selected ? t->mailbox : "?", code);
+			track_bump(s, f->mailbox, detail);
+		}
+		break;
+	case CMD_APPEND:
+		if (ok) {
+			char code[100];
+
+			track_uid_code(text, "[APPENDUID ", code, sizeof(code));
+			snprintf(detail, sizeof(detail), "APPEND%s", code);
+			track_bump(s, f->mailbox, detail);
+		}
+		break;
+	case CMD_EXPUNGE:
+		if (ok && t->selected)
+			track_bump(s, t->mailbox, f->uid ? "UID EXPUNGE" : "EXPUNGE");
+		break;
+	default:
+		break;
+	}
+}
+
+void
+track_save(struct session *s)
+{
+	struct track *t = &s->track;
+	char view[4096], sid[200];
+	struct uidset known;
+	struct store_session_record rec;
+
+	if (!t->dirty || t->suser == NULL)
+		return;
+	t->dirty = 0;
+	uidset_init(&known);
+	seqmap_known_uids(&t->view, &known);
+	if (uidset_format(&known, view, sizeof(view)) >= sizeof(view))
+		snprintf(view, sizeof(view), "(%llu UIDs in %zu ranges)",
+		    (unsigned long long)known.count, known.n);
+	uidset_free(&known);
+	snprintf(sid, sizeof(sid), "%s:%s", s->srv->instance, s->sid);
+	memset(&rec, 0, sizeof(rec));
+	rec.sid = sid;
+	rec.user = t->user;
+	rec.client = s->client_addr;
+	rec.mailbox = t->selected ? t->mailbox : "";
+	rec.uidvalidity = t->uidvalidity;
+	rec.uidnext = t->uidnext;
+	rec.count = t->view.count;
+	rec.highestmodseq = t->highestmodseq;
+	rec.synced_gen = t->synced_gen;
+	rec.started = s->started.tv_sec;
+	rec.last_resync = s->resync_last;
+	rec.resyncs = s->resync_count;
+	rec.escalations = s->resync_escalations;
+	rec.stale_detected = s->resync_stale;
+	rec.view = view;
+	store_session_save(s->srv->store, &rec);
+}
+
+void
+track_forget(struct session *s)
+{
+	struct track *t = &s->track;
+	char sid[200];
+
+	if (t->suser == NULL)
+		return;
+	snprintf(sid, sizeof(sid), "%s:%s", s->srv->instance, s->sid);
+	store_session_forget(s->srv->store, t->user, sid);
+	store_user_leave(s->srv->store, t->suser, s);
+	t->suser = NULL;
+}

@@ -1,0 +1,85 @@
+/* track: what a session's client knows of its mailbox, read from the commands and responses that pass. */
+#ifndef TRACK_H
+#define TRACK_H
+
+#include <stdint.h>
+#include <time.h>
+
+#include "command.h"
+#include "imap_lex.h"
+#include "seqmap.h"
+#include "uidset.h"
+
+struct session;
+struct inflight;
+struct store_user;
+
+/* The kind of untagged response being read. */
+enum track_resp {
+	TRACK_RESP_OTHER,
+	TRACK_RESP_EXISTS,
+	TRACK_RESP_EXPUNGE,
+	TRACK_RESP_FETCH,
+	TRACK_RESP_SEARCH,
+	TRACK_RESP_ESEARCH,
+	TRACK_RESP_VANISHED,
+	TRACK_RESP_STATUS,	/* OK/NO/BAD/BYE with resp-text */
+};
+
+struct track {
+	char user[256];			/* "" until authenticated */
+	struct store_user *suser;	/* the user's generations, once authenticated */
+	int selected;
+	char mailbox[COMMAND_ARG_MAX + 1];	/* canonical name (INBOX upper-cased) */
+	int readonly, condstore;
+	uint32_t uidvalidity, uidnext;
+	uint64_t highestmodseq;
+	struct seqmap view;		/* the client's count and seq -> UID */
+	uint64_t synced_gen;		/* generation the session last matched */
+	uint64_t synced_epoch;		/* store epoch at that time */
+	time_t last_sync;
+	int dirty;			/* changed since the last store write */
+
+	/* The response being read. */
+	enum track_resp resp;
+	uint32_t resp_num;		/* the number before EXISTS/EXPUNGE/FETCH */
+	int fetch_uid_next;		/* the previous FETCH item was UID */
+	uint32_t fetch_uid;
+	int vanished_earlier;
+	int esearch_all_next;		/* the next ESEARCH atom is the ALL set */
+	uint32_t select_exists;		/* EXISTS seen in the current SELECT response */
+
+	/* Where the results of imapfresh's own SEARCH and FETCH go (resync). */
+	struct uidset *search_sink;
+	struct uidset *fetch_sink;
+};
+
+void track_init(struct track *t);
+void track_free(struct track *t);
+
+/* "INBOX" in any case is INBOX; every other name is compared as is. */
+void track_canonical_mailbox(const char *in, char *out, size_t outlen);
+
+/* A client command went upstream whole: note what its completion will mean. */
+void track_command_sent(struct session *s, struct inflight *f, const struct command *cmd);
+
+/* A client line in an AUTHENTICATE exchange (the user is read, not the password). */
+void track_sasl_line(struct session *s, const char *line, size_t len);
+
+/* Every token of every upstream response; to_client says whether the
+ * response reaches the client (the view changes only when it does). */
+void track_token(struct session *s, const struct imap_tok *tok);
+void track_response_end(struct session *s, int to_client);
+
+/* A tagged completion of a client command. */
+void track_completed(struct session *s, struct inflight *f, int ok, const char *text);
+
+/* The session's mailbox is what the server holds as of generation gen. */
+void track_synced(struct session *s, uint64_t gen);
+
+/* Write the session's state to the store if it changed (one write per
+ * completed command at most). */
+void track_save(struct session *s);
+void track_forget(struct session *s);
+
+#endif
