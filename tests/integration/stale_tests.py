@@ -241,6 +241,20 @@ def t_resync_disabled(ctx):
     check(seen == [], "without resync B should miss the message, saw %s", seen)
 
 
+@test("stale: resync_after covers changes imapfresh cannot see (a delivery behind its back)",
+      proxy_only=True)
+def t_resync_after(ctx):
+    fx = Fixture(ctx, options={"debounce_ms": 60000}, proxy_options=[("resync_after", "3s")])
+    a, b, uids, _ = prepare(ctx, fx)
+    # Delivered by the server itself (LMTP-like): no command through imapfresh.
+    fx.server.deliver("alice", "Archive", message(99, "lmtp"))
+    check(b.uid_fetch_all("F1") == [], "right away nothing says the session is stale")
+    time.sleep(3.5)   # longer than resync_after
+    seen = b.uid_fetch_all("F2")
+    check(len(seen) == 1, "after resync_after the delivery is seen, saw %s", seen)
+    b.assert_clean()
+
+
 @test("stale: a session that needs no resync gets nothing injected", proxy_only=True)
 def t_no_resync_needed(ctx):
     fx = Fixture(ctx)
