@@ -83,6 +83,14 @@ command_first_arg(const struct command *cmd)
 	return cmd->uid ? 3 : 2;
 }
 
+int
+command_token_is_secret(const struct command *cmd, const struct imap_tok *tok)
+{
+	if (tok->depth > 0 || tok->index < command_first_arg(cmd))
+		return 0;
+	return command_arg_is_secret(cmd, tok->index - command_first_arg(cmd));
+}
+
 static void
 command_arg_append(struct command_arg *a, const char *s, size_t len)
 {

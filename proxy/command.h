@@ -65,6 +65,9 @@ void command_feed(struct command *cmd, const struct imap_tok *tok);
 /* Is top-level argument i (0 = first after the name) a secret? */
 int command_arg_is_secret(const struct command *cmd, unsigned argi);
 
+/* Is this token (already fed) part of a secret argument? */
+int command_token_is_secret(const struct command *cmd, const struct imap_tok *tok);
+
 const char *command_kind_name(enum command_kind kind);
 /* CMD_UNKNOWN for a name imapfresh does not act on. */
 enum command_kind command_kind_from_name(const char *name);

@@ -1,6 +1,7 @@
 /* config: reads and checks imapfresh's key = value settings, all driven by one table of keys. */
 #include "config.h"
 
+#include <arpa/inet.h>
 #include <assert.h>
 #include <ctype.h>
 #include <errno.h>
@@ -24,17 +25,26 @@ _Static_assert(sizeof(enum log_level) == sizeof(int), "enum stored as int");
 
 /* Choice names, indexed by the enum they stand for. */
 static const char *const config_upstream_tls_names[] = { "none", "starttls", "tls", NULL };
+static const char *const config_client_address_names[] = {
+	"none", "id", "proxy-v1", "proxy-v2", NULL,
+};
 static const char *const config_log_level_names[] = {
 	"error", "warning", "notice", "info", "debug", NULL,
 };
 _Static_assert(sizeof config_upstream_tls_names / sizeof *config_upstream_tls_names
     == UPSTREAM_TLS_TLS + 2, "one name per upstream_tls_mode");
+_Static_assert(sizeof config_client_address_names / sizeof *config_client_address_names
+    == CLIENT_ADDRESS_PROXY_V2 + 2, "one name per client_address_mode");
+_Static_assert(sizeof(enum client_address_mode) == sizeof(int), "enum stored as int");
 _Static_assert(sizeof config_log_level_names / sizeof *config_log_level_names
     == LOG_LEVEL_DEBUG + 2, "one name per log_level");
 
 static const char *config_check_state(const char *value);
 static const char *config_check_commands(const char *value);
 static const char *config_check_prefix(const char *value);
+static const char *config_check_optional_addr(const char *value);
+static const char *config_check_trace(const char *value);
+static const char *config_check_cidrs(const char *value);
 static const char *config_check_instance(const char *value);
 
 /*
@@ -80,6 +90,24 @@ static const char *config_check_instance(const char *value);
 	    .help = "this instance's name in Redis keys and messages; empty = host name") \
 	X(state_ttl, DURATION, .def = "1h", .min = 60, \
 	    .help = "how long a session's Redis key outlives its last refresh") \
+	X(admin_listen, STRING, .def = "127.0.0.1:8143", .check = config_check_optional_addr, \
+	    .help = "host:port of the operators' HTTP endpoint; empty = off") \
+	X(admin_token, STRING, \
+	    .help = "token the HTTP endpoint requires (Authorization: Bearer); empty = none") \
+	X(event_log, STRING, \
+	    .help = "file the sync events are appended to as JSON lines; empty = none") \
+	X(event_stream_max, INT, .def = "10000", .min = 0, .max = 10000000, \
+	    .help = "length of the Redis stream of sync events; 0 = no stream") \
+	X(trace, STRING, .def = "off", .check = config_check_trace, \
+	    .help = "sessions traced from the start: off, all, user NAME or client ADDR [bodies]") \
+	X(trace_file, STRING, \
+	    .help = "file protocol traces are appended to; empty = the log") \
+	X(trace_stream_max, INT, .def = "10000", .min = 0, .max = 10000000, \
+	    .help = "length of the Redis stream of trace lines; 0 = no stream") \
+	X(proxy_protocol_trusted, STRING, .check = config_check_cidrs, \
+	    .help = "comma-separated networks whose connections start with a PROXY header") \
+	X(upstream_client_address, ENUM, .def = "none", .choices = config_client_address_names, \
+	    .help = "how the upstream learns the client's address: none, id, proxy-v1 or proxy-v2") \
 	X(max_clients, INT, .def = "10000", .min = 1, .max = 1000000, \
 	    .help = "client connections accepted at once") \
 	X(max_line, SIZE, .def = "64k", .min = 1024, .max = 16 << 20, \
@@ -390,6 +418,65 @@ config_check_prefix(const char *value)
 	for (; *value; value++)
 		if (*value <= ' ' || *value >= 0x7f || *value == '{' || *value == '}')
 			return "printable characters without spaces or braces";
+	return NULL;
+}
+
+/* "" or host:port, as listen takes it. */
+static const char *
+config_check_optional_addr(const char *value)
+{
+	struct config_addr a;
+
+	if (*value == '\0' || config_parse_addr(value, NULL, &a) == 0)
+		return NULL;
+	return "empty or host:port";
+}
+
+/* off | all | user NAME | client ADDR, optionally followed by "bodies". */
+static const char *
+config_check_trace(const char *value)
+{
+	char buf[300], *w[4], *save = NULL;
+	int n = 0;
+
+	snprintf(buf, sizeof(buf), "%s", value);
+	for (char *t = strtok_r(buf, " ", &save); t != NULL; t = strtok_r(NULL, " ", &save)) {
+		if (n == 4)
+			return "off, all, user NAME or client ADDR, optionally followed by bodies";
+		w[n++] = t;
+	}
+	if (n > 0 && strcmp(w[n - 1], "bodies") == 0)
+		n--;
+	if ((n == 1 && (strcmp(w[0], "off") == 0 || strcmp(w[0], "all") == 0)) ||
+	    (n == 2 && (strcmp(w[0], "user") == 0 || strcmp(w[0], "client") == 0)))
+		return NULL;
+	return "off, all, user NAME or client ADDR, optionally followed by bodies";
+}
+
+/* Comma-separated IPv4/IPv6 networks: 10.0.0.0/8, ::1, 192.0.2.7 */
+static const char *
+config_check_cidrs(const char *value)
+{
+	char buf[1024], *save = NULL;
+	const char *msg = "comma-separated addresses or networks, as in 10.0.0.0/8, ::1";
+
+	snprintf(buf, sizeof(buf), "%s", value);
+	for (char *t = strtok_r(buf, ", ", &save); t != NULL; t = strtok_r(NULL, ", ", &save)) {
+		unsigned char addr[16];
+		char *slash = strchr(t, '/');
+		int v6 = strchr(t, ':') != NULL;
+		long bits = -1;
+
+		if (slash != NULL) {
+			char *end;
+			*slash = '\0';
+			bits = strtol(slash + 1, &end, 10);
+			if (*end != '\0' || end == slash + 1 || bits < 0 || bits > (v6 ? 128 : 32))
+				return msg;
+		}
+		if (inet_pton(v6 ? AF_INET6 : AF_INET, t, addr) != 1)
+			return msg;
+	}
 	return NULL;
 }
 

@@ -13,6 +13,13 @@ enum upstream_tls_mode {
 	UPSTREAM_TLS_TLS,
 };
 
+enum client_address_mode {
+	CLIENT_ADDRESS_NONE,	/* the upstream sees imapfresh's address */
+	CLIENT_ADDRESS_ID,	/* ID ("x-originating-ip" ...) before the first command */
+	CLIENT_ADDRESS_PROXY_V1,	/* PROXY protocol v1 header on connect */
+	CLIENT_ADDRESS_PROXY_V2,	/* PROXY protocol v2 header on connect */
+};
+
 enum log_level {
 	LOG_LEVEL_ERROR,
 	LOG_LEVEL_WARNING,
@@ -67,6 +74,17 @@ struct config {
 	char redis_prefix[128];		/* key prefix, "imapfresh:" */
 	char instance_id[128];		/* this instance in keys and messages; "" = host name */
 	int state_ttl;			/* seconds a session key outlives its last refresh */
+
+	/* operations */
+	char admin_listen[300];		/* host:port of the HTTP endpoint; "" = off */
+	char admin_token[256];		/* bearer token required by it; "" = none */
+	char event_log[1024];		/* sync events as JSON lines; "" = none */
+	int event_stream_max;		/* Redis stream length for events; 0 = no stream */
+	char trace[300];		/* which sessions are traced at start */
+	char trace_file[1024];		/* where traces go; "" = the log */
+	int trace_stream_max;		/* Redis stream length for traces; 0 = no stream */
+	char proxy_protocol_trusted[1024];	/* CIDRs allowed to send a PROXY header */
+	enum client_address_mode upstream_client_address;	/* how the upstream learns it */
 
 	/* process */
 	enum log_level log_level;

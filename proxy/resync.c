@@ -5,7 +5,9 @@
 #include <strings.h>
 #include <time.h>
 
+#include "events.h"
 #include "log.h"
+#include "metrics.h"
 #include "resync.h"
 #include "session.h"
 #include "store.h"
@@ -28,11 +30,14 @@ resync_free(struct resync *r)
 }
 
 int
-resync_parse_triggers(const char *list, unsigned long long *mask)
+resync_parse_triggers(const char *list, unsigned long long *mask, char extra[8][32])
 {
 	char buf[256], *item, *save = NULL;
+	int n_extra = 0;
 
 	*mask = 0;
+	for (int i = 0; i < 8; i++)
+		extra[i][0] = '\0';
 	snprintf(buf, sizeof(buf), "%s", list);
 	for (item = strtok_r(buf, ",", &save); item != NULL; item = strtok_r(NULL, ",", &save)) {
 		int uid = 0;
@@ -46,8 +51,12 @@ resync_parse_triggers(const char *list, unsigned long long *mask)
 		item[strcspn(item, " ")] = '\0';
 		if (*item == '\0')
 			continue;
-		if ((kind = command_kind_from_name(item)) == CMD_UNKNOWN)
-			return -1;
+		if ((kind = command_kind_from_name(item)) == CMD_UNKNOWN) {
+			if (n_extra == 8 || strlen(item) + (uid ? 4 : 0) >= 32)
+				return -1;
+			snprintf(extra[n_extra++], 32, "%s%s", uid ? "UID " : "", item);
+			continue;
+		}
 		*mask |= RESYNC_BIT(kind, uid);
 	}
 	return 0;
@@ -60,6 +69,8 @@ resync_stale_reason(struct session *s)
 	struct track *t = &s->track;
 	const struct config *cfg = &s->srv->cfg;
 
+	if (s->force_resync)
+		return "requested by the operator";
 	if (t->suser != NULL && store_gen(t->suser, t->mailbox) > t->synced_gen)
 		return "mailbox changed by another session";
 	if (store_epoch(s->srv->store) != t->synced_epoch)
@@ -92,12 +103,47 @@ resync_quote(const char *name, char *out, size_t len)
 	out[o] = '\0';
 }
 
+/* Is this command one of resync_on? */
+static int
+resync_is_trigger(const struct server *srv, const struct command *cmd)
+{
+	char name[40];
+
+	if (srv->resync_mask & RESYNC_BIT(cmd->kind, cmd->uid))
+		return 1;
+	if (cmd->kind != CMD_UNKNOWN || srv->resync_extra[0][0] == '\0')
+		return 0;
+	snprintf(name, sizeof(name), "%s%s", cmd->uid ? "UID " : "", cmd->name);
+	for (int i = 0; i < 8 && srv->resync_extra[i][0]; i++)
+		if (strcasecmp(srv->resync_extra[i], name) == 0)
+			return 1;
+	return 0;
+}
+
+static void
+resync_event(struct session *s, const char *step, const char *sent)
+{
+	struct resync *r = &s->resync;
+	struct events_resync ev = {
+		.step = step, .trigger = r->trigger, .reason = r->reason,
+		.gen_synced = r->gen_before, .gen_now = r->gen,
+		.client_count = s->track.view.count,
+		.server_uids = r->phase == RESYNC_CHECK || r->phase == RESYNC_ESCALATE ?
+		    &r->truth : NULL,
+		.sent_to_client = sent,
+	};
+
+	events_resync(s, &ev);
+}
+
 static void
 resync_start_check(struct session *s)
 {
 	struct resync *r = &s->resync;
 	struct track *t = &s->track;
 
+	s->force_resync = 0;
+	r->gen_before = t->synced_gen;
 	r->gen = t->suser ? store_gen(t->suser, t->mailbox) : 0;
 	r->failed = 0;
 	r->matched_at_search = 0;
@@ -111,6 +157,7 @@ resync_start_check(struct session *s)
 	s->resync_count++;
 	log_msg(LOG_LEVEL_INFO, s->sid, "resync \"%s\": %s; injecting NOOP + UID SEARCH ALL",
 	    t->mailbox, r->reason);
+	resync_event(s, "check", NULL);
 }
 
 int
@@ -124,13 +171,15 @@ resync_hold(struct session *s, const struct command *cmd)
 		return 0;
 	}
 	if (!s->srv->cfg.resync || !s->track.selected || r->phase != RESYNC_NONE ||
-	    !(s->srv->resync_mask & RESYNC_BIT(cmd->kind, cmd->uid)))
+	    !resync_is_trigger(s->srv, cmd))
 		return 0;
 	s->srv->stats.resync_checks++;
 	if ((reason = resync_stale_reason(s)) == NULL)
 		return 0;
 	r->reason = reason;
 	r->for_idle = 0;
+	snprintf(r->trigger, sizeof(r->trigger), "%s%s", cmd->uid ? "UID " : "", cmd->name);
+	s->resync_start_usec = metrics_now_usec();
 	if (resync_quiet_now(s))
 		resync_start_check(s);
 	else
@@ -166,11 +215,16 @@ resync_mailbox_changed(struct session *s, const char *mailbox)
 	r->client_done = 0;
 	r->reason = "mailbox changed while the client idles";
 	r->phase = RESYNC_IDLE_DONE;
+	snprintf(r->trigger, sizeof(r->trigger), "IDLE");
+	s->resync_start_usec = metrics_now_usec();
 	s->idling = 0;
 	s->srv->stats.resync_idle_refreshes++;
-	evbuffer_add(bufferevent_get_output(s->up), "DONE\r\n", 6);
+	session_send_own(s, "DONE", 4);
 	log_msg(LOG_LEVEL_INFO, s->sid, "resync \"%s\": %s; ending the upstream IDLE", mailbox,
 	    r->reason);
+	r->gen_before = s->track.synced_gen;
+	r->gen = store_gen(s->track.suser, mailbox);
+	resync_event(s, "idle-refresh", NULL);
 }
 
 int
@@ -243,6 +297,7 @@ resync_finish(struct session *s, int synced, const char *outcome)
 		s->resync_last = time(NULL);
 	}
 	log_msg(LOG_LEVEL_INFO, s->sid, "resync \"%s\": %s", t->mailbox, outcome);
+	metrics_observe(&s->srv->metrics.resync_latency, metrics_now_usec() - s->resync_start_usec);
 	r->phase = RESYNC_NONE;
 	r->for_idle = 0;
 	track_save(s);
@@ -266,7 +321,9 @@ resync_finish(struct session *s, int synced, const char *outcome)
 		idle.kind = CMD_IDLE;
 		if ((f = session_inflight_push(s, &idle)) != NULL)
 			f->sent_whole = 1;
-		evbuffer_add_printf(bufferevent_get_output(s->up), "%s IDLE\r\n", r->idle_tag);
+		char line[COMMAND_TAG_MAX + 8];
+		int n = snprintf(line, sizeof(line), "%s IDLE", r->idle_tag);
+		session_send_own(s, line, (size_t)n);
 		r->phase = RESYNC_IDLE_REENTER;
 	}
 }
@@ -274,6 +331,8 @@ resync_finish(struct session *s, int synced, const char *outcome)
 static void
 resync_disconnect(struct session *s, const char *why)
 {
+	s->resync.reason = why;
+	resync_event(s, "disconnect", "* BYE [UNAVAILABLE] Mailbox state changed; please reconnect");
 	s->srv->stats.resync_disconnects++;
 	log_msg(LOG_LEVEL_WARNING, s->sid, "resync \"%s\": %s; ending the session so the client "
 	    "selects the mailbox afresh", s->track.mailbox, why);
@@ -294,6 +353,7 @@ resync_escalate(struct session *s)
 	log_msg(LOG_LEVEL_NOTICE, s->sid, "resync \"%s\": stale session detected (client sees %u "
 	    "messages, the mailbox holds %llu); re-selecting", t->mailbox, t->view.count,
 	    (unsigned long long)r->truth.count);
+	resync_event(s, "stale", NULL);
 	r->phase = RESYNC_ESCALATE;
 	r->failed = 0;
 	r->pending = 0;
@@ -348,15 +408,25 @@ resync_apply(struct session *s)
 				resync_disconnect(s, "a message appeared below UIDs the client has");
 				return;
 			}
+	char sent[512] = "";
+	size_t o = 0;
+
 	for (uint32_t k = count; k >= 1; k--) {
 		if (uidset_contains(&r->truth, uidset_nth(&client, k)))
 			continue;
 		session_reply(s, "* %u EXPUNGE", k);
+		if (o + 24 < sizeof(sent))
+			o += (size_t)snprintf(sent + o, sizeof(sent) - o, "%s* %u EXPUNGE", o ? "; " : "", k);
 		expunged++;
 	}
 	kept = count - expunged;
-	if (r->truth.count > kept)
+	if (r->truth.count > kept) {
 		session_reply(s, "* %llu EXISTS", (unsigned long long)r->truth.count);
+		if (o + 24 < sizeof(sent))
+			snprintf(sent + o, sizeof(sent) - o, "%s* %llu EXISTS", o ? "; " : "",
+			    (unsigned long long)r->truth.count);
+	}
+	resync_event(s, "repaired", sent);
 	seqmap_assign(&t->view, &r->truth);
 	t->dirty = 1;
 	uidset_free(&client);
@@ -400,11 +470,13 @@ resync_completed(struct session *s, struct inflight *f, int ok, const char *text
 	if (r->pending > 0)
 		return;
 	if (r->phase == RESYNC_CHECK) {
-		if (r->failed)
+		if (r->failed) {
+			resync_event(s, "refused", NULL);
 			resync_finish(s, 0, "check refused by the server; going on unchecked");
-		else if (r->matched_at_search || seqmap_consistent(&t->view, &r->truth))
+		} else if (r->matched_at_search || seqmap_consistent(&t->view, &r->truth)) {
+			resync_event(s, "in-sync", NULL);
 			resync_finish(s, 1, "in sync");
-		else
+		} else
 			resync_escalate(s);
 	} else if (r->phase == RESYNC_ESCALATE) {
 		if (r->failed)

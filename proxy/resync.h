@@ -41,13 +41,16 @@ struct resync {
 	int matched_at_search;		/* the view matched the SEARCH result when it came */
 	uint32_t old_uidvalidity;
 	const char *reason;		/* why this resync started, for the log */
+	char trigger[40];		/* the held command ("UID FETCH"), or "IDLE" */
+	uint64_t gen_before;		/* the generation the session had matched */
 };
 
 void resync_init(struct resync *r);
 void resync_free(struct resync *r);
 
-/* Parse resync_on into a set of trigger commands; -1 on an unknown name. */
-int resync_parse_triggers(const char *list, unsigned long long *mask);
+/* Parse resync_on: commands imapfresh knows go into mask, others (by name)
+ * into extra (up to 8 of 32 bytes); -1 when there are too many others. */
+int resync_parse_triggers(const char *list, unsigned long long *mask, char extra[8][32]);
 
 /* The client's command (first segment read, nothing forwarded) is a trigger
  * and the session may be stale: hold it and start (or queue) a resync.

@@ -9,10 +9,14 @@
 
 #include "log.h"
 #include "server.h"
+#include "admin.h"
+#include "events.h"
+#include "proxyproto.h"
 #include "resync.h"
 #include "session.h"
 #include "store.h"
 #include "tls.h"
+#include "trace.h"
 
 #define SERVER_SHUTDOWN_GRACE_SECS 10	/* longest wait for BYEs to flush */
 #define SERVER_ACCEPT_RETRY_SECS 1	/* pause after running out of descriptors */
@@ -148,9 +152,9 @@ server_load_tls(const struct config *cfg, SSL_CTX **server_ctx, SSL_CTX **client
 static int
 server_load_resync(struct server *srv, const struct config *cfg, char *err, size_t errlen)
 {
-	if (resync_parse_triggers(cfg->resync_on, &srv->resync_mask) < 0) {
-		snprintf(err, errlen, "resync_on: not a command imapfresh can act on: %s",
-		    cfg->resync_on);
+	if (resync_parse_triggers(cfg->resync_on, &srv->resync_mask, srv->resync_extra) < 0) {
+		snprintf(err, errlen, "resync_on: at most 8 commands of up to 31 characters that "
+		    "imapfresh does not know: %s", cfg->resync_on);
 		return -1;
 	}
 	return 0;
@@ -170,6 +174,15 @@ server_init(struct server *srv, struct event_base *base, char *err, size_t errle
 	if (server_load_tls(&srv->cfg, &srv->tls_server, &srv->tls_client, err, errlen) < 0)
 		return -1;
 	if ((srv->store = store_new(base, &srv->cfg, session_store_notify, err, errlen)) == NULL)
+		return -1;
+	srv->started = time(NULL);
+	if (proxyproto_trust_parse(srv->cfg.proxy_protocol_trusted, &srv->trusted) < 0) {
+		snprintf(err, errlen, "proxy_protocol_trusted: cannot parse %s",
+		    srv->cfg.proxy_protocol_trusted);
+		return -1;
+	}
+	if (trace_set(srv, srv->cfg.trace, err, errlen) < 0 || events_open(srv, err, errlen) < 0 ||
+	    admin_start(srv, err, errlen) < 0)
 		return -1;
 	srv->dns = evdns_base_new(base, EVDNS_BASE_INITIALIZE_NAMESERVERS);
 	if (srv->dns == NULL)
@@ -226,8 +239,22 @@ server_reload(struct server *srv)
 	memcpy(next->listen_tls, srv->cfg.listen_tls, sizeof(next->listen_tls));
 	next->n_listen = srv->cfg.n_listen;
 	next->n_listen_tls = srv->cfg.n_listen_tls;
+	if (strcmp(srv->cfg.admin_listen, next->admin_listen) != 0)
+		log_warning("reload: admin_listen takes effect only after a restart");
+	if (strcmp(srv->cfg.proxy_protocol_trusted, next->proxy_protocol_trusted) != 0) {
+		struct proxyproto_trust *t = NULL;
+		if (proxyproto_trust_parse(next->proxy_protocol_trusted, &t) == 0) {
+			proxyproto_trust_free(srv->trusted);
+			srv->trusted = t;
+		}
+	}
 	srv->cfg = *next;
 	free(next);
+	if (events_open(srv, err, sizeof(err)) < 0)
+		log_error("reload: %s", err);
+	if (strcmp(trace_get(srv), srv->cfg.trace) != 0 && trace_set(srv, srv->cfg.trace, err,
+	    sizeof(err)) < 0)
+		log_error("reload: %s", err);
 	/* Live sessions hold their own references to the old contexts. */
 	if (srv->tls_server != NULL)
 		SSL_CTX_free(srv->tls_server);
@@ -305,6 +332,10 @@ server_free(struct server *srv)
 	    (unsigned long long)st->bytes_upstream_to_client);
 	for (int i = 0; i < srv->n_listeners; i++)
 		evconnlistener_free(srv->listeners[i].lev);
+	admin_stop(srv);
+	events_close(srv);
+	trace_free_rules(srv);
+	proxyproto_trust_free(srv->trusted);
 	if (srv->ev_listen_retry)
 		event_free(srv->ev_listen_retry);
 	if (srv->ev_shutdown_deadline)

@@ -3,12 +3,14 @@
 #define SERVER_H
 
 #include <stdint.h>
+#include <time.h>
 #include <sys/queue.h>
 #include <openssl/ssl.h>
 #include <event2/event.h>
 #include <event2/listener.h>
 
 #include "config.h"
+#include "metrics.h"
 
 struct session;
 struct store;
@@ -23,6 +25,8 @@ struct server_listener {
 
 struct server_stats {
 	uint64_t accepted, refused_max_clients, closed;
+	uint64_t tls_handshakes;		/* client handshakes completed */
+	uint64_t proxy_protocol_refused;	/* PROXY headers from untrusted peers, or bad ones */
 	uint64_t upstream_connect_failures, tls_handshake_failures;
 	uint64_t bytes_client_to_upstream, bytes_upstream_to_client;
 	uint64_t commands, rejected_commands;
@@ -44,6 +48,13 @@ struct server {
 	struct store *store;	/* generations and session state */
 	char instance[128];	/* instance_id, or the host name */
 	unsigned long long resync_mask;	/* resync_on, parsed */
+	char resync_extra[8][32];	/* resync_on names imapfresh has no kind for */
+	struct metrics metrics;		/* latency histograms */
+	struct trace_rules *trace_rules;	/* which sessions are traced (trace.c) */
+	struct events *events;		/* the sync event log (events.c) */
+	struct admin *admin;		/* the HTTP endpoint (admin.c) */
+	struct proxyproto_trust *trusted;	/* who may send PROXY headers */
+	time_t started;
 
 	struct server_listener listeners[2 * CONFIG_MAX_LISTEN];
 	int n_listeners;

@@ -11,7 +11,9 @@
 #include <event2/bufferevent_ssl.h>
 
 #include "log.h"
+#include "metrics.h"
 #include "session.h"
+#include "trace.h"
 #include "tls.h"
 #include "upstream.h"
 
@@ -138,6 +140,7 @@ session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int t
 	}
 	session_set_client_callbacks(s);
 	log_msg(LOG_LEVEL_INFO, s->sid, "connect from %s%s", s->client_addr, tls ? " (tls)" : "");
+	trace_session_update(s);
 
 	if (srv->n_sessions > (unsigned)srv->cfg.max_clients) {
 		srv->stats.refused_max_clients++;
@@ -173,16 +176,23 @@ session_set_timeouts(struct session *s)
 void
 session_reply(struct session *s, const char *fmt, ...)
 {
-	struct evbuffer *out;
+	char line[1024];
 	va_list ap;
+	int n;
 
 	if (s->client == NULL)
 		return;
-	out = bufferevent_get_output(s->client);
 	va_start(ap, fmt);
-	evbuffer_add_vprintf(out, fmt, ap);
+	n = vsnprintf(line, sizeof(line) - 2, fmt, ap);
 	va_end(ap);
-	evbuffer_add(out, "\r\n", 2);
+	if (n < 0)
+		return;
+	if ((size_t)n > sizeof(line) - 3)
+		n = (int)sizeof(line) - 3;
+	if (s->trace != NULL)
+		trace_line(s, TRACE_P2C, line, (size_t)n, 0);
+	memcpy(line + n, "\r\n", 2);
+	evbuffer_add(bufferevent_get_output(s->client), line, (size_t)n + 2);
 }
 
 static void
@@ -250,6 +260,7 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 		evbuffer_free(s->resp_text);
 	if (s->ev_free != NULL)
 		event_free(s->ev_free);
+	trace_session_end(s);
 	track_forget(s);
 	track_free(&s->track);
 	resync_free(&s->resync);
@@ -323,6 +334,7 @@ session_client_event_cb(struct bufferevent *bev, short what, void *arg)
 
 	if (what & BEV_EVENT_CONNECTED) {
 		s->client_tls_pending = 0;
+		s->srv->stats.tls_handshakes++;
 		tls_describe(bev, why, sizeof(why));
 		log_msg(LOG_LEVEL_INFO, s->sid, "client TLS established: %s", why);
 		session_set_timeouts(s);
@@ -375,16 +387,18 @@ session_inflight_push(struct session *s, const struct command *cmd)
 	memcpy(f->tag, cmd->tag, sizeof(f->tag));
 	f->kind = cmd->kind;
 	f->uid = cmd->uid;
+	f->sent_usec = metrics_now_usec();
 	return f;
 }
 
 struct inflight *
 session_inject(struct session *s, enum resync_cmd purpose, const char *fmt, ...)
 {
-	struct evbuffer *out = bufferevent_get_output(s->up);
+	char line[COMMAND_TAG_MAX + 2 * COMMAND_ARG_MAX + 64];
 	struct command cmd;
 	struct inflight *f;
 	va_list ap;
+	int n;
 
 	/* Our tags never match a client command in flight: we inject only
 	 * when none is, and the tag space is our own. */
@@ -399,11 +413,13 @@ session_inject(struct session *s, enum resync_cmd purpose, const char *fmt, ...)
 	f->injected = 1;
 	f->purpose = purpose;
 	f->sent_whole = 1;
-	evbuffer_add_printf(out, "%s ", f->tag);
+	n = snprintf(line, sizeof(line), "%s ", f->tag);
 	va_start(ap, fmt);
-	evbuffer_add_vprintf(out, fmt, ap);
+	n += vsnprintf(line + n, sizeof(line) - (size_t)n - 2, fmt, ap);
 	va_end(ap);
-	evbuffer_add(out, "\r\n", 2);
+	if ((size_t)n > sizeof(line) - 3)
+		n = (int)sizeof(line) - 3;
+	session_send_own(s, line, (size_t)n);
 	return f;
 }
 
@@ -425,6 +441,41 @@ session_inflight_remove(struct session *s, struct inflight *f)
 	free(f->user);
 	memmove(&s->inflight[i], &s->inflight[i + 1], (s->n_inflight - i - 1) * sizeof(*f));
 	s->n_inflight--;
+}
+
+void
+session_send_own(struct session *s, const char *line, size_t len)
+{
+	struct evbuffer *out = bufferevent_get_output(s->up);
+
+	if (s->trace != NULL)
+		trace_line(s, TRACE_P2U, line, len, 1);
+	evbuffer_add(out, line, len);
+	evbuffer_add(out, "\r\n", 2);
+}
+
+struct session *
+session_find(struct server *srv, uint64_t id)
+{
+	struct session *s;
+
+	TAILQ_FOREACH(s, &srv->sessions, entry)
+		if (s->id == id)
+			return s->state == SESSION_DEAD ? NULL : s;
+	return NULL;
+}
+
+void
+session_kick(struct session *s, const char *why)
+{
+	session_close(s, "[UNAVAILABLE] Disconnected by the administrator", why);
+}
+
+void
+session_request_resync(struct session *s)
+{
+	s->force_resync = 1;
+	log_msg(LOG_LEVEL_INFO, s->sid, "resync requested by the operator");
 }
 
 /* The store tells every session of a user when one of its mailboxes changed. */

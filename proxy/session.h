@@ -46,6 +46,7 @@ struct inflight {
 	int readonly;		/* EXAMINE */
 	char *mailbox;		/* SELECT/EXAMINE/APPEND/COPY/MOVE target, canonical */
 	char *user;		/* LOGIN / AUTHENTICATE PLAIN identity, until the OK */
+	uint64_t sent_usec;	/* when it went upstream, for the latency histogram */
 };
 
 /* How the current upstream response travels to the client. */
@@ -107,6 +108,10 @@ struct session {
 	time_t resync_last;		/* per-session resync counters, for the store */
 	uint64_t resync_count, resync_escalations, resync_stale;
 	char resp_status_text[256];	/* resp-text of the response being read */
+	struct trace_session *trace;	/* non-NULL while this session is traced */
+	int force_resync;		/* an operator asked for a resync on the next trigger */
+	uint64_t connect_start_usec;	/* upstream connect began */
+	uint64_t resync_start_usec;	/* the trigger was held */
 	enum imap_tok_type held_tok;	/* the token its first segment ended with */
 	unsigned held_lit_flags;
 };
@@ -141,6 +146,14 @@ struct inflight *session_inject(struct session *s, enum resync_cmd purpose, cons
     __attribute__((format(printf, 3, 4)));
 struct inflight *session_inflight_find(struct session *s, const char *tag);
 void session_inflight_remove(struct session *s, struct inflight *f);
+
+/* Send a line imapfresh wrote itself upstream (CRLF added), traced as such. */
+void session_send_own(struct session *s, const char *line, size_t len);
+
+/* Operator controls (admin endpoint, imapfresh-ctl). */
+struct session *session_find(struct server *srv, uint64_t id);
+void session_kick(struct session *s, const char *why);
+void session_request_resync(struct session *s);
 
 /* store_notify_fn: one of the user's mailboxes changed. */
 void session_store_notify(void *member, const char *mailbox);

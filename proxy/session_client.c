@@ -5,6 +5,7 @@
 #include "log.h"
 #include "session.h"
 #include "tls.h"
+#include "trace.h"
 
 static const char SESSION_PRIVACY[] =
     "NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.";
@@ -72,6 +73,13 @@ session_client_forward(struct session *s)
 	if (!s->cmd_forwarded && s->cmd.tag_ok && !s->line_is_continuation)
 		session_inflight_push(s, &s->cmd);
 	s->cmd_forwarded = 1;
+}
+
+static void
+session_client_fate(struct session *s, enum trace_fate fate)
+{
+	if (s->trace != NULL)
+		trace_fate(s, TRACE_C2P, fate);
 }
 
 static void
@@ -145,6 +153,7 @@ session_client_hold(struct session *s, const struct imap_tok *tok)
 {
 	if (s->cmd_reject || s->cmd_local || !resync_hold(s, &s->cmd))
 		return 0;
+	session_client_fate(s, TRACE_HELD);
 	s->held = 1;
 	s->held_tok = tok->type;
 	s->held_lit_flags = tok->literal_flags;
@@ -200,28 +209,33 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 			if (s->cmd_local)
 				session_client_reject(s, "BAD STARTTLS takes no arguments");
 			evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
+			session_client_fate(s, TRACE_REFUSED);
 			if (!(tok->literal_flags & IMAP_LIT_NONSYNC)) {
 				imap_lex_reject_literal(s->clex);
 				session_client_finish_reject(s);
 			}
 			break;
 		}
+		session_client_fate(s, TRACE_FORWARDED);
 		session_client_forward(s);
 		if (!(tok->literal_flags & IMAP_LIT_NONSYNC))
 			s->wait = WAIT_LITERAL;
 		break;
 	case IMAP_TOK_EOL:
 		if (s->cmd_reject) {
+			session_client_fate(s, TRACE_REFUSED);
 			session_client_finish_reject(s);
 			break;
 		}
 		if (s->line_is_continuation) {
 			if (s->wait == WAIT_IDLE && resync_client_idle_line(s)) {
 				/* DONE while we refresh the idling client: ours to answer. */
+				session_client_fate(s, TRACE_HIDDEN);
 				evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
 				session_client_reset(s);
 				break;
 			}
+			session_client_fate(s, TRACE_FORWARDED);
 			session_client_forward(s);
 			if (s->wait == WAIT_IDLE) {
 				s->wait = WAIT_NONE;	/* that was DONE */
@@ -235,14 +249,17 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 			if (session_client_hold(s, tok))
 				return;
 			if (s->cmd_reject) {
+				session_client_fate(s, TRACE_REFUSED);
 				session_client_finish_reject(s);
 				break;
 			}
 			if (s->cmd_local) {
+				session_client_fate(s, TRACE_LOCAL);
 				session_client_starttls(s);
 				break;
 			}
 		}
+		session_client_fate(s, TRACE_FORWARDED);
 		session_client_forward(s);
 		s->srv->stats.commands++;
 		if (s->n_inflight > 0 && !s->inflight[s->n_inflight - 1].sent_whole &&
@@ -274,6 +291,8 @@ session_client_move_literal(struct session *s, struct evbuffer *in)
 	if (rem <= COMMAND_ARG_MAX || avail == 0)
 		return 0;
 	n = avail < rem ? avail : (size_t)rem;
+	if (s->trace != NULL)
+		trace_literal_bytes(s, TRACE_C2P, in, n);
 	if (s->cmd_reject)
 		evbuffer_drain(in, n);
 	else {
@@ -313,6 +332,11 @@ session_client_process(struct session *s)
 					command_feed(&s->cmd, &tok);
 				else if (tok.type == IMAP_TOK_TEXT && s->wait == WAIT_AUTH)
 					track_sasl_line(s, tok.str, tok.len);
+				if (s->trace != NULL)
+					trace_token(s, TRACE_C2P, &tok,
+					    (s->line_is_continuation && s->wait == WAIT_AUTH) ||
+					    (!s->line_is_continuation &&
+					    command_token_is_secret(&s->cmd, &tok)));
 			}
 			if (used > 0)
 				evbuffer_remove_buffer(in, s->cline, used);

@@ -6,6 +6,8 @@
 
 #include "capability.h"
 #include "log.h"
+#include "metrics.h"
+#include "trace.h"
 #include "session.h"
 #include "upstream.h"
 
@@ -93,6 +95,8 @@ session_upstream_observe(struct session *s, const struct imap_tok *tok)
 	}
 	if (s->state == SESSION_RUNNING)
 		track_token(s, tok);
+	if (s->trace != NULL)
+		trace_token(s, TRACE_U2P, tok, 0);
 	if (s->resp_mode == RESP_SWALLOW)
 		return;
 
@@ -166,10 +170,20 @@ session_upstream_write_rewritten(struct session *s)
 			return;
 		memcpy(v.iov_base, "* CAPABILITY ", 13);
 		v.iov_len = 13 + capability_rewrite(list, len, &p, (char *)v.iov_base + 13);
+		if (s->trace != NULL)
+			trace_line(s, TRACE_P2C, v.iov_base, v.iov_len, 0);
 		memcpy((char *)v.iov_base + v.iov_len, "\r\n", 2);
 		v.iov_len += 2;
 		evbuffer_commit_space(out, &v, 1);
 	} else {
+		if (s->trace != NULL) {
+			char line[1200];
+			int n = snprintf(line, sizeof(line), "%s %s %.*s", s->resp_tag, s->resp_word,
+			    (int)evbuffer_get_length(s->resp_text),
+			    (const char *)evbuffer_pullup(s->resp_text, -1));
+			trace_line(s, TRACE_P2C, line, n < (int)sizeof(line) ? (size_t)n :
+			    sizeof(line) - 1, 0);
+		}
 		evbuffer_add_printf(out, "%s %s ", s->resp_tag, s->resp_word);
 		evbuffer_add_buffer(out, s->resp_text);
 		evbuffer_add(out, "\r\n", 2);
@@ -197,6 +211,8 @@ session_upstream_greeted(struct session *s)
 void
 session_upstream_start(struct session *s)
 {
+	metrics_observe(&s->srv->metrics.upstream_connect,
+	    metrics_now_usec() - s->connect_start_usec);
 	bufferevent_set_timeouts(s->up, NULL, NULL);
 	session_enter(s, SESSION_RUNNING, "upstream ready");
 	session_client_process(s);
@@ -242,6 +258,7 @@ session_upstream_completed(struct session *s)
 		s->authenticated = 0;
 		session_set_timeouts(s);
 	}
+	metrics_observe(&s->srv->metrics.command_latency, metrics_now_usec() - f->sent_usec);
 	track_completed(s, f, ok, s->resp_status_text);
 	session_inflight_remove(s, f);
 	track_save(s);
@@ -286,6 +303,9 @@ session_upstream_eol(struct session *s)
 {
 	enum session_state st = s->state;
 
+	if (s->trace != NULL)
+		trace_fate(s, TRACE_U2P, s->resp_mode == RESP_REWRITE ? TRACE_REWRITTEN :
+		    s->resp_mode == RESP_SWALLOW ? TRACE_HIDDEN : TRACE_FORWARDED);
 	if (s->resp_mode == RESP_REWRITE)
 		session_upstream_write_rewritten(s);
 	else
@@ -321,6 +341,8 @@ session_upstream_move_literal(struct session *s, struct evbuffer *in)
 	if (rem == 0 || avail == 0 || s->resp_mode != RESP_PASS)
 		return 0;
 	n = avail < rem ? avail : (size_t)rem;
+	if (s->trace != NULL)
+		trace_literal_bytes(s, TRACE_U2P, in, n);
 	s->srv->stats.bytes_upstream_to_client += n;
 	evbuffer_remove_buffer(in, bufferevent_get_output(s->client), n);
 	imap_lex_skip_literal(s->ulex, n);
@@ -369,6 +391,9 @@ session_upstream_process(struct session *s)
 				session_upstream_decide(s, &tok);
 			if (tok.type == IMAP_TOK_LITERAL && s->resp_mode == RESP_REWRITE)
 				session_upstream_set_mode(s, RESP_PASS);	/* not a list we rewrite */
+			if (tok.type == IMAP_TOK_LITERAL && s->trace != NULL)
+				trace_fate(s, TRACE_U2P, s->resp_mode == RESP_SWALLOW ? TRACE_HIDDEN :
+				    TRACE_FORWARDED);
 			if (tok.type == IMAP_TOK_EOL) {
 				if (session_upstream_eol(s))
 					return;

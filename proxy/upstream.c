@@ -9,6 +9,7 @@
 #include <event2/dns.h>
 
 #include "log.h"
+#include "metrics.h"
 #include "session.h"
 #include "tls.h"
 #include "upstream.h"
@@ -54,6 +55,8 @@ upstream_connect(struct session *s)
 	struct server *srv = s->srv;
 	const struct config *cfg = &srv->cfg;
 	int port = atoi(cfg->upstream.port);
+
+	s->connect_start_usec = metrics_now_usec();
 
 	if (cfg->upstream_tls == UPSTREAM_TLS_TLS) {
 		SSL *ssl = tls_upstream_ssl_new(srv->tls_client, cfg);

@@ -120,7 +120,7 @@ test_table(void)
 			no_help++;
 	}
 	ok(n > 0 && names_match && config_keys[n] == NULL, "config_keys[] lists the %d table rows in order", n);
-	ok(n == 28, "28 keys (got %d); update the tests and docs when adding one", n);
+	ok(n == 37, "37 keys (got %d); update the tests and docs when adding one", n);
 	ok(dups == 0, "no key twice in the table");
 	ok(bad_defaults == 0, "every default parses");
 	ok(bad_ranges == 0, "every numeric range fits its field");
@@ -229,6 +229,17 @@ static const struct {
 	{ "log_level", "verbose", "log_level: expected error, warning, notice, info or debug, got \"verbose\"" },
 	{ "pid_file", LONG_VALUE, "pid_file: too long (max 1023 bytes)" },
 	{ "user", LONG_VALUE, "user: too long (max 63 bytes)" },
+	{ "admin_listen", "nohostport", "admin_listen: expected empty or host:port, got \"nohostport\"" },
+	{ "admin_token", LONG_VALUE, "admin_token: too long (max 255 bytes)" },
+	{ "event_log", LONG_VALUE, "event_log: too long (max 1023 bytes)" },
+	{ "event_stream_max", "-1", "event_stream_max: not an integer: -1" },
+	{ "trace", "some", "trace: expected off, all, user NAME or client ADDR, optionally followed by bodies, got \"some\"" },
+	{ "trace", "user", "trace: expected off, all, user NAME or client ADDR, optionally followed by bodies, got \"user\"" },
+	{ "trace_file", LONG_VALUE, "trace_file: too long (max 1023 bytes)" },
+	{ "trace_stream_max", "x", "trace_stream_max: not an integer: x" },
+	{ "proxy_protocol_trusted", "10.0.0.0/33", "proxy_protocol_trusted: expected comma-separated addresses or networks, as in 10.0.0.0/8, ::1, got \"10.0.0.0/33\"" },
+	{ "proxy_protocol_trusted", "example.org", "proxy_protocol_trusted: expected comma-separated addresses or networks, as in 10.0.0.0/8, ::1, got \"example.org\"" },
+	{ "upstream_client_address", "xff", "upstream_client_address: expected none, id, proxy-v1 or proxy-v2, got \"xff\"" },
 };
 
 /* Values each key must accept (their effect is checked in test_good_values). */
@@ -248,6 +259,12 @@ static const struct {
 	{ "max_literal", "1" }, { "timeout_connect", "1" }, { "timeout_tls_handshake", "1m" },
 	{ "timeout_preauth", "2h" }, { "timeout_idle", "2147483647" }, { "log_level", "DEBUG" },
 	{ "pid_file", "/run/imapfresh.pid" }, { "user", "nobody" },
+	{ "admin_listen", "" }, { "admin_listen", "[::1]:8143" }, { "admin_token", "s3cr3t" },
+	{ "event_log", "/var/log/imapfresh/events.log" }, { "event_stream_max", "0" },
+	{ "trace", "all" }, { "trace", "user alice bodies" }, { "trace", "client 10.0." },
+	{ "trace_file", "/tmp/t.log" }, { "trace_stream_max", "100" },
+	{ "proxy_protocol_trusted", "10.0.0.0/8, ::1, 192.0.2.7" },
+	{ "upstream_client_address", "proxy-v2" }, { "upstream_client_address", "id" },
 };
 
 static void

@@ -1,0 +1,13 @@
+/* admin: the operators' HTTP endpoint: /metrics, /healthz, /sessions and session controls. */
+#ifndef ADMIN_H
+#define ADMIN_H
+
+#include <stddef.h>
+
+struct server;
+
+/* Bind admin_listen (nothing when it is empty); -1 with err set. */
+int admin_start(struct server *srv, char *err, size_t errlen);
+void admin_stop(struct server *srv);
+
+#endif
