@@ -30,6 +30,7 @@ enum command_kind {
 	CMD_CHECK,
 	CMD_GETQUOTAROOT,
 	CMD_UNAUTHENTICATE,
+	CMD_ID,
 };
 
 #define COMMAND_TAG_MAX 128

@@ -908,6 +908,11 @@ config_validate(const struct config *cfg, char *err, size_t errlen)
 	}
 	if (cfg->user[0] && !getpwnam(cfg->user))
 		return config_err(err, errlen, "user: no such user \"%s\"", cfg->user);
+	if (cfg->upstream_tls == UPSTREAM_TLS_TLS &&
+	    (cfg->upstream_client_address == CLIENT_ADDRESS_PROXY_V1 ||
+	    cfg->upstream_client_address == CLIENT_ADDRESS_PROXY_V2))
+		return config_err(err, errlen, "upstream_client_address: a PROXY header cannot "
+		    "precede upstream_tls = tls; use id, or upstream_tls = starttls");
 	return 0;
 }
 

@@ -26,6 +26,7 @@ enum resync_cmd {
 	RESYNC_CMD_FETCH_UIDS,
 	RESYNC_CMD_SELECT,
 	RESYNC_CMD_IDLE,	/* the client's IDLE, re-entered under its own tag */
+	RESYNC_CMD_ID,		/* not a resync: ID telling the upstream the client's address */
 };
 
 struct resync {

@@ -15,11 +15,13 @@
 #include "session.h"
 #include "trace.h"
 #include "tls.h"
+#include "proxyproto.h"
 #include "upstream.h"
 
 #define SESSION_CLOSE_FLUSH_SECS 10	/* how long a closing session may flush */
 
 static const char *const session_state_names[] = {
+	[SESSION_PROXY_HEADER] = "proxy-header",
 	[SESSION_CONNECTING] = "connecting",
 	[SESSION_GREETING] = "greeting",
 	[SESSION_UPSTREAM_STARTTLS] = "upstream-starttls",
@@ -94,11 +96,109 @@ session_lex_limits(struct session *s)
 	return s->clex != NULL && s->ulex != NULL ? 0 : -1;
 }
 
+/* The client socket is ours to use: TLS or not, then the upstream. */
+static void
+session_start(struct session *s, int fd)
+{
+	struct server *srv = s->srv;
+	int one = 1;
+
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if (s->listener_tls) {
+		SSL *ssl = SSL_new(srv->tls_server);
+		s->client = ssl ? tls_bufferevent_new(srv->base, fd, ssl, 1) : NULL;
+		s->client_tls = s->client_tls_pending = 1;
+	} else
+		s->client = bufferevent_socket_new(srv->base, fd,
+		    BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+	if (s->client == NULL) {
+		close(fd);
+		log_msg(LOG_LEVEL_ERROR, s->sid, "out of memory setting up the session");
+		session_close(s, NULL, "setup failed");
+		return;
+	}
+	session_set_client_callbacks(s);
+	trace_session_update(s);
+	if (srv->n_sessions > (unsigned)srv->cfg.max_clients) {
+		srv->stats.refused_max_clients++;
+		log_msg(LOG_LEVEL_WARNING, s->sid, "max_clients (%d) reached, refusing",
+		    srv->cfg.max_clients);
+		session_close(s, "[UNAVAILABLE] Too many connections, try again later",
+		    "max_clients reached");
+		return;
+	}
+	session_enter(s, SESSION_CONNECTING, "client accepted");
+	upstream_connect(s);
+}
+
+static void
+session_proxy_done(struct session *s)
+{
+	event_free(s->ev_proxy);
+	s->ev_proxy = NULL;
+}
+
+/* A trusted balancer speaks first. The header is peeked, then exactly its
+ * bytes consumed, so whatever follows (a TLS ClientHello) stays unread. */
+static void
+session_proxy_read_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct session *s = arg;
+	unsigned char buf[PROXYPROTO_MAX_HEADER];
+	struct sockaddr_storage src;
+	const char *err = NULL;
+	size_t used = 0;
+	ssize_t n;
+
+	if (what & EV_TIMEOUT) {
+		err = "no PROXY header in time";
+		goto fail;
+	}
+	n = recv(fd, buf, sizeof(buf), MSG_PEEK);
+	if (n <= 0) {
+		if (n < 0 && (errno == EAGAIN || errno == EINTR))
+			return;
+		err = "closed before its PROXY header";
+		goto fail;
+	}
+	switch (proxyproto_parse(buf, (size_t)n, &used, &src, &err)) {
+	case PROXYPROTO_MORE:
+		if ((size_t)n < sizeof(buf))
+			return;
+		err = "PROXY header too long";
+		goto fail;
+	case PROXYPROTO_ERROR:
+		goto fail;
+	case PROXYPROTO_DONE:
+		break;
+	}
+	if (recv(fd, buf, used, 0) != (ssize_t)used) {
+		err = "cannot read the PROXY header";
+		goto fail;
+	}
+	if (src.ss_family != AF_UNSPEC) {
+		char was[64];
+		snprintf(was, sizeof(was), "%s", s->client_addr);
+		s->client_sa = src;
+		session_format_addr((struct sockaddr *)&src, s->client_addr, sizeof(s->client_addr));
+		log_msg(LOG_LEVEL_INFO, s->sid, "PROXY header from %s: client %s", was, s->client_addr);
+	}
+	session_proxy_done(s);
+	session_start(s, fd);
+	return;
+fail:
+	s->srv->stats.proxy_protocol_refused++;
+	log_msg(LOG_LEVEL_WARNING, s->sid, "refusing connection from %s: %s", s->client_addr, err);
+	session_proxy_done(s);
+	close(fd);
+	session_close(s, NULL, err);
+}
+
 void
 session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int tls)
 {
 	struct session *s;
-	int one = 1;
+	socklen_t len = sizeof(s->local_sa);
 
 	if ((s = calloc(1, sizeof(*s))) == NULL) {
 		close(fd);
@@ -108,8 +208,12 @@ session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int t
 	s->id = ++srv->next_session_id;
 	snprintf(s->sid, sizeof(s->sid), "s%llu", (unsigned long long)s->id);
 	session_format_addr(sa, s->client_addr, sizeof(s->client_addr));
+	if ((size_t)salen <= sizeof(s->client_sa))
+		memcpy(&s->client_sa, sa, (size_t)salen);
+	getsockname(fd, (struct sockaddr *)&s->local_sa, &len);
 	s->listener_tls = tls;
-	s->state = SESSION_CONNECTING;
+	s->proxy_fd = -1;
+	s->state = SESSION_PROXY_HEADER;
 	gettimeofday(&s->started, NULL);
 	command_reset(&s->cmd);
 	track_init(&s->track);
@@ -118,40 +222,30 @@ session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int t
 	srv->n_sessions++;
 	srv->stats.accepted++;
 
-	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	s->ev_free = event_new(srv->base, -1, 0, session_free_cb, s);
 	s->cline = evbuffer_new();
 	s->uline = evbuffer_new();
 	s->resp_text = evbuffer_new();
-	if (tls) {
-		SSL *ssl = SSL_new(srv->tls_server);
-		s->client = ssl ? tls_bufferevent_new(srv->base, fd, ssl, 1) : NULL;
-		s->client_tls = s->client_tls_pending = 1;
-	} else
-		s->client = bufferevent_socket_new(srv->base, fd,
-		    BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
-	if (s->client == NULL || s->ev_free == NULL || s->cline == NULL || s->uline == NULL ||
-	    s->resp_text == NULL || session_lex_limits(s) < 0) {
-		if (s->client == NULL)
-			close(fd);
+	if (s->ev_free == NULL || s->cline == NULL || s->uline == NULL || s->resp_text == NULL ||
+	    session_lex_limits(s) < 0) {
+		close(fd);
 		log_msg(LOG_LEVEL_ERROR, s->sid, "out of memory setting up the session");
 		session_close(s, NULL, "setup failed");
 		return;
 	}
-	session_set_client_callbacks(s);
 	log_msg(LOG_LEVEL_INFO, s->sid, "connect from %s%s", s->client_addr, tls ? " (tls)" : "");
-	trace_session_update(s);
+	if (proxyproto_trusted(srv->trusted, sa)) {
+		struct timeval t = { srv->cfg.timeout_preauth, 0 };
 
-	if (srv->n_sessions > (unsigned)srv->cfg.max_clients) {
-		srv->stats.refused_max_clients++;
-		log_msg(LOG_LEVEL_WARNING, s->sid, "max_clients (%d) reached, refusing",
-		    srv->cfg.max_clients);
-		session_close(s, "[UNAVAILABLE] Too many connections, try again later",
-		    "max_clients reached");
+		evutil_make_socket_nonblocking(fd);
+		s->ev_proxy = event_new(srv->base, fd, EV_READ | EV_PERSIST, session_proxy_read_cb, s);
+		if (s->ev_proxy == NULL || event_add(s->ev_proxy, &t) < 0) {
+			close(fd);
+			session_close(s, NULL, "setup failed");
+		}
 		return;
 	}
-	session_set_timeouts(s);
-	upstream_connect(s);
+	session_start(s, fd);
 }
 
 void
@@ -260,6 +354,10 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 		evbuffer_free(s->resp_text);
 	if (s->ev_free != NULL)
 		event_free(s->ev_free);
+	if (s->ev_proxy != NULL) {
+		close(event_get_fd(s->ev_proxy));	/* still waiting for the header */
+		event_free(s->ev_proxy);
+	}
 	trace_session_end(s);
 	track_forget(s);
 	track_free(&s->track);
@@ -452,6 +550,35 @@ session_send_own(struct session *s, const char *line, size_t len)
 		trace_line(s, TRACE_P2U, line, len, 1);
 	evbuffer_add(out, line, len);
 	evbuffer_add(out, "\r\n", 2);
+}
+
+/* The ID parameters that tell the upstream who the client really is
+ * (Dovecot honours them from login_trusted_networks). */
+void
+session_id_fields(struct session *s, char *buf, size_t len)
+{
+	char ip[INET6_ADDRSTRLEN] = "", lip[INET6_ADDRSTRLEN] = "";
+	const struct sockaddr *c = (const struct sockaddr *)&s->client_sa;
+	const struct sockaddr *l = (const struct sockaddr *)&s->local_sa;
+	unsigned port = 0, lport = 0;
+
+	if (c->sa_family == AF_INET) {
+		inet_ntop(AF_INET, &((const struct sockaddr_in *)c)->sin_addr, ip, sizeof(ip));
+		port = ntohs(((const struct sockaddr_in *)c)->sin_port);
+	} else if (c->sa_family == AF_INET6) {
+		inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)c)->sin6_addr, ip, sizeof(ip));
+		port = ntohs(((const struct sockaddr_in6 *)c)->sin6_port);
+	}
+	if (l->sa_family == AF_INET) {
+		inet_ntop(AF_INET, &((const struct sockaddr_in *)l)->sin_addr, lip, sizeof(lip));
+		lport = ntohs(((const struct sockaddr_in *)l)->sin_port);
+	} else if (l->sa_family == AF_INET6) {
+		inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)l)->sin6_addr, lip, sizeof(lip));
+		lport = ntohs(((const struct sockaddr_in6 *)l)->sin6_port);
+	}
+	snprintf(buf, len, "\"x-originating-ip\" \"%s\" \"x-originating-port\" \"%u\" "
+	    "\"x-connected-ip\" \"%s\" \"x-connected-port\" \"%u\" \"x-session-id\" \"%s:%s\"",
+	    ip, port, lip, lport, s->srv->instance, s->sid);
 }
 
 struct session *

@@ -16,6 +16,7 @@
 #include "track.h"
 
 enum session_state {
+	SESSION_PROXY_HEADER,		/* waiting for a trusted balancer's PROXY header */
 	SESSION_CONNECTING,		/* upstream TCP (and TLS) connect under way */
 	SESSION_GREETING,		/* waiting for the upstream greeting */
 	SESSION_UPSTREAM_STARTTLS,	/* our STARTTLS sent upstream, then its handshake */
@@ -64,6 +65,12 @@ struct session {
 	TAILQ_ENTRY(session) entry;
 	enum session_state state;
 	char client_addr[64];
+	struct sockaddr_storage client_sa;	/* the real client (after a PROXY header) */
+	struct sockaddr_storage local_sa;	/* where it connected to */
+	int proxy_fd;			/* the socket while its PROXY header is read */
+	struct event *ev_proxy;
+	unsigned id_responses_hidden;	/* "* ID" answers to our own ID still to come */
+	int id_pending;			/* upstream_client_address = id, not yet sent */
 	int listener_tls;		/* accepted on listen_tls */
 	int client_tls;			/* client link is TLS now */
 	int client_tls_pending;		/* handshake not finished yet */
@@ -149,6 +156,9 @@ void session_inflight_remove(struct session *s, struct inflight *f);
 
 /* Send a line imapfresh wrote itself upstream (CRLF added), traced as such. */
 void session_send_own(struct session *s, const char *line, size_t len);
+
+/* "x-originating-ip" "..." ... for ID commands sent upstream. */
+void session_id_fields(struct session *s, char *buf, size_t len);
 
 /* Operator controls (admin endpoint, imapfresh-ctl). */
 struct session *session_find(struct server *srv, uint64_t id);

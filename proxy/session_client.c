@@ -1,6 +1,7 @@
 /* session_client: the client's bytes, command by command: forwarded upstream, refused, or handled here. */
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 #include "log.h"
 #include "session.h"
@@ -26,6 +27,47 @@ session_client_reject(struct session *s, const char *resp)
 {
 	s->cmd_reject = 1;
 	s->cmd_reject_resp = resp;
+}
+
+/* The client's own ID, extended with our fields; -1 when it cannot be. */
+static int
+session_client_rewrite_id(struct session *s)
+{
+	size_t len = evbuffer_get_length(s->cline), end = len;
+	const char *line = (const char *)evbuffer_pullup(s->cline, -1);
+	struct evbuffer *nb;
+	char fields[400];
+
+	while (end > 0 && (line[end - 1] == '\n' || line[end - 1] == '\r'))
+		end--;
+	session_id_fields(s, fields, sizeof(fields));
+	if ((nb = evbuffer_new()) == NULL)
+		return -1;
+	if (end > 0 && line[end - 1] == ')') {
+		evbuffer_add(nb, line, end - 1);
+		evbuffer_add_printf(nb, "%s%s)\r\n", end > 1 && line[end - 2] == '(' ? "" : " ",
+		    fields);
+	} else if (end >= 3 && strncasecmp(line + end - 3, "NIL", 3) == 0) {
+		evbuffer_add(nb, line, end - 3);
+		evbuffer_add_printf(nb, "(%s)\r\n", fields);
+	} else {
+		evbuffer_free(nb);
+		return -1;	/* not an ID we can extend: ours goes first */
+	}
+	evbuffer_drain(s->cline, len);
+	evbuffer_add_buffer(s->cline, nb);
+	evbuffer_free(nb);
+	return 0;
+}
+
+/* "PROXY TCP4 ..." read as a command: a PROXY header from an address that
+ * may not send one. */
+static int
+session_client_is_proxy_header(const struct session *s)
+{
+	return !s->authenticated && strcmp(s->cmd.tag, "PROXY") == 0 &&
+	    (strcmp(s->cmd.name, "TCP4") == 0 || strcmp(s->cmd.name, "TCP6") == 0 ||
+	    strcmp(s->cmd.name, "UNKNOWN") == 0);
 }
 
 /* The first segment of a command has arrived: forward it, refuse it, or keep it. */
@@ -63,10 +105,29 @@ session_client_decide(struct session *s, int whole_line)
 		log_msg(LOG_LEVEL_DEBUG, s->sid, "refusing %s: %s", s->cmd.name, s->cmd_reject_resp);
 }
 
+/* upstream_client_address = id: the client's address travels in one ID, sent
+ * with its first command: its own ID when that is what it sends first. */
+static void
+session_client_send_id(struct session *s)
+{
+	char fields[400];
+
+	s->id_pending = 0;
+	if (s->cmd.kind == CMD_ID && s->cmd.literals == 0 && !s->line_is_continuation &&
+	    session_client_rewrite_id(s) == 0)
+		return;
+	session_id_fields(s, fields, sizeof(fields));
+	session_inject(s, RESYNC_CMD_ID, "ID (%s)", fields);
+	s->id_responses_hidden++;
+}
+
 static void
 session_client_forward(struct session *s)
 {
 	struct evbuffer *out = bufferevent_get_output(s->up);
+
+	if (s->id_pending && !s->cmd_forwarded)
+		session_client_send_id(s);
 
 	s->srv->stats.bytes_client_to_upstream += evbuffer_get_length(s->cline);
 	evbuffer_add_buffer(out, s->cline);
@@ -245,6 +306,12 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 			break;
 		}
 		if (!s->cmd_forwarded) {
+			if (session_client_is_proxy_header(s)) {
+				s->srv->stats.proxy_protocol_refused++;
+				session_close(s, "PROXY protocol header refused from this address",
+				    "PROXY header from an untrusted address");
+				return;
+			}
 			session_client_decide(s, 1);
 			if (session_client_hold(s, tok))
 				return;

@@ -126,6 +126,17 @@ session_upstream_observe(struct session *s, const struct imap_tok *tok)
 	}
 }
 
+/* The tagged completion of a command imapfresh sent itself. */
+static int
+session_upstream_ours(struct session *s)
+{
+	struct inflight *f;
+
+	if (strcmp(s->resp_tag, "*") == 0 || strcmp(s->resp_tag, "+") == 0)
+		return 0;
+	return (f = session_inflight_find(s, s->resp_tag)) != NULL && f->injected;
+}
+
 static void
 session_upstream_decide(struct session *s, const struct imap_tok *tok)
 {
@@ -138,7 +149,13 @@ session_upstream_decide(struct session *s, const struct imap_tok *tok)
 			session_upstream_set_mode(s, resync_response_hidden(s) ? RESP_SWALLOW : RESP_PASS);
 		return;	/* wait for the word after the tag */
 	}
-	if (resync_response_hidden(s)) {
+	if (resync_response_hidden(s) || session_upstream_ours(s)) {
+		s->resp_mode = RESP_SWALLOW;
+		return;
+	}
+	if (s->id_responses_hidden > 0 && strcmp(s->resp_tag, "*") == 0 &&
+	    strcmp(s->resp_word, "ID") == 0) {
+		s->id_responses_hidden--;	/* the answer to our own ID comes first */
 		s->resp_mode = RESP_SWALLOW;
 		return;
 	}
@@ -214,6 +231,8 @@ session_upstream_start(struct session *s)
 	metrics_observe(&s->srv->metrics.upstream_connect,
 	    metrics_now_usec() - s->connect_start_usec);
 	bufferevent_set_timeouts(s->up, NULL, NULL);
+	/* The client's address goes with its first command (session_client_forward). */
+	s->id_pending = s->srv->cfg.upstream_client_address == CLIENT_ADDRESS_ID;
 	session_enter(s, SESSION_RUNNING, "upstream ready");
 	session_client_process(s);
 }
@@ -230,6 +249,12 @@ session_upstream_completed(struct session *s)
 	if (f->injected) {
 		struct inflight done = *f;	/* resync may push new entries */
 		session_inflight_remove(s, f);
+		if (done.purpose == RESYNC_CMD_ID) {
+			if (!ok)
+				log_msg(LOG_LEVEL_WARNING, s->sid, "upstream refused our ID: %s",
+				    s->resp_status_text);
+			return;
+		}
 		resync_completed(s, &done, ok, s->resp_status_text);
 		return;
 	}

@@ -10,6 +10,7 @@
 #include "sasl.h"
 #include "session.h"
 #include "store.h"
+#include "trace.h"
 #include "track.h"
 
 void
@@ -308,6 +309,7 @@ track_join_user(struct session *s, const char *user)
 		snprintf(t->user, sizeof(t->user), "#%s", s->sid);
 	t->suser = store_user_join(s->srv->store, t->user, s);
 	t->dirty = 1;
+	trace_session_update(s);	/* "trace user NAME" can match now */
 	log_msg(LOG_LEVEL_INFO, s->sid, "authenticated as %s", user ? user : "(unknown user)");
 }
 

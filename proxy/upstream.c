@@ -10,6 +10,7 @@
 
 #include "log.h"
 #include "metrics.h"
+#include "proxyproto.h"
 #include "session.h"
 #include "tls.h"
 #include "upstream.h"
@@ -92,6 +93,27 @@ upstream_starttls(struct session *s)
 	upstream_set_connect_timeout(s);
 }
 
+/* upstream_client_address = proxy-v1/v2: the header goes first, before the
+ * server says anything. */
+static void
+upstream_send_proxy_header(struct session *s)
+{
+	enum client_address_mode mode = s->srv->cfg.upstream_client_address;
+	unsigned char hdr[PROXYPROTO_MAX_HEADER];
+	size_t n;
+
+	if (mode != CLIENT_ADDRESS_PROXY_V1 && mode != CLIENT_ADDRESS_PROXY_V2)
+		return;
+	n = proxyproto_write(mode == CLIENT_ADDRESS_PROXY_V1 ? 1 : 2,
+	    (struct sockaddr *)&s->client_sa, (struct sockaddr *)&s->local_sa, hdr, sizeof(hdr));
+	if (n == 0) {
+		log_msg(LOG_LEVEL_WARNING, s->sid, "no PROXY header for %s (address family)",
+		    s->client_addr);
+		return;
+	}
+	evbuffer_add(bufferevent_get_output(s->up), hdr, n);
+}
+
 static void
 upstream_read_cb(struct bufferevent *bev, void *arg)
 {
@@ -125,8 +147,10 @@ upstream_event_cb(struct bufferevent *bev, short what, void *arg)
 			tls_describe(bev, detail, sizeof(detail));
 			log_msg(LOG_LEVEL_DEBUG, s->sid, "upstream TLS established: %s", detail);
 		}
-		if (s->state == SESSION_CONNECTING)
+		if (s->state == SESSION_CONNECTING) {
+			upstream_send_proxy_header(s);
 			session_enter(s, SESSION_GREETING, "upstream connected");
+		}
 		else if (s->state == SESSION_UPSTREAM_STARTTLS)
 			session_upstream_start(s);
 		return;

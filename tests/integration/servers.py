@@ -205,6 +205,7 @@ class Dovecot:
         self.dir = os.path.abspath(d)
         self.port = port or free_port()
         self.tls_port = tls_port or free_port()
+        self.haproxy_port = free_port()     # plaintext, expects a PROXY header
         self.users = dict(DEFAULT_USERS if users is None else users)
         self.greeting = greeting
         self.proc = None
@@ -255,6 +256,7 @@ class Dovecot:
             "DIR": self.dir,
             "PORT": str(self.port),
             "TLS_PORT": str(self.tls_port),
+            "HAPROXY_PORT": str(self.haproxy_port),
             "INSTANCE": "imapfresh-test-%d" % self.port,
             "GREETING": self.greeting,
             "LOGIN_USER": login_user,
