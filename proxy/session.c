@@ -51,24 +51,43 @@ session_enter(struct session *s, enum session_state next, const char *why)
 	session_set_timeouts(s);
 }
 
+/* The address and port of an IPv4/IPv6 socket address; 0 for anything else. */
+static int
+session_addr_parts(const struct sockaddr *sa, char *ip, size_t iplen, unsigned *port)
+{
+	if (sa->sa_family == AF_INET) {
+		const struct sockaddr_in *sin = (const struct sockaddr_in *)sa;
+		inet_ntop(AF_INET, &sin->sin_addr, ip, (socklen_t)iplen);
+		*port = ntohs(sin->sin_port);
+		return AF_INET;
+	}
+	if (sa->sa_family == AF_INET6) {
+		const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)sa;
+		inet_ntop(AF_INET6, &sin6->sin6_addr, ip, (socklen_t)iplen);
+		*port = ntohs(sin6->sin6_port);
+		return AF_INET6;
+	}
+	snprintf(ip, iplen, "?");
+	*port = 0;
+	return 0;
+}
+
 static void
 session_format_addr(struct sockaddr *sa, char *buf, size_t len)
 {
-	char host[INET6_ADDRSTRLEN] = "?";
-	int port = 0;
+	char host[INET6_ADDRSTRLEN];
+	unsigned port;
 
-	if (sa->sa_family == AF_INET) {
-		struct sockaddr_in *sin = (struct sockaddr_in *)sa;
-		inet_ntop(AF_INET, &sin->sin_addr, host, sizeof(host));
-		port = ntohs(sin->sin_port);
-		snprintf(buf, len, "%s:%d", host, port);
-	} else if (sa->sa_family == AF_INET6) {
-		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)sa;
-		inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof(host));
-		port = ntohs(sin6->sin6_port);
-		snprintf(buf, len, "[%s]:%d", host, port);
-	} else
+	switch (session_addr_parts(sa, host, sizeof(host), &port)) {
+	case AF_INET:
+		snprintf(buf, len, "%s:%u", host, port);
+		break;
+	case AF_INET6:
+		snprintf(buf, len, "[%s]:%u", host, port);
+		break;
+	default:
 		snprintf(buf, len, "unix");
+	}
 }
 
 void
@@ -395,6 +414,27 @@ session_pause_reading(struct session *s, struct bufferevent *from)
 	bufferevent_setwatermark(to, EV_WRITE, SESSION_OUT_LOW, 0);
 }
 
+/* The other side's output drained to the low mark: read `from` again, and
+ * process what already waits in its input (no read callback will say so). */
+void
+session_resume_reading(struct session *s, struct bufferevent *from)
+{
+	struct bufferevent *to = from == s->client ? s->up : s->client;
+
+	if (from == NULL || to == NULL)
+		return;
+	if (from == s->client)
+		s->client_paused = 0;
+	else
+		s->up_paused = 0;
+	bufferevent_setwatermark(to, EV_WRITE, 0, 0);
+	bufferevent_enable(from, EV_READ);
+	if (from == s->client)
+		session_client_process(s);
+	else
+		session_upstream_process(s);
+}
+
 static void
 session_client_read_cb(struct bufferevent *bev, void *arg)
 {
@@ -416,12 +456,8 @@ session_client_write_cb(struct bufferevent *bev, void *arg)
 		session_client_starttls_flushed(s);
 		return;
 	}
-	if (s->up_paused && pending <= SESSION_OUT_LOW && s->up != NULL) {
-		s->up_paused = 0;
-		bufferevent_setwatermark(bev, EV_WRITE, 0, 0);
-		bufferevent_enable(s->up, EV_READ);
-		session_upstream_process(s);
-	}
+	if (s->up_paused && pending <= SESSION_OUT_LOW)
+		session_resume_reading(s, s->up);
 }
 
 static void
@@ -557,25 +593,11 @@ session_send_own(struct session *s, const char *line, size_t len)
 void
 session_id_fields(struct session *s, char *buf, size_t len)
 {
-	char ip[INET6_ADDRSTRLEN] = "", lip[INET6_ADDRSTRLEN] = "";
-	const struct sockaddr *c = (const struct sockaddr *)&s->client_sa;
-	const struct sockaddr *l = (const struct sockaddr *)&s->local_sa;
-	unsigned port = 0, lport = 0;
+	char ip[INET6_ADDRSTRLEN], lip[INET6_ADDRSTRLEN];
+	unsigned port, lport;
 
-	if (c->sa_family == AF_INET) {
-		inet_ntop(AF_INET, &((const struct sockaddr_in *)c)->sin_addr, ip, sizeof(ip));
-		port = ntohs(((const struct sockaddr_in *)c)->sin_port);
-	} else if (c->sa_family == AF_INET6) {
-		inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)c)->sin6_addr, ip, sizeof(ip));
-		port = ntohs(((const struct sockaddr_in6 *)c)->sin6_port);
-	}
-	if (l->sa_family == AF_INET) {
-		inet_ntop(AF_INET, &((const struct sockaddr_in *)l)->sin_addr, lip, sizeof(lip));
-		lport = ntohs(((const struct sockaddr_in *)l)->sin_port);
-	} else if (l->sa_family == AF_INET6) {
-		inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)l)->sin6_addr, lip, sizeof(lip));
-		lport = ntohs(((const struct sockaddr_in6 *)l)->sin6_port);
-	}
+	session_addr_parts((const struct sockaddr *)&s->client_sa, ip, sizeof(ip), &port);
+	session_addr_parts((const struct sockaddr *)&s->local_sa, lip, sizeof(lip), &lport);
 	snprintf(buf, len, "\"x-originating-ip\" \"%s\" \"x-originating-port\" \"%u\" "
 	    "\"x-connected-ip\" \"%s\" \"x-connected-port\" \"%u\" \"x-session-id\" \"%s:%s\"",
 	    ip, port, lip, lport, s->srv->instance, s->sid);

@@ -145,6 +145,7 @@ void session_set_timeouts(struct session *s);
 /* Backpressure: stop reading the peer while out is above the high mark. */
 int session_out_full(struct evbuffer *out);
 void session_pause_reading(struct session *s, struct bufferevent *from);
+void session_resume_reading(struct session *s, struct bufferevent *from);
 
 /* In-flight command queue. */
 struct inflight *session_inflight_push(struct session *s, const struct command *cmd);

@@ -126,12 +126,8 @@ upstream_write_cb(struct bufferevent *bev, void *arg)
 	struct session *s = arg;
 
 	if (s->client_paused &&
-	    evbuffer_get_length(bufferevent_get_output(bev)) <= SESSION_OUT_LOW) {
-		s->client_paused = 0;
-		bufferevent_setwatermark(bev, EV_WRITE, 0, 0);
-		bufferevent_enable(s->client, EV_READ);
-		session_client_process(s);
-	}
+	    evbuffer_get_length(bufferevent_get_output(bev)) <= SESSION_OUT_LOW)
+		session_resume_reading(s, s->client);
 }
 
 static void
