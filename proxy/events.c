@@ -1,8 +1,272 @@
 /* events: the sync event log: one JSON line per resync decision, to a file and a bounded Redis stream. */
-/* STUB: to be replaced by the real implementation. */
-#include "events.h"
-#include "session.h"
 
-int events_open(struct server *srv, char *err, size_t errlen) { (void)srv; (void)err; (void)errlen; return 0; }
-void events_close(struct server *srv) { (void)srv; }
-void events_resync(struct session *s, const struct events_resync *ev) { (void)s; (void)ev; }
+/*
+ * {"time":"2025-03-01T10:00:00.123Z","instance":"mx1","session":"mx1:s7",
+ *  "user":"alice","client":"127.0.0.1:40312","mailbox":"Archive","step":"check",
+ *  "trigger":"UID FETCH","reason":"generation changed","gen_synced":3,"gen_now":4,
+ *  "client_count":0,"server_uids":null,"server_uid_count":null,
+ *  "server_uids_truncated":false,"sent_to_client":null}
+ *
+ * One object per line (appended with one write(2)) to event_log, and the same
+ * text as field "json" of the stream P + "events" (XADD MAXLEN ~
+ * event_stream_max). Strings are escaped for JSON; bytes that are not UTF-8
+ * become U+FFFD.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/time.h>
+#include <event2/buffer.h>
+
+#include "events.h"
+#include "log.h"
+#include "session.h"
+#include "store.h"
+#include "uidset.h"
+
+#define EVENTS_UIDS_MAX 2048	/* longest server_uids string; longer is cut at a comma */
+
+struct events {
+	int fd;			/* event_log, or -1 */
+	char path[1024];
+	int warned;		/* a write failure was logged */
+};
+
+int
+events_open(struct server *srv, char *err, size_t errlen)
+{
+	struct events *e = srv->events;
+	const char *path = srv->cfg.event_log;
+	int fd;
+
+	if (e == NULL) {
+		if ((e = calloc(1, sizeof(*e))) == NULL) {
+			snprintf(err, errlen, "event_log: out of memory");
+			return -1;
+		}
+		e->fd = -1;
+		srv->events = e;
+	}
+	if (path[0] == '\0') {
+		if (e->fd >= 0)
+			close(e->fd);
+		e->fd = -1;
+		e->path[0] = '\0';
+		return 0;
+	}
+	/* Reopened on every reload: that is how a rotated file is let go. */
+	if ((fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640)) < 0) {
+		snprintf(err, errlen, "event_log %s: %s", path, strerror(errno));
+		return -1;	/* the file open before, if any, stays */
+	}
+	if (e->fd >= 0)
+		close(e->fd);
+	e->fd = fd;
+	e->warned = 0;
+	snprintf(e->path, sizeof(e->path), "%s", path);
+	return 0;
+}
+
+void
+events_close(struct server *srv)
+{
+	struct events *e = srv->events;
+
+	if (e == NULL)
+		return;
+	if (e->fd >= 0)
+		close(e->fd);
+	free(e);
+	srv->events = NULL;
+}
+
+/* Length of the valid UTF-8 sequence at p (n bytes left), 0 if invalid. */
+static size_t
+events_utf8_len(const unsigned char *p, size_t n)
+{
+	size_t len;
+	uint32_t cp;
+
+	if (p[0] < 0x80)
+		return 1;
+	if (p[0] >= 0xc2 && p[0] <= 0xdf)
+		len = 2, cp = p[0] & 0x1f;
+	else if (p[0] >= 0xe0 && p[0] <= 0xef)
+		len = 3, cp = p[0] & 0x0f;
+	else if (p[0] >= 0xf0 && p[0] <= 0xf4)
+		len = 4, cp = p[0] & 0x07;
+	else
+		return 0;
+	if (n < len)
+		return 0;
+	for (size_t i = 1; i < len; i++) {
+		if ((p[i] & 0xc0) != 0x80)
+			return 0;
+		cp = (cp << 6) | (p[i] & 0x3f);
+	}
+	/* overlong forms, surrogates, beyond U+10FFFF */
+	if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+	    (cp >= 0xd800 && cp <= 0xdfff))
+		return 0;
+	return len;
+}
+
+/* A JSON string, or null. */
+static void
+events_json_str(struct evbuffer *b, const char *s)
+{
+	const unsigned char *p = (const unsigned char *)s;
+	size_t n;
+
+	if (s == NULL) {
+		evbuffer_add(b, "null", 4);
+		return;
+	}
+	n = strlen(s);
+	evbuffer_add(b, "\"", 1);
+	while (n > 0) {
+		size_t run = 0, k;
+
+		/* Plain bytes go out in runs. */
+		while (run < n && p[run] >= 0x20 && p[run] < 0x7f && p[run] != '"' &&
+		    p[run] != '\\')
+			run++;
+		if (run > 0) {
+			evbuffer_add(b, p, run);
+			p += run;
+			n -= run;
+			continue;
+		}
+		switch (*p) {
+		case '"': evbuffer_add(b, "\\\"", 2); k = 1; break;
+		case '\\': evbuffer_add(b, "\\\\", 2); k = 1; break;
+		case '\n': evbuffer_add(b, "\\n", 2); k = 1; break;
+		case '\r': evbuffer_add(b, "\\r", 2); k = 1; break;
+		case '\t': evbuffer_add(b, "\\t", 2); k = 1; break;
+		default:
+			if (*p < 0x20 || *p == 0x7f) {
+				evbuffer_add_printf(b, "\\u%04x", *p);
+				k = 1;
+			} else if ((k = events_utf8_len(p, n)) > 0)
+				evbuffer_add(b, p, k);
+			else {
+				evbuffer_add(b, "\\ufffd", 6);
+				k = 1;
+			}
+			break;
+		}
+		p += k;
+		n -= k;
+	}
+	evbuffer_add(b, "\"", 1);
+}
+
+static void
+events_json_key(struct evbuffer *b, const char *key, int first)
+{
+	evbuffer_add_printf(b, "%s\"%s\":", first ? "{" : ",", key);
+}
+
+/* "1:5,7", cut at a comma when longer than EVENTS_UIDS_MAX. */
+static int
+events_format_uids(const struct uidset *set, char *buf, size_t len)
+{
+	char *comma;
+
+	if (uidset_format(set, buf, len) < len)
+		return 0;
+	if ((comma = strrchr(buf, ',')) != NULL)
+		*comma = '\0';
+	return 1;
+}
+
+void
+events_resync(struct session *s, const struct events_resync *ev)
+{
+	struct server *srv = s->srv;
+	struct events *e = srv->events;
+	struct store_stats ss;
+	int stream = 0, truncated = 0;
+	struct evbuffer *b;
+	struct timeval tv;
+	struct tm tm;
+	char ts[40], sid[200], uids[EVENTS_UIDS_MAX];
+	size_t len;
+	const char *text;
+
+	if (srv->store != NULL && srv->cfg.event_stream_max > 0) {
+		store_get_stats(srv->store, &ss);
+		stream = ss.redis;
+	}
+	if ((e == NULL || e->fd < 0) && !stream)
+		return;
+	if ((b = evbuffer_new()) == NULL)
+		return;
+	gettimeofday(&tv, NULL);
+	gmtime_r(&tv.tv_sec, &tm);
+	len = strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
+	snprintf(ts + len, sizeof(ts) - len, ".%03dZ", (int)(tv.tv_usec / 1000));
+	snprintf(sid, sizeof(sid), "%s:%s", srv->instance, s->sid);
+	if (ev->server_uids != NULL)
+		truncated = events_format_uids(ev->server_uids, uids, sizeof(uids));
+
+	events_json_key(b, "time", 1);
+	events_json_str(b, ts);
+	events_json_key(b, "instance", 0);
+	events_json_str(b, srv->instance);
+	events_json_key(b, "session", 0);
+	events_json_str(b, sid);
+	events_json_key(b, "user", 0);
+	events_json_str(b, s->track.user[0] ? s->track.user : NULL);
+	events_json_key(b, "client", 0);
+	events_json_str(b, s->client_addr);
+	events_json_key(b, "mailbox", 0);
+	events_json_str(b, s->track.selected ? s->track.mailbox : NULL);
+	events_json_key(b, "step", 0);
+	events_json_str(b, ev->step);
+	events_json_key(b, "trigger", 0);
+	events_json_str(b, ev->trigger != NULL && ev->trigger[0] ? ev->trigger : NULL);
+	events_json_key(b, "reason", 0);
+	events_json_str(b, ev->reason);
+	evbuffer_add_printf(b, ",\"gen_synced\":%llu,\"gen_now\":%llu,\"client_count\":%lu",
+	    (unsigned long long)ev->gen_synced, (unsigned long long)ev->gen_now,
+	    (unsigned long)ev->client_count);
+	events_json_key(b, "server_uids", 0);
+	events_json_str(b, ev->server_uids != NULL ? uids : NULL);
+	if (ev->server_uids != NULL)
+		evbuffer_add_printf(b, ",\"server_uid_count\":%llu",
+		    (unsigned long long)ev->server_uids->count);
+	else
+		evbuffer_add_printf(b, ",\"server_uid_count\":null");
+	evbuffer_add_printf(b, ",\"server_uids_truncated\":%s", truncated ? "true" : "false");
+	events_json_key(b, "sent_to_client", 0);
+	events_json_str(b, ev->sent_to_client);
+	evbuffer_add(b, "}\n", 2);
+
+	len = evbuffer_get_length(b);
+	if ((text = (const char *)evbuffer_pullup(b, -1)) == NULL) {
+		evbuffer_free(b);
+		return;
+	}
+	if (e != NULL && e->fd >= 0 && write(e->fd, text, len) < 0 && !e->warned) {
+		e->warned = 1;
+		log_warning("event_log %s: %s", e->path, strerror(errno));
+	}
+	if (stream) {
+		char *json = malloc(len);
+		if (json != NULL) {
+			const char *fields[2] = { "json", json };
+
+			memcpy(json, text, len - 1);	/* without the newline */
+			json[len - 1] = '\0';
+			store_stream_add(srv->store, "events", (size_t)srv->cfg.event_stream_max,
+			    fields, 1);
+			free(json);
+		}
+	}
+	evbuffer_free(b);
+}

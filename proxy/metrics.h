@@ -7,12 +7,14 @@
 struct server;
 struct evbuffer;
 
+/* Fixed buckets, 100 us to 10 s (metrics_bucket_usec); slower is only in +Inf. */
 #define METRICS_BUCKETS 16
+extern const uint64_t metrics_bucket_usec[METRICS_BUCKETS];	/* upper bounds, inclusive */
 
 struct metrics_histogram {
 	uint64_t count;
 	uint64_t sum_usec;
-	uint64_t bucket[METRICS_BUCKETS];	/* cumulative at render time */
+	uint64_t bucket[METRICS_BUCKETS];	/* per bucket; made cumulative at render time */
 };
 
 struct metrics {

@@ -43,6 +43,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <event2/event.h>
@@ -851,6 +852,59 @@ store_session_forget(struct store *st, const char *user, const char *sid)
 	    st->prefix, user, sid);
 }
 
+/* A stream entry's reply: an error (Redis < 5, a key of another type) is
+ * counted and logged once; traces and events must not start an outage. */
+static void
+store_on_stream_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	const redisReply *r = reply;
+	struct store_link *link = ac->data;
+	static int warned;
+
+	(void)privdata;
+	if (!r || !link || r->type != REDIS_REPLY_ERROR)
+		return;
+	link->st->stats.errors++;
+	if (!warned) {
+		warned = 1;
+		log_warning("redis %s: XADD failed: %.*s (further failures not logged)",
+		    link->st->where, (int)(r->len > 200 ? 200 : r->len), r->str);
+	}
+}
+
+void
+store_stream_add(struct store *st, const char *name, size_t maxlen, const char *const *fields,
+    size_t nfields)
+{
+	const char *argv[6 + 2 * 16];
+	char *key, max[24];
+	size_t argc = 0;
+
+	if (!st || !st->redis || nfields == 0 || nfields > 16)
+		return;
+	if (!store_link_ok(&st->cmd)) {
+		st->stats.errors++;	/* dropped */
+		return;
+	}
+	if (!(key = store_strf("%s%s", st->prefix, name))) {
+		st->stats.errors++;
+		return;
+	}
+	snprintf(max, sizeof max, "%zu", maxlen);
+	argv[argc++] = "XADD";
+	argv[argc++] = key;
+	argv[argc++] = "MAXLEN";
+	argv[argc++] = "~";
+	argv[argc++] = max;
+	argv[argc++] = "*";
+	for (size_t i = 0; i < 2 * nfields; i++)
+		argv[argc++] = fields[i];
+	if (redisAsyncCommandArgv(st->cmd.ac, store_on_stream_reply, NULL, (int)argc, argv, NULL)
+	    != REDIS_OK)
+		store_lost(st, "command", "XADD");
+	free(key);
+}
+
 uint64_t
 store_bump(struct store *st, struct store_user *u, const char *mailbox, void *except,
     const char *detail)
@@ -874,6 +928,30 @@ store_get_stats(const struct store *st, struct store_stats *out)
 	*out = st->stats;
 	out->redis = st->redis;
 	out->connected = st->cmd.up;
+}
+
+/* The instances registry, P + "instances": a hash of instance ->
+ * "<admin address>\t<pid>\t<started>\t<refreshed>" (unix seconds), so that
+ * imapfresh-ctl finds every admin endpoint. The caller refreshes it
+ * periodically (a killed instance's entry goes stale, never away); while
+ * Redis is down writes are skipped, not counted as errors: the next refresh
+ * repairs it. up = 0 deletes the entry (clean shutdown). */
+void
+store_register_instance(struct store *st, const char *admin_address, int64_t started, int up)
+{
+	char value[512];
+
+	if (!st->redis || !store_link_ok(&st->cmd))
+		return;
+	if (!up) {
+		store_command(st, store_on_reply, "HDEL", "HDEL %sinstances %s", st->prefix,
+		    st->instance);
+		return;
+	}
+	snprintf(value, sizeof value, "%s\t%ld\t%lld\t%lld", admin_address, (long)getpid(),
+	    (long long)started, (long long)time(NULL));
+	store_command(st, store_on_reply, "HSET", "HSET %sinstances %s %s", st->prefix,
+	    st->instance, value);
 }
 
 /* The instance's name: instance_id, or the host name. */

@@ -65,6 +65,14 @@ struct store_session_record {
 void store_session_save(struct store *st, const struct store_session_record *rec);
 void store_session_forget(struct store *st, const char *user, const char *sid);
 
+/* Append an entry to the capped Redis stream P + name (XADD ... MAXLEN ~
+ * maxlen * f1 v1 f2 v2 ...); fields holds nfields name/value pairs of
+ * NUL-terminated strings. Async, fire and forget: a refused XADD is counted
+ * (stats.errors) and logged once, but is no outage; while Redis is down the
+ * entry is dropped (stats.errors). Nothing with state = memory. */
+void store_stream_add(struct store *st, const char *name, size_t maxlen,
+    const char *const *fields, size_t nfields);
+
 /* Grows whenever changes may have been missed (Redis lost or regained,
  * once each per outage; also when Redis is first reached): sessions synced
  * under an older epoch are possibly stale. Constant with state = memory. */
@@ -78,5 +86,10 @@ struct store_stats {
 	uint64_t published, received;	/* change notifications; received: from other instances */
 };
 void store_get_stats(const struct store *st, struct store_stats *out);
+
+/* Write (up) or delete this instance's entry in the instances registry
+ * (P + "instances": instance -> "<admin address>\t<pid>\t<started>\t<refreshed>"),
+ * for imapfresh-ctl. Async; nothing with state = memory. */
+void store_register_instance(struct store *st, const char *admin_address, int64_t started, int up);
 
 #endif

@@ -1221,6 +1221,8 @@ def t_quota(ctx):
 
 # The stale-session fix registers its tests after the foundation's.
 import stale_tests  # noqa: E402,F401
+import admin_tests  # noqa: E402,F401
+import trace_tests  # noqa: E402,F401
 import deploy_tests  # noqa: E402,F401
 
 

@@ -385,6 +385,9 @@ class Imapfresh:
         self.name = name
         self.port = free_port() if listen else None
         self.tls_port = free_port() if listen_tls else None
+        # Each instance its own admin endpoint: the default 127.0.0.1:8143
+        # would clash between instances (None: leave admin_listen at its default).
+        self.admin_port = free_port()
         self.upstream = upstream
         self.upstream_tls = upstream_tls
         self.cert, self.key = cert, key
@@ -400,6 +403,8 @@ class Imapfresh:
             lines.append("listen = %s:%d" % (HOST, self.port))
         if self.tls_port:
             lines.append("listen_tls = %s:%d" % (HOST, self.tls_port))
+        if self.admin_port:
+            lines.append("admin_listen = %s:%d" % (HOST, self.admin_port))
         if self.cert:
             lines += ["tls_cert = " + self.cert, "tls_key = " + self.key]
         lines += ["upstream = " + self.upstream,
