@@ -114,7 +114,7 @@ int
 main(int argc, char **argv)
 {
 	static struct server srv;
-	char **overrides = calloc((size_t)argc + 1, sizeof(char *));
+	char *overrides[argc + 1];	/* lives as long as the process: reload reads it */
 	const char *config_file = NULL;
 	int n_overrides = 0, foreground = 0, check_only = 0, ch;
 	struct event_base *base;
@@ -209,7 +209,6 @@ main(int argc, char **argv)
 	event_base_free(base);
 	if (srv.cfg.pid_file[0] != '\0')
 		unlink(srv.cfg.pid_file);
-	free(overrides);
 	log_notice("exiting");
 	return 0;
 }

@@ -128,8 +128,8 @@ resync_event(struct session *s, const char *step, const char *sent)
 		.step = step, .trigger = r->trigger, .reason = r->reason,
 		.gen_synced = r->gen_before, .gen_now = r->gen,
 		.client_count = s->track.view.count,
-		.server_uids = r->phase == RESYNC_CHECK || r->phase == RESYNC_ESCALATE ?
-		    &r->truth : NULL,
+		.server_uids = strcmp(step, "check") != 0 && strcmp(step, "idle-refresh") != 0 &&
+		    (r->phase == RESYNC_CHECK || r->phase == RESYNC_ESCALATE) ? &r->truth : NULL,
 		.sent_to_client = sent,
 	};
 
@@ -180,10 +180,7 @@ resync_hold(struct session *s, const struct command *cmd)
 	r->for_idle = 0;
 	snprintf(r->trigger, sizeof(r->trigger), "%s%s", cmd->uid ? "UID " : "", cmd->name);
 	s->resync_start_usec = metrics_now_usec();
-	if (resync_quiet_now(s))
-		resync_start_check(s);
-	else
-		r->phase = RESYNC_WAIT_QUIET;
+	r->phase = RESYNC_WAIT_QUIET;	/* the caller starts it with resync_quiet() */
 	return 1;
 }
 

@@ -54,9 +54,10 @@ void resync_free(struct resync *r);
 int resync_parse_triggers(const char *list, unsigned long long *mask, char extra[8][32]);
 
 /* The client's command (first segment read, nothing forwarded) is a trigger
- * and the session may be stale: hold it and start (or queue) a resync.
- * Returns 1 when the command is held; the client side resumes with
- * session_client_release() when the resync is over. */
+ * and the session may be stale: hold it. Returns 1 when the command is held;
+ * the caller then calls resync_quiet() to start the resync as soon as nothing
+ * else is in flight, and the client side resumes with
+ * session_client_release() when it is over. */
 int resync_hold(struct session *s, const struct command *cmd);
 
 /* Nothing is in flight any more: a held resync may start. */

@@ -30,7 +30,7 @@ seqmap_exists(struct seqmap *m, uint32_t count)
 	/* EXISTS never shrinks the mailbox; a smaller number is the server's bug,
 	 * and what we knew about positions above it can no longer be trusted. */
 	if (count < m->count) {
-		while (m->n > 0 && m->runs[m->n - 1].seq + m->runs[m->n - 1].len - 1 > count) {
+		while (m->n > 0 && (uint64_t)m->runs[m->n - 1].seq + m->runs[m->n - 1].len - 1 > count) {
 			struct seqmap_run *r = &m->runs[m->n - 1];
 			if (r->seq > count)
 				m->n--;
@@ -74,7 +74,7 @@ seqmap_remove_position(struct seqmap *m, uint32_t seq)
 
 		if (r->seq > seq) {
 			r->seq--;
-		} else if (seq < r->seq + r->len) {
+		} else if ((uint64_t)seq < (uint64_t)r->seq + r->len) {
 			uint32_t before = seq - r->seq, after = r->len - before - 1;
 			if (before == 0 && after == 0) {
 				seqmap_delete(m, i--);
@@ -112,7 +112,7 @@ seqmap_vanished(struct seqmap *m, uint32_t uid)
 		struct seqmap_run *r = &m->runs[i];
 		if (uid < r->uid)
 			break;
-		if (uid < r->uid + r->len) {
+		if ((uint64_t)uid < (uint64_t)r->uid + r->len) {
 			seqmap_remove_position(m, r->seq + (uid - r->uid));
 			return;
 		}
@@ -120,8 +120,8 @@ seqmap_vanished(struct seqmap *m, uint32_t uid)
 	/* Unknown position: it can only be in the gap of unknown positions
 	 * between the runs around its UID; without such a gap it is not here. */
 	{
-		uint32_t gap_first = i > 0 ? m->runs[i - 1].seq + m->runs[i - 1].len : 1;
-		uint32_t gap_last = i < m->n ? m->runs[i].seq - 1 : m->count;
+		uint64_t gap_first = i > 0 ? (uint64_t)m->runs[i - 1].seq + m->runs[i - 1].len : 1;
+		uint64_t gap_last = i < m->n ? (uint64_t)m->runs[i].seq - 1 : m->count;
 
 		if (gap_first > gap_last)
 			return;
@@ -139,7 +139,7 @@ seqmap_uid(const struct seqmap *m, uint32_t seq)
 		const struct seqmap_run *r = &m->runs[i];
 		if (seq < r->seq)
 			return 0;
-		if (seq < r->seq + r->len)
+		if ((uint64_t)seq < (uint64_t)r->seq + r->len)
 			return r->uid + (seq - r->seq);
 	}
 	return 0;
@@ -161,7 +161,8 @@ seqmap_merge_next(struct seqmap *m, size_t i)
 {
 	struct seqmap_run *a = &m->runs[i], *b = &m->runs[i + 1];
 
-	if (i + 1 < m->n && a->seq + a->len == b->seq && a->uid + a->len == b->uid) {
+	if (i + 1 < m->n && (uint64_t)a->seq + a->len == b->seq &&
+	    (uint64_t)a->uid + a->len == b->uid) {
 		a->len += b->len;
 		seqmap_delete(m, i + 1);
 	}
@@ -176,11 +177,11 @@ seqmap_learn(struct seqmap *m, uint32_t seq, uint32_t uid)
 		return;
 	if (seq > m->count)
 		m->count = seq;	/* FETCH implies the message exists */
-	for (i = 0; i < m->n && m->runs[i].seq + m->runs[i].len <= seq; i++)
+	for (i = 0; i < m->n && (uint64_t)m->runs[i].seq + m->runs[i].len <= seq; i++)
 		;
 	if (i < m->n && m->runs[i].seq <= seq) {
 		struct seqmap_run *r = &m->runs[i];
-		if (r->uid + (seq - r->seq) == uid)
+		if ((uint64_t)r->uid + (seq - r->seq) == uid)
 			return;
 		/* The server contradicts what we knew: trust it, forget the run. */
 		seqmap_delete(m, i);
@@ -188,8 +189,8 @@ seqmap_learn(struct seqmap *m, uint32_t seq, uint32_t uid)
 	/* UIDs ascend: runs that contradict the order around seq are stale. */
 	for (size_t j = 0; j < m->n; j++) {
 		const struct seqmap_run *r = &m->runs[j];
-		int stale = (r->seq < seq && r->uid + (seq - r->seq) > uid) ||
-		    (r->seq > seq && r->uid < uid + (r->seq - seq));
+		int stale = (r->seq < seq && (uint64_t)r->uid + (seq - r->seq) > uid) ||
+		    (r->seq > seq && r->uid < (uint64_t)uid + (r->seq - seq));
 		if (stale)
 			seqmap_delete(m, j--);
 	}

@@ -218,6 +218,7 @@ session_client_hold(struct session *s, const struct imap_tok *tok)
 	s->held = 1;
 	s->held_tok = tok->type;
 	s->held_lit_flags = tok->literal_flags;
+	resync_quiet(s);
 	return 1;
 }
 

@@ -218,8 +218,12 @@ session_upstream_greeted(struct session *s)
 	if (strcmp(s->resp_word, "PREAUTH") == 0)
 		s->authenticated = 1;
 	if (s->srv->cfg.upstream_tls == UPSTREAM_TLS_STARTTLS) {
+		char line[48];
+		int n;
+
 		snprintf(s->up_tag, sizeof(s->up_tag), "imapfresh.%llu", (unsigned long long)++s->up_tag_seq);
-		evbuffer_add_printf(bufferevent_get_output(s->up), "%s STARTTLS\r\n", s->up_tag);
+		n = snprintf(line, sizeof(line), "%s STARTTLS", s->up_tag);
+		session_send_own(s, line, (size_t)n);
 		session_enter(s, SESSION_UPSTREAM_STARTTLS, "upstream greeting received");
 	} else
 		session_upstream_start(s);
