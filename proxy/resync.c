@@ -275,7 +275,7 @@ resync_continuation(struct session *s)
 	if (s->resync.phase != RESYNC_IDLE_REENTER)
 		return 0;
 	s->resync.phase = RESYNC_NONE;
-	s->idling = 1;
+	s->idling = s->wait == WAIT_IDLE;	/* the client may have said DONE already */
 	return 1;
 }
 
