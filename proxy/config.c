@@ -119,7 +119,7 @@ static const char *config_check_instance(const char *value);
 	X(timeout_tls_handshake, DURATION, .def = "30s", .min = 1, \
 	    .help = "TLS handshake timeout, either side") \
 	X(timeout_preauth, DURATION, .def = "60s", .min = 1, \
-	    .help = "idle time allowed before authentication") \
+	    .help = "time a client has to log in, from connect") \
 	X(timeout_idle, DURATION, .def = "30m", .min = 1, \
 	    .help = "idle time allowed once authenticated (RFC 9051: at least 30m)") \
 	X(log_level, ENUM, .def = "info", .choices = config_log_level_names, \

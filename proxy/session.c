@@ -115,6 +115,36 @@ session_lex_limits(struct session *s)
 	return s->clex != NULL && s->ulex != NULL ? 0 : -1;
 }
 
+static void
+session_login_deadline_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct session *s = arg;
+
+	if (!s->authenticated)
+		session_close(s, "Disconnected: no login in time", "no login within timeout_preauth");
+}
+
+/* timeout_preauth bounds the whole time before login, not just silences: a
+ * client trickling a byte now and then must not hold a slot for ever. */
+static void
+session_login_deadline(struct session *s)
+{
+	struct timeval t = { s->srv->cfg.timeout_preauth, 0 };
+
+	s->ev_login = evtimer_new(s->srv->base, session_login_deadline_cb, s);
+	if (s->ev_login != NULL)
+		evtimer_add(s->ev_login, &t);
+}
+
+void
+session_login_done(struct session *s)
+{
+	if (s->ev_login != NULL) {
+		event_free(s->ev_login);
+		s->ev_login = NULL;
+	}
+}
+
 /* The client socket is ours to use: TLS or not, then the upstream. */
 static void
 session_start(struct session *s, int fd)
@@ -138,6 +168,7 @@ session_start(struct session *s, int fd)
 	}
 	session_set_client_callbacks(s);
 	trace_session_update(s);
+	session_login_deadline(s);
 	if (srv->n_sessions > (unsigned)srv->cfg.max_clients) {
 		srv->stats.refused_max_clients++;
 		log_msg(LOG_LEVEL_WARNING, s->sid, "max_clients (%d) reached, refusing",
@@ -377,6 +408,7 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 		close(event_get_fd(s->ev_proxy));	/* still waiting for the header */
 		event_free(s->ev_proxy);
 	}
+	session_login_done(s);
 	trace_session_end(s);
 	track_forget(s);
 	track_free(&s->track);

@@ -69,6 +69,7 @@ struct session {
 	struct sockaddr_storage local_sa;	/* where it connected to */
 	int proxy_fd;			/* the socket while its PROXY header is read */
 	struct event *ev_proxy;
+	struct event *ev_login;		/* the pre-login deadline (timeout_preauth) */
 	unsigned id_responses_hidden;	/* "* ID" answers to our own ID still to come */
 	int id_pending;			/* upstream_client_address = id, not yet sent */
 	int listener_tls;		/* accepted on listen_tls */
@@ -97,6 +98,7 @@ struct session {
 	/* upstream to client */
 	struct evbuffer *uline;		/* raw bytes of the response held so far */
 	enum resp_mode resp_mode;
+	int resp_passed;		/* some of this response reached the client */
 	char resp_tag[COMMAND_TAG_MAX + 1];
 	char resp_word[16];		/* OK, NO, CAPABILITY, EXISTS, ... (index 1) */
 	struct evbuffer *resp_text;	/* rewritten line under construction */
@@ -138,6 +140,9 @@ void session_set_client_callbacks(struct session *s);
 
 /* Write a line (CRLF added) to the client. */
 void session_reply(struct session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* The client authenticated: the pre-login deadline is off. */
+void session_login_done(struct session *s);
 
 /* Apply the timeouts that fit the session's state. */
 void session_set_timeouts(struct session *s);

@@ -406,7 +406,11 @@ session_client_process(struct session *s)
 					    (!s->line_is_continuation &&
 					    command_token_is_secret(&s->cmd, &tok)));
 			}
-			if (used > 0)
+			/* A refused command's rest (up to 100 MB of an over-long line)
+			 * is dropped as it is read, never kept. */
+			if (used > 0 && s->cmd_reject)
+				evbuffer_drain(in, used);
+			else if (used > 0)
 				evbuffer_remove_buffer(in, s->cline, used);
 			if (st == IMAP_LEX_TOKEN)
 				session_client_act(s, &tok);

@@ -45,6 +45,7 @@ session_upstream_reset(struct session *s)
 	s->resp_tag[0] = '\0';
 	s->resp_word[0] = '\0';
 	s->resp_status_text[0] = '\0';
+	s->resp_passed = 0;
 	evbuffer_drain(s->resp_text, evbuffer_get_length(s->resp_text));
 }
 
@@ -60,6 +61,7 @@ session_upstream_flush(struct session *s)
 		return;
 	}
 	s->srv->stats.bytes_upstream_to_client += n;
+	s->resp_passed = 1;
 	evbuffer_add_buffer(bufferevent_get_output(s->client), s->uline);
 }
 
@@ -215,8 +217,10 @@ session_upstream_greeted(struct session *s)
 		s->upstream_bye = 1;
 		return;	/* the upstream closes; its event callback ends the session */
 	}
-	if (strcmp(s->resp_word, "PREAUTH") == 0)
+	if (strcmp(s->resp_word, "PREAUTH") == 0) {
 		s->authenticated = 1;
+		session_login_done(s);
+	}
 	if (s->srv->cfg.upstream_tls == UPSTREAM_TLS_STARTTLS) {
 		char line[48];
 		int n;
@@ -282,6 +286,7 @@ session_upstream_completed(struct session *s)
 	}
 	if (ok && (f->kind == CMD_LOGIN || f->kind == CMD_AUTHENTICATE)) {
 		s->authenticated = 1;
+		session_login_done(s);
 		session_set_timeouts(s);
 	} else if (ok && f->kind == CMD_UNAUTHENTICATE) {
 		s->authenticated = 0;
@@ -373,6 +378,7 @@ session_upstream_move_literal(struct session *s, struct evbuffer *in)
 	if (s->trace != NULL)
 		trace_literal_bytes(s, TRACE_U2P, in, n);
 	s->srv->stats.bytes_upstream_to_client += n;
+	s->resp_passed = 1;
 	evbuffer_remove_buffer(in, bufferevent_get_output(s->client), n);
 	imap_lex_skip_literal(s->ulex, n);
 	return 1;
@@ -412,6 +418,9 @@ session_upstream_process(struct session *s)
 			if (tok.type == IMAP_TOK_ERROR) {
 				log_msg(LOG_LEVEL_WARNING, s->sid, "upstream protocol error: %s",
 				    tok.errmsg ? tok.errmsg : "?");
+				/* Part of the line may be out already: the BYE gets a line of its own. */
+				if (s->resp_mode == RESP_PASS && s->resp_passed)
+					evbuffer_add(bufferevent_get_output(s->client), "\r\n", 2);
 				session_close(s, "[UNAVAILABLE] Backend server protocol error",
 				    "upstream protocol error");
 				return;
