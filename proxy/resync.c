@@ -397,14 +397,18 @@ resync_apply(struct session *s)
 		resync_disconnect(s, "the client's view could not be read back");
 		return;
 	}
-	/* New messages can only be shown after the ones the client has. */
-	for (size_t i = 0; i < r->truth.n; i++)
-		for (uint64_t u = r->truth.r[i].lo; u <= r->truth.r[i].hi; u++)
-			if (!uidset_contains(&client, (uint32_t)u) && u < uidset_max(&client)) {
-				uidset_free(&client);
-				resync_disconnect(s, "a message appeared below UIDs the client has");
-				return;
-			}
+	/* New messages can only be shown after the ones the client has: below
+	 * the client's highest UID, the truth may hold nothing the client lacks. */
+	for (size_t i = 0; i < r->truth.n && client.count > 0; i++) {
+		uint32_t lo = r->truth.r[i].lo, top = uidset_max(&client) - 1;
+		uint32_t hi = r->truth.r[i].hi < top ? r->truth.r[i].hi : top;
+
+		if (lo <= hi && uidset_max(&client) > 1 && !uidset_covers(&client, lo, hi)) {
+			uidset_free(&client);
+			resync_disconnect(s, "a message appeared below UIDs the client has");
+			return;
+		}
+	}
 	char sent[512] = "";
 	size_t o = 0;
 

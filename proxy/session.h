@@ -99,6 +99,7 @@ struct session {
 	struct evbuffer *uline;		/* raw bytes of the response held so far */
 	enum resp_mode resp_mode;
 	int resp_passed;		/* some of this response reached the client */
+	size_t up_deferred;		/* PASS bytes lexed but still in the upstream input */
 	char resp_tag[COMMAND_TAG_MAX + 1];
 	char resp_word[16];		/* OK, NO, CAPABILITY, EXISTS, ... (index 1) */
 	struct evbuffer *resp_text;	/* rewritten line under construction */
@@ -134,6 +135,9 @@ void session_enter(struct session *s, enum session_state next, const char *why);
 /* Close: send "* BYE text" (unless bye is NULL), flush, then free out of the
  * callback. Safe to call more than once. */
 void session_close(struct session *s, const char *bye, const char *why);
+
+/* Larger single reads and writes for a session's bufferevent. */
+void session_io_sizes(struct bufferevent *bev);
 
 /* (Re)attach the client bufferevent's callbacks, after accept or STARTTLS. */
 void session_set_client_callbacks(struct session *s);

@@ -3,6 +3,8 @@
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/uio.h>
+#include <event2/bufferevent_ssl.h>
 
 #include "capability.h"
 #include "log.h"
@@ -365,6 +367,53 @@ session_upstream_eol(struct session *s)
 	return s->state != SESSION_RUNNING;
 }
 
+/* libevent 2.1 reads sockets 4 KiB at a time; a message body in plaintext
+ * is read straight into the client's output instead, as much as the
+ * watermark allows. 0 when nothing was read (EOF and errors are left for
+ * libevent to find on its next read). */
+static size_t
+session_upstream_read_literal(struct session *s, uint64_t rem)
+{
+	struct evbuffer *out = bufferevent_get_output(s->client);
+	size_t queued = evbuffer_get_length(out), want;
+	struct evbuffer_iovec v[2];
+	struct iovec iov[2];
+	ssize_t got;
+	int n;
+
+	if (queued >= SESSION_OUT_HIGH || bufferevent_openssl_get_ssl(s->up) != NULL)
+		return 0;
+	want = SESSION_OUT_HIGH - queued;
+	if (want > rem)
+		want = (size_t)rem;
+	if ((n = evbuffer_reserve_space(out, (ev_ssize_t)want, v, 2)) < 1)
+		return 0;
+	/* Never past the literal: what follows must go through the lexer. */
+	for (int i = 0, left = 0; i < n; i++) {
+		size_t room = want - (size_t)left;
+		iov[i].iov_base = v[i].iov_base;
+		iov[i].iov_len = v[i].iov_len < room ? v[i].iov_len : room;
+		left += (int)iov[i].iov_len;
+	}
+	got = readv(bufferevent_getfd(s->up), iov, n);
+	if (got <= 0) {
+		evbuffer_commit_space(out, v, 0);
+		return 0;
+	}
+	{
+		size_t total = (size_t)got, left = total;
+		int filled = 0;
+
+		for (int i = 0; i < n && left > 0; i++) {
+			v[i].iov_len = left < iov[i].iov_len ? left : iov[i].iov_len;
+			left -= v[i].iov_len;
+			filled = i + 1;
+		}
+		evbuffer_commit_space(out, v, filled);
+		return total;
+	}
+}
+
 /* Big literal payloads (message bodies) move in bulk. */
 static int
 session_upstream_move_literal(struct session *s, struct evbuffer *in)
@@ -372,8 +421,17 @@ session_upstream_move_literal(struct session *s, struct evbuffer *in)
 	uint64_t rem = imap_lex_literal_remaining(s->ulex);
 	size_t avail = evbuffer_get_length(in), n;
 
-	if (rem == 0 || avail == 0 || s->resp_mode != RESP_PASS)
+	if (rem == 0 || s->resp_mode != RESP_PASS)
 		return 0;
+	if (avail == 0) {
+		/* Traced sessions go the slow way: the trace hashes from the input. */
+		if (rem < 16384 || s->trace != NULL || (n = session_upstream_read_literal(s, rem)) == 0)
+			return 0;
+		s->srv->stats.bytes_upstream_to_client += n;
+		s->resp_passed = 1;
+		imap_lex_skip_literal(s->ulex, n);
+		return 1;
+	}
 	n = avail < rem ? avail : (size_t)rem;
 	if (s->trace != NULL)
 		trace_literal_bytes(s, TRACE_U2P, in, n);
@@ -392,53 +450,83 @@ session_upstream_may_process(const struct session *s)
 	    s->state == SESSION_RUNNING);
 }
 
+/* PASS bytes stay in the input until a boundary (end of response, literal,
+ * end of the window), then move in one piece: a response of thousands of
+ * tokens costs a few buffer moves, not thousands of tiny chains. */
+static void
+session_upstream_release(struct session *s, struct evbuffer *in)
+{
+	size_t n = s->up_deferred;
+
+	if (n == 0)
+		return;
+	s->up_deferred = 0;
+	s->srv->stats.bytes_upstream_to_client += n;
+	s->resp_passed = 1;
+	evbuffer_remove_buffer(in, bufferevent_get_output(s->client), n);
+}
+
 void
 session_upstream_process(struct session *s)
 {
+	struct evbuffer *in;
+
 	while (session_upstream_may_process(s)) {
-		struct evbuffer *in = bufferevent_get_input(s->up);
 		struct evbuffer_iovec v;
+		struct evbuffer_ptr at;
 		struct imap_tok tok;
 		size_t used = 0;
 		enum imap_lex_status st;
+		int boundary;
 
-		if (!session_upstream_move_literal(s, in)) {
-			if (evbuffer_peek(in, -1, NULL, &v, 1) < 1)
-				v.iov_base = NULL, v.iov_len = 0;
-			st = imap_lex_next(s->ulex, v.iov_base, v.iov_len, &used, &tok);
-			if (st == IMAP_LEX_TOKEN)
-				session_upstream_observe(s, &tok);
-			if (used > 0)
-				evbuffer_remove_buffer(in, s->uline, used);
-			if (st != IMAP_LEX_TOKEN) {
-				if (used == 0 || evbuffer_get_length(in) == 0)
-					break;
-				continue;
-			}
-			if (tok.type == IMAP_TOK_ERROR) {
-				log_msg(LOG_LEVEL_WARNING, s->sid, "upstream protocol error: %s",
-				    tok.errmsg ? tok.errmsg : "?");
-				/* Part of the line may be out already: the BYE gets a line of its own. */
-				if (s->resp_mode == RESP_PASS && s->resp_passed)
-					evbuffer_add(bufferevent_get_output(s->client), "\r\n", 2);
-				session_close(s, "[UNAVAILABLE] Backend server protocol error",
-				    "upstream protocol error");
-				return;
-			}
-			if (s->resp_mode == RESP_UNDECIDED)
-				session_upstream_decide(s, &tok);
-			if (tok.type == IMAP_TOK_LITERAL && s->resp_mode == RESP_REWRITE)
-				session_upstream_set_mode(s, RESP_PASS);	/* not a list we rewrite */
-			if (tok.type == IMAP_TOK_LITERAL && s->trace != NULL)
-				trace_fate(s, TRACE_U2P, s->resp_mode == RESP_SWALLOW ? TRACE_HIDDEN :
-				    TRACE_FORWARDED);
-			if (tok.type == IMAP_TOK_EOL) {
-				if (session_upstream_eol(s))
-					return;
-			} else if (s->resp_mode == RESP_PASS || s->resp_mode == RESP_SWALLOW)
-				session_upstream_flush(s);
+		in = bufferevent_get_input(s->up);
+		if (s->up_deferred == 0 && session_upstream_move_literal(s, in))
+			goto next;
+		if (evbuffer_ptr_set(in, &at, s->up_deferred, EVBUFFER_PTR_SET) < 0 ||
+		    evbuffer_peek(in, -1, &at, &v, 1) < 1)
+			v.iov_base = NULL, v.iov_len = 0;
+		st = imap_lex_next(s->ulex, v.iov_base, v.iov_len, &used, &tok);
+		if (st == IMAP_LEX_TOKEN)
+			session_upstream_observe(s, &tok);
+		boundary = st != IMAP_LEX_TOKEN || tok.type == IMAP_TOK_EOL ||
+		    tok.type == IMAP_TOK_LITERAL || tok.type == IMAP_TOK_ERROR;
+		if (s->resp_mode == RESP_PASS) {
+			s->up_deferred += used;
+			if (boundary || s->up_deferred >= SESSION_OUT_LOW)
+				session_upstream_release(s, in);
+		} else if (used > 0)
+			evbuffer_remove_buffer(in, s->uline, used);
+		if (st != IMAP_LEX_TOKEN) {
+			if (used == 0 || evbuffer_get_length(in) == 0)
+				break;
+			continue;
 		}
+		if (tok.type == IMAP_TOK_ERROR) {
+			log_msg(LOG_LEVEL_WARNING, s->sid, "upstream protocol error: %s",
+			    tok.errmsg ? tok.errmsg : "?");
+			/* Part of the line may be out already: the BYE gets a line of its own. */
+			if (s->resp_mode == RESP_PASS && s->resp_passed)
+				evbuffer_add(bufferevent_get_output(s->client), "\r\n", 2);
+			session_close(s, "[UNAVAILABLE] Backend server protocol error",
+			    "upstream protocol error");
+			return;
+		}
+		if (s->resp_mode == RESP_UNDECIDED)
+			session_upstream_decide(s, &tok);
+		if (tok.type == IMAP_TOK_LITERAL && s->resp_mode == RESP_REWRITE)
+			session_upstream_set_mode(s, RESP_PASS);	/* not a list we rewrite */
+		if (tok.type == IMAP_TOK_LITERAL && s->trace != NULL)
+			trace_fate(s, TRACE_U2P, s->resp_mode == RESP_SWALLOW ? TRACE_HIDDEN :
+			    TRACE_FORWARDED);
+		if (tok.type == IMAP_TOK_EOL) {
+			if (session_upstream_eol(s))
+				return;
+		} else if (s->resp_mode == RESP_SWALLOW)
+			session_upstream_flush(s);
+next:
 		if (s->client != NULL && session_out_full(bufferevent_get_output(s->client)))
 			session_pause_reading(s, s->up);
 	}
+	if (s->up != NULL && s->client != NULL)
+		session_upstream_release(s, bufferevent_get_input(s->up));
 }

@@ -122,6 +122,14 @@ uidset_rank(const struct uidset *set, uint32_t uid)
 	return 0;
 }
 
+int
+uidset_covers(const struct uidset *set, uint32_t lo, uint32_t hi)
+{
+	size_t i = uidset_lower(set, lo);
+
+	return i < set->n && set->r[i].lo <= lo && hi <= set->r[i].hi;
+}
+
 uint32_t
 uidset_max(const struct uidset *set)
 {

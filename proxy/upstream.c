@@ -24,6 +24,7 @@ upstream_set_callbacks(struct session *s)
 {
 	bufferevent_setcb(s->up, upstream_read_cb, upstream_write_cb, upstream_event_cb, s);
 	bufferevent_setwatermark(s->up, EV_READ, 0, SESSION_READ_HIGH);
+	session_io_sizes(s->up);
 	bufferevent_enable(s->up, EV_READ | EV_WRITE);
 }
 
