@@ -355,6 +355,39 @@ imap_lex_atom_done(struct imap_lex *lx, struct imap_tok *tok)
 	return IMAP_LEX_TOKEN;
 }
 
+/*
+ * The common case in one go: a plain atom (no brackets), wholly inside the
+ * window and within the limits, ended by SP, a paren, a quote or the line end.
+ * Anything else (a bracket, the window's end, a limit, an invalid byte) leaves
+ * the state untouched for the byte-exact path of LX_ATOM. Returns 1 when the
+ * atom is in tbuf and consumed.
+ */
+static int
+imap_lex_atom_fast(struct imap_lex *lx, const unsigned char *p, size_t len, size_t *pos)
+{
+	size_t i = *pos + 1, n;
+	unsigned char c;
+
+	while (i < len && (imap_lex_cls[p[i]] & CA))
+		i++;
+	if (i == len)
+		return 0;
+	c = p[i];
+	if (c != ' ' && c != ')' && c != '(' && c != '"' && c != '\r' && c != '\n')
+		return 0;
+	n = i - *pos;
+	if (n > lx->lim.max_token || (lx->lim.max_line != 0 && lx->lim.max_line - lx->line < n) ||
+	    imap_lex_reserve(lx, n) < 0)
+		return 0;
+	memcpy(lx->tbuf, p + *pos, n);
+	lx->tlen = n;
+	lx->line += n;
+	lx->fresh = 0;
+	lx->bquote = 0;
+	*pos = i;
+	return 1;
+}
+
 /* A complete "{n}" CRLF: hand out the literal, or refuse it by max_literal. */
 static enum imap_lex_status
 imap_lex_literal(struct imap_lex *lx, struct imap_tok *tok)
@@ -563,6 +596,8 @@ imap_lex_step(struct imap_lex *lx, const unsigned char *p, size_t len, size_t *p
 			}
 			if (!(imap_lex_cls[c] & CA) && c != '[' && c != ']')
 				return imap_lex_fail(lx, tok, IMAP_LEX_ERR_SYNTAX, "invalid character");
+			if (imap_lex_cls[c] & CA && imap_lex_atom_fast(lx, p, len, pos))
+				return imap_lex_atom_done(lx, tok);
 			lx->tlen = 0;
 			lx->bracket = 0;
 			lx->bquote = 0;
