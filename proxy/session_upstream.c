@@ -3,8 +3,6 @@
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/uio.h>
-#include <event2/bufferevent_ssl.h>
 
 #include "capability.h"
 #include "log.h"
@@ -367,53 +365,6 @@ session_upstream_eol(struct session *s)
 	return s->state != SESSION_RUNNING;
 }
 
-/* libevent 2.1 reads sockets 4 KiB at a time; a message body in plaintext
- * is read straight into the client's output instead, as much as the
- * watermark allows. 0 when nothing was read (EOF and errors are left for
- * libevent to find on its next read). */
-static size_t
-session_upstream_read_literal(struct session *s, uint64_t rem)
-{
-	struct evbuffer *out = bufferevent_get_output(s->client);
-	size_t queued = evbuffer_get_length(out), want;
-	struct evbuffer_iovec v[2];
-	struct iovec iov[2];
-	ssize_t got;
-	int n;
-
-	if (queued >= SESSION_OUT_HIGH || bufferevent_openssl_get_ssl(s->up) != NULL)
-		return 0;
-	want = SESSION_OUT_HIGH - queued;
-	if (want > rem)
-		want = (size_t)rem;
-	if ((n = evbuffer_reserve_space(out, (ev_ssize_t)want, v, 2)) < 1)
-		return 0;
-	/* Never past the literal: what follows must go through the lexer. */
-	for (int i = 0, left = 0; i < n; i++) {
-		size_t room = want - (size_t)left;
-		iov[i].iov_base = v[i].iov_base;
-		iov[i].iov_len = v[i].iov_len < room ? v[i].iov_len : room;
-		left += (int)iov[i].iov_len;
-	}
-	got = readv(bufferevent_getfd(s->up), iov, n);
-	if (got <= 0) {
-		evbuffer_commit_space(out, v, 0);
-		return 0;
-	}
-	{
-		size_t total = (size_t)got, left = total;
-		int filled = 0;
-
-		for (int i = 0; i < n && left > 0; i++) {
-			v[i].iov_len = left < iov[i].iov_len ? left : iov[i].iov_len;
-			left -= v[i].iov_len;
-			filled = i + 1;
-		}
-		evbuffer_commit_space(out, v, filled);
-		return total;
-	}
-}
-
 /* Big literal payloads (message bodies) move in bulk. */
 static int
 session_upstream_move_literal(struct session *s, struct evbuffer *in)
@@ -421,17 +372,8 @@ session_upstream_move_literal(struct session *s, struct evbuffer *in)
 	uint64_t rem = imap_lex_literal_remaining(s->ulex);
 	size_t avail = evbuffer_get_length(in), n;
 
-	if (rem == 0 || s->resp_mode != RESP_PASS)
+	if (rem == 0 || avail == 0 || s->resp_mode != RESP_PASS)
 		return 0;
-	if (avail == 0) {
-		/* Traced sessions go the slow way: the trace hashes from the input. */
-		if (rem < 16384 || s->trace != NULL || (n = session_upstream_read_literal(s, rem)) == 0)
-			return 0;
-		s->srv->stats.bytes_upstream_to_client += n;
-		s->resp_passed = 1;
-		imap_lex_skip_literal(s->ulex, n);
-		return 1;
-	}
 	n = avail < rem ? avail : (size_t)rem;
 	if (s->trace != NULL)
 		trace_literal_bytes(s, TRACE_U2P, in, n);
