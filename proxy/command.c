@@ -1,4 +1,5 @@
 /* command: what a client command is, read from its tokens as they stream by. */
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <ctype.h>
@@ -32,11 +33,33 @@ command_reset(struct command *cmd)
 	cmd->ntokens = 0;
 	cmd->literals = 0;
 	cmd->sasl_user[0] = '\0';
-	for (int i = 0; i < COMMAND_NARGS; i++) {
-		cmd->args[i].val[0] = '\0';
-		cmd->args[i].len = 0;
-		cmd->args[i].truncated = 0;
-		cmd->args[i].present = 0;
+	free(cmd->args);
+	cmd->args = NULL;
+}
+
+const struct command_arg *
+command_arg(const struct command *cmd, unsigned i)
+{
+	static const struct command_arg none;
+
+	return cmd->args != NULL && i < COMMAND_NARGS ? &cmd->args[i] : &none;
+}
+
+/* Only these commands' arguments matter to imapfresh. */
+static int
+command_keeps_args(enum command_kind kind)
+{
+	switch (kind) {
+	case CMD_SELECT:
+	case CMD_EXAMINE:
+	case CMD_APPEND:
+	case CMD_COPY:
+	case CMD_MOVE:
+	case CMD_LOGIN:
+	case CMD_AUTHENTICATE:
+		return 1;
+	default:
+		return 0;
 	}
 }
 
@@ -144,10 +167,13 @@ command_feed(struct command *cmd, const struct imap_tok *tok)
 		return;
 	argi = tok->index - command_first_arg(cmd);
 	if (cmd->kind == CMD_AUTHENTICATE && argi == 1 && tok->type == IMAP_TOK_ATOM &&
-	    strcasecmp(cmd->args[0].val, "PLAIN") == 0 &&
+	    strcasecmp(command_arg(cmd, 0)->val, "PLAIN") == 0 &&
 	    sasl_plain_user(tok->str, tok->len, cmd->sasl_user, sizeof(cmd->sasl_user)) < 0)
 		cmd->sasl_user[0] = '\0';
-	if (argi >= COMMAND_NARGS || command_arg_is_secret(cmd, argi))
+	if (argi >= COMMAND_NARGS || command_arg_is_secret(cmd, argi) ||
+	    !command_keeps_args(cmd->kind))
+		return;
+	if (cmd->args == NULL && (cmd->args = calloc(COMMAND_NARGS, sizeof(*cmd->args))) == NULL)
 		return;
 	arg = &cmd->args[argi];
 	switch (tok->type) {

@@ -51,14 +51,20 @@ struct command {
 	enum command_kind kind;
 	int uid;		/* UID FETCH / UID MOVE ... */
 	unsigned ntokens;	/* top-level tokens seen */
-	/* The first arguments after the name; a secret argument (LOGIN's
-	 * password, AUTHENTICATE's initial response) is never stored. */
-	struct command_arg args[COMMAND_NARGS];
+	/* The first arguments after the name, for the commands whose
+	 * arguments imapfresh reads (SELECT, APPEND, COPY, MOVE, LOGIN,
+	 * AUTHENTICATE): allocated for those only, so an idle session carries
+	 * none. A secret (LOGIN's password, a SASL response) is never stored. */
+	struct command_arg *args;
 	unsigned literals;	/* literals in this command */
 	char sasl_user[256];	/* AUTHENTICATE PLAIN initial response: the user only */
 };
 
+/* A command struct starts zeroed; reset frees what the last command held. */
 void command_reset(struct command *cmd);
+
+/* Argument i (0 = first after the name): an empty one when not kept. */
+const struct command_arg *command_arg(const struct command *cmd, unsigned i);
 
 /* Feed one token of the command (EOL included). */
 void command_feed(struct command *cmd, const struct imap_tok *tok);

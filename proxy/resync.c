@@ -309,7 +309,7 @@ resync_finish(struct session *s, int synced, const char *outcome)
 	}
 	/* Back to idling upstream, under the client's own tag. */
 	{
-		struct command idle;
+		struct command idle = { .kind = CMD_NONE };
 		struct inflight *f;
 
 		command_reset(&idle);

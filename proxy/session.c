@@ -425,6 +425,7 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 	resync_free(&s->resync);
 	while (s->n_inflight > 0)
 		session_inflight_remove(s, &s->inflight[s->n_inflight - 1]);
+	command_reset(&s->cmd);	/* frees arguments of a command cut short */
 	free(s->inflight);
 	TAILQ_REMOVE(&s->srv->sessions, s, entry);
 	s->srv->n_sessions--;
@@ -571,7 +572,7 @@ struct inflight *
 session_inject(struct session *s, enum resync_cmd purpose, const char *fmt, ...)
 {
 	char line[COMMAND_TAG_MAX + 2 * COMMAND_ARG_MAX + 64];
-	struct command cmd;
+	struct command cmd = { .kind = CMD_NONE };
 	struct inflight *f;
 	va_list ap;
 	int n;

@@ -67,19 +67,20 @@ track_command_sent(struct session *s, struct inflight *f, const struct command *
 	case CMD_SELECT:
 	case CMD_EXAMINE:
 	case CMD_APPEND:
-		f->mailbox = track_strdup_mailbox(&cmd->args[0]);
+		f->mailbox = track_strdup_mailbox(command_arg(cmd, 0));
 		f->readonly = cmd->kind == CMD_EXAMINE;
 		break;
 	case CMD_COPY:
 	case CMD_MOVE:
-		f->mailbox = track_strdup_mailbox(&cmd->args[1]);
+		f->mailbox = track_strdup_mailbox(command_arg(cmd, 1));
 		break;
 	case CMD_LOGIN:
-		if (cmd->args[0].present && !cmd->args[0].truncated)
-			f->user = strdup(cmd->args[0].val);
+		if (command_arg(cmd, 0)->present && !command_arg(cmd, 0)->truncated)
+			f->user = strdup(command_arg(cmd, 0)->val);
 		break;
 	case CMD_AUTHENTICATE:
-		f->sasl_plain = cmd->args[0].present && strcasecmp(cmd->args[0].val, "PLAIN") == 0;
+		f->sasl_plain = command_arg(cmd, 0)->present &&
+		    strcasecmp(command_arg(cmd, 0)->val, "PLAIN") == 0;
 		if (f->sasl_plain && cmd->sasl_user[0] != '\0')
 			f->user = strdup(cmd->sasl_user);
 		break;
