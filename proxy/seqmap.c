@@ -96,6 +96,88 @@ seqmap_remove_position(struct seqmap *m, uint32_t seq)
 		m->count--;
 }
 
+/* Positions seq .. seq+n-1 are gone; everything after moves down by n. */
+static void
+seqmap_remove_positions(struct seqmap *m, uint32_t seq, uint32_t n)
+{
+	uint64_t end = (uint64_t)seq + n;	/* first position kept after the hole */
+
+	for (size_t i = 0; i < m->n; i++) {
+		struct seqmap_run *r = &m->runs[i];
+		uint64_t rs = r->seq, re = (uint64_t)r->seq + r->len;	/* [rs, re) */
+
+		if (rs >= end) {
+			r->seq -= n;
+		} else if (re > seq) {
+			uint64_t cut_lo = rs > seq ? rs : seq, cut_hi = re < end ? re : end;
+			uint32_t before = (uint32_t)(cut_lo - rs), after = (uint32_t)(re - cut_hi);
+
+			if (before == 0 && after == 0) {
+				seqmap_delete(m, i--);
+			} else if (before == 0) {
+				r->uid += (uint32_t)(cut_hi - rs);
+				r->len = after;
+				r->seq = seq;
+			} else if (after == 0) {
+				r->len = before;
+			} else {
+				struct seqmap_run tail = { seq, r->uid + (uint32_t)(cut_hi - rs), after };
+				r->len = before;
+				if (seqmap_insert(m, i + 1, tail) < 0)
+					m->n = i + 1;	/* out of memory: forget the rest */
+				i++;
+			}
+		}
+	}
+	m->count = m->count > n ? m->count - n : 0;
+}
+
+/* VANISHED lo:hi (RFC 7162): known messages in the range go; in a gap of
+ * unknown positions whose UIDs the range overlaps, as many positions as
+ * the overlap could hold go (all of them when it covers the gap's UIDs).
+ * Work is per run, never per UID: a server may say 1:4294967295. */
+void
+seqmap_vanished_range(struct seqmap *m, uint32_t lo, uint32_t hi)
+{
+	/* Positions and UIDs are read from the layout as it was, and holes are
+	 * cut from the highest position down, so every hole's position, taken
+	 * from the old layout, is still right when it is cut. */
+	size_t n = m->n;
+	struct seqmap_run *old = n ? malloc(n * sizeof(*old)) : NULL;
+	uint32_t count = m->count;
+
+	if (n > 0 && old == NULL)
+		return;
+	if (n > 0)
+		memcpy(old, m->runs, n * sizeof(*old));
+	for (size_t i = n;; i--) {
+		/* The gap of unknown positions above run i-1 (below run i). */
+		uint64_t gap_seq = i > 0 ? (uint64_t)old[i - 1].seq + old[i - 1].len : 1;
+		uint64_t gap_end = i < n ? old[i].seq : (uint64_t)count + 1;
+		uint64_t uid_lo = i > 0 ? (uint64_t)old[i - 1].uid + old[i - 1].len : 1;
+		uint64_t uid_hi = i < n ? (uint64_t)old[i].uid - 1 : UINT32_MAX;
+		uint64_t olo = lo > uid_lo ? lo : uid_lo, ohi = hi < uid_hi ? hi : uid_hi;
+
+		if (gap_end > gap_seq && olo <= ohi) {
+			uint64_t gap = gap_end - gap_seq, overlap = ohi - olo + 1;
+			seqmap_remove_positions(m, (uint32_t)gap_seq,
+			    (uint32_t)(overlap < gap ? overlap : gap));
+		}
+		if (i == 0)
+			break;
+		{
+			const struct seqmap_run *r = &old[i - 1];
+			uint64_t rlo = r->uid, rhi = (uint64_t)r->uid + r->len - 1;
+			uint64_t clo = lo > rlo ? lo : rlo, chi = hi < rhi ? hi : rhi;
+
+			if (clo <= chi)
+				seqmap_remove_positions(m, r->seq + (uint32_t)(clo - rlo),
+				    (uint32_t)(chi - clo + 1));
+		}
+	}
+	free(old);
+}
+
 void
 seqmap_expunge(struct seqmap *m, uint32_t seq)
 {
@@ -106,30 +188,7 @@ seqmap_expunge(struct seqmap *m, uint32_t seq)
 void
 seqmap_vanished(struct seqmap *m, uint32_t uid)
 {
-	size_t i;
-
-	for (i = 0; i < m->n; i++) {
-		struct seqmap_run *r = &m->runs[i];
-		if (uid < r->uid)
-			break;
-		if ((uint64_t)uid < (uint64_t)r->uid + r->len) {
-			seqmap_remove_position(m, r->seq + (uid - r->uid));
-			return;
-		}
-	}
-	/* Unknown position: it can only be in the gap of unknown positions
-	 * between the runs around its UID; without such a gap it is not here. */
-	{
-		uint64_t gap_first = i > 0 ? (uint64_t)m->runs[i - 1].seq + m->runs[i - 1].len : 1;
-		uint64_t gap_last = i < m->n ? (uint64_t)m->runs[i].seq - 1 : m->count;
-
-		if (gap_first > gap_last)
-			return;
-	}
-	for (; i < m->n; i++)
-		m->runs[i].seq--;
-	if (m->count > 0)
-		m->count--;
+	seqmap_vanished_range(m, uid, uid);
 }
 
 uint32_t

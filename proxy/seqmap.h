@@ -28,6 +28,8 @@ void seqmap_expunge(struct seqmap *m, uint32_t seq);
 /* VANISHED (QRESYNC): the message with this UID is gone; its position need
  * not be known, only that it lies between the known runs around its UID. */
 void seqmap_vanished(struct seqmap *m, uint32_t uid);
+/* The same for every UID of lo:hi, in time proportional to the runs. */
+void seqmap_vanished_range(struct seqmap *m, uint32_t lo, uint32_t hi);
 /* A FETCH response showed that seq has this UID. */
 void seqmap_learn(struct seqmap *m, uint32_t seq, uint32_t uid);
 

@@ -165,20 +165,12 @@ track_resp_code(struct session *s, const char *text, size_t len)
 	t->dirty = 1;
 }
 
-/* VANISHED: each UID leaves the view. A range larger than the view itself
- * (a server saying 1:4294967295) cannot be walked UID by UID: every message
- * in it is gone and what is left of the view is no longer mapped. */
+/* VANISHED: each UID range leaves the view, range by range. */
 static void
 track_vanished(struct track *t, const struct uidset *gone)
 {
-	if (gone->count > 4 * ((uint64_t)t->view.count + 1)) {
-		uint64_t left = t->view.count > gone->count ? t->view.count - gone->count : 0;
-		seqmap_reset(&t->view, (uint32_t)left);
-		return;
-	}
-	for (size_t i = 0; i < gone->n; i++)
-		for (uint64_t u = gone->r[i].lo; u <= gone->r[i].hi; u++)
-			seqmap_vanished(&t->view, (uint32_t)u);
+	for (size_t i = gone->n; i > 0; i--)
+		seqmap_vanished_range(&t->view, gone->r[i - 1].lo, gone->r[i - 1].hi);
 }
 
 void

@@ -125,7 +125,7 @@ feed(struct session *s, enum trace_dir d, const char *text, enum trace_fate fate
 {
 	struct imap_lex *lx = imap_lex_new(d == TRACE_C2P ? IMAP_LEX_CLIENT : IMAP_LEX_SERVER,
 	    NULL);
-	struct command cmd;
+	struct command cmd = { .kind = CMD_NONE };	/* starts zeroed (command.h) */
 	struct imap_tok tok;
 	size_t len = strlen(text), used;
 
@@ -151,6 +151,7 @@ feed(struct session *s, enum trace_dir d, const char *text, enum trace_fate fate
 		if (tok.type == IMAP_TOK_EOL)
 			command_reset(&cmd);
 	}
+	command_reset(&cmd);
 	imap_lex_free(lx);
 }
 
