@@ -374,6 +374,32 @@ class Redis:
 
 # --------------------------------------------------------------- imapfresh
 
+# What AddressSanitizer, LeakSanitizer and UBSan print; any of them in an
+# imapfresh log fails the test that stops it (scripts/test runs the suite in
+# an --enable-asan build too).
+SANITIZER_MARKS = (b"ERROR: AddressSanitizer", b"ERROR: LeakSanitizer", b"runtime error:")
+
+
+class SanitizerError(AssertionError):
+    pass
+
+
+def sanitizer_report(path, lines=40):
+    """The first sanitizer report in a log file (up to `lines` lines), or None."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    hits = [data.find(m) for m in SANITIZER_MARKS]
+    hits = [i for i in hits if i >= 0]
+    if not hits:
+        return None
+    start = data.rfind(b"\n", 0, min(hits)) + 1
+    text = data[start:].decode("utf-8", "replace").splitlines()
+    return "\n".join(text[:lines])
+
+
 class Imapfresh:
     """One proxy instance: -f, a generated config file (-c) holding the
     listeners, certificate and upstream, and extra keys as -o overrides."""
@@ -446,7 +472,13 @@ class Imapfresh:
             return None
 
     def stop(self):
+        """Stop it; raises SanitizerError when its log holds a sanitizer or
+        leak report (ASan/UBSan builds report at exit, leaks included)."""
         rc = stop_process(self.proc)
+        report = sanitizer_report(self.log)
+        if report:
+            raise SanitizerError("%s (exit status %s): sanitizer report in its log:\n%s"
+                                 % (self.name, rc, report))
         return rc
 
     def log_tail(self, lines=30):
