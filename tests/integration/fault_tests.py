@@ -1211,6 +1211,60 @@ def t_integrity_plain(ctx):
     _integrity(ctx, mk, "plaintext")
 
 
+# ================================================================== TLS policy
+
+def _tls11_client():
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_ciphers("DEFAULT@SECLEVEL=0")
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    return ctx
+
+
+def _tls11_handshake(port):
+    """The TLS version negotiated with a client that offers only TLS 1.1, or
+    the error the handshake ended with."""
+    try:
+        with socket.create_connection((HOST, port), timeout=10) as raw:
+            with _tls11_client().wrap_socket(raw, server_hostname=HOST) as t:
+                return t.version()
+    except (ssl.SSLError, OSError) as e:
+        return "refused: %s" % e
+
+
+@test("fault: a client offering only TLS 1.1 is refused (TLS 1.2 minimum); the same client "
+      "completes TLS 1.1 with a server that allows it", proxy_only=True)
+def t_tls_minimum(ctx):
+    # Control: this client really speaks TLS 1.1 when the server allows it.
+    srv_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    srv_ctx.load_cert_chain(ctx.dovecot.certs["cert"], ctx.dovecot.certs["key"])
+    srv_ctx.set_ciphers("DEFAULT@SECLEVEL=0")
+    srv_ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+    lsock = socket.socket()
+    lsock.bind((HOST, 0))
+    lsock.listen(1)
+    ctx.closers.append(lsock.close)
+
+    def serve():
+        try:
+            conn, _ = lsock.accept()
+            with srv_ctx.wrap_socket(conn, server_side=True) as t:
+                t.recv(1)
+        except (ssl.SSLError, OSError):
+            pass
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    control = _tls11_handshake(lsock.getsockname()[1])
+    if control != "TLSv1.1":
+        raise tap.Skip("this OpenSSL cannot speak TLS 1.1 at all (%s)" % control)
+    got = _tls11_handshake(ctx.tls_port)
+    check(got.startswith("refused"), "imapfresh accepted TLS 1.1: %s", got)
+    c = ctx.raw_tls()
+    check(c.readline().startswith(b"* OK"), "a TLS 1.2+ client is still served")
+
+
 # ================================================================== secrets
 
 @test("fault: passwords never reach the debug log or Redis (LOGIN, literal, AUTHENTICATE PLAIN, "
