@@ -186,6 +186,8 @@ void session_client_release(struct session *s);
 void session_client_starttls_flushed(struct session *s);
 /* session_upstream.c: the upstream's bytes, response by response. */
 void session_upstream_process(struct session *s);
+/* Note the tag, first word and resp-text of the response being read. */
+void session_upstream_identify(struct session *s, const struct imap_tok *tok);
 void session_upstream_start(struct session *s);
 
 const char *session_state_name(enum session_state st);

@@ -73,13 +73,9 @@ session_upstream_set_mode(struct session *s, enum resp_mode mode)
 		session_upstream_flush(s);
 }
 
-/* Record what identifies the response, before its bytes move on. */
-static void
-session_upstream_observe(struct session *s, const struct imap_tok *tok)
+void
+session_upstream_identify(struct session *s, const struct imap_tok *tok)
 {
-	struct capability_policy p;
-	char *out;
-
 	if (tok->index == 0 && tok->type == IMAP_TOK_ATOM && tok->len <= COMMAND_TAG_MAX) {
 		memcpy(s->resp_tag, tok->str, tok->len);
 		s->resp_tag[tok->len] = '\0';
@@ -95,6 +91,16 @@ session_upstream_observe(struct session *s, const struct imap_tok *tok)
 		memcpy(s->resp_status_text, tok->str, n);
 		s->resp_status_text[n] = '\0';
 	}
+}
+
+/* Record what identifies the response, before its bytes move on. */
+static void
+session_upstream_observe(struct session *s, const struct imap_tok *tok)
+{
+	struct capability_policy p;
+	char *out;
+
+	session_upstream_identify(s, tok);
 	if (s->state == SESSION_RUNNING)
 		track_token(s, tok);
 	if (s->trace != NULL)

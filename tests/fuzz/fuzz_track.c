@@ -242,7 +242,7 @@ vanished_expect(const struct session *s, const struct imap_tok *tok, uint32_t *w
 	return ok;
 }
 
-/* session_upstream_observe(), the part that identifies the response. */
+/* What session_upstream_observe() does with a response's tokens, minus I/O. */
 static void
 observe(struct session *s, const struct imap_tok *tok)
 {
@@ -252,21 +252,7 @@ observe(struct session *s, const struct imap_tok *tok)
 	if (huge_vanished(s, tok))
 		return;
 	check_vanished = vanished_expect(s, tok, &want);
-	if (tok->index == 0 && tok->type == IMAP_TOK_ATOM && tok->len <= COMMAND_TAG_MAX) {
-		memcpy(s->resp_tag, tok->str, tok->len);
-		s->resp_tag[tok->len] = '\0';
-	} else if (tok->index == 1 && tok->depth == 0 && tok->type == IMAP_TOK_ATOM) {
-		size_t n = tok->len < sizeof(s->resp_word) - 1 ? tok->len : sizeof(s->resp_word) - 1;
-		for (size_t i = 0; i < n; i++)
-			s->resp_word[i] = (char)toupper((unsigned char)tok->str[i]);
-		s->resp_word[n] = '\0';
-	}
-	if (tok->type == IMAP_TOK_TEXT) {
-		size_t n = tok->len < sizeof(s->resp_status_text) - 1 ? tok->len :
-		    sizeof(s->resp_status_text) - 1;
-		memcpy(s->resp_status_text, tok->str, n);
-		s->resp_status_text[n] = '\0';
-	}
+	session_upstream_identify(s, tok);
 	track_token(s, tok);
 	if (check_vanished)
 		FUZZ_CHECK(s->track.view.count == want, "VANISHED %s on a fully known view: "
