@@ -34,9 +34,10 @@ tls_ctx_base(const SSL_METHOD *method, const struct config *cfg, char *err, size
 	}
 	SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
 	SSL_CTX_set_options(ctx, TLS_COMMON_OPTIONS);
-	/* Partial writes keep bufferevent_openssl from copying whole records around. */
-	SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
-	    SSL_MODE_RELEASE_BUFFERS);
+	/* No SSL_MODE_ENABLE_PARTIAL_WRITE: libevent 2.1's bufferevent_openssl
+	 * goes on to the next buffer chain after a short SSL_write, so a chain
+	 * of over one record cut by a full socket came out reordered. */
+	SSL_CTX_set_mode(ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_RELEASE_BUFFERS);
 	if (cfg->tls_ciphers[0] && !SSL_CTX_set_cipher_list(ctx, cfg->tls_ciphers)) {
 		tls_last_error("tls_ciphers", cfg->tls_ciphers, err, errlen);
 		SSL_CTX_free(ctx);
