@@ -17,6 +17,7 @@
 #include "store.h"
 #include "tls.h"
 #include "trace.h"
+#include "track.h"
 
 #define SERVER_SHUTDOWN_GRACE_SECS 10	/* longest wait for BYEs to flush */
 #define SERVER_ACCEPT_RETRY_SECS 1	/* pause after running out of descriptors */
@@ -160,6 +161,23 @@ server_load_resync(struct server *srv, const struct config *cfg, char *err, size
 	return 0;
 }
 
+/* Redis (re)gained (store.c): a restarted Redis lost every session key and
+ * saves made during the outage were dropped, so every live session's state
+ * is written again now, an idle session's included. */
+static void
+server_store_up(void *arg)
+{
+	struct server *srv = arg;
+	struct session *s;
+	unsigned n = 0;
+
+	TAILQ_FOREACH(s, &srv->sessions, entry)
+		if (s->state != SESSION_DEAD)
+			n += (unsigned)track_save_again(s);
+	if (n > 0)
+		log_info("redis: state of %u live sessions written again", n);
+}
+
 int
 server_init(struct server *srv, struct event_base *base, char *err, size_t errlen)
 {
@@ -175,6 +193,7 @@ server_init(struct server *srv, struct event_base *base, char *err, size_t errle
 		return -1;
 	if ((srv->store = store_new(base, &srv->cfg, session_store_notify, err, errlen)) == NULL)
 		return -1;
+	store_set_up_callback(srv->store, server_store_up, srv);
 	srv->started = time(NULL);
 	if (proxyproto_trust_parse(srv->cfg.proxy_protocol_trusted, &srv->trusted) < 0) {
 		snprintf(err, errlen, "proxy_protocol_trusted: cannot parse %s",

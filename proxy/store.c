@@ -36,8 +36,12 @@
  * Two connections: commands, and SUBSCRIBE (which allows nothing else).
  * Either one failing, or a command failing, starts an outage: both are
  * dropped, the epoch grows, and reconnection is tried after 1 s, 2 s, 4 s...
- * up to 30 s. Regaining both grows the epoch again. Host names in the URL are
- * resolved with a blocking lookup at each (re)connect: prefer an address.
+ * up to 30 s. Regaining both grows the epoch again, rewrites this instance's
+ * registry entry and calls the up callback, which saves every live session
+ * again: saves made during the outage were dropped, and a restarted Redis
+ * has lost the keys (an idle session would otherwise be missing until its
+ * state next changed). Host names in the URL are resolved with a blocking
+ * lookup at each (re)connect: prefer an address.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -116,6 +120,10 @@ struct store {
 	int backoff;		/* seconds before the next reconnection */
 	uint64_t epoch;
 	struct store_stats stats;
+	store_up_fn up_fn;	/* Redis (re)gained: save every live session again */
+	void *up_arg;
+	char *reg_admin;	/* the registry entry written last (NULL: none) */
+	int64_t reg_started;
 };
 
 /* A change waiting for its HINCRBY reply, to be published then. */
@@ -125,6 +133,7 @@ struct store_pub {
 };
 
 static void store_lost(struct store *st, const char *what, const char *why);
+static void store_register_write(struct store *st);
 
 /* --- hash map --- */
 
@@ -479,6 +488,12 @@ store_link_up(struct store_link *link)
 		log_notice("redis %s: connected", st->where);
 	}
 	st->ever_up = 1;
+	/* A restarted Redis has none of our keys, and what was saved during the
+	 * outage was dropped: write the registry entry and every live session's
+	 * state again now, not when each next changes. */
+	store_register_write(st);
+	if (st->up_fn)
+		st->up_fn(st->up_arg);
 }
 
 /* The reply to a command that must not fail: anything but an error is fine. */
@@ -934,24 +949,51 @@ store_get_stats(const struct store *st, struct store_stats *out)
  * "<admin address>\t<pid>\t<started>\t<refreshed>" (unix seconds), so that
  * imapfresh-ctl finds every admin endpoint. The caller refreshes it
  * periodically (a killed instance's entry goes stale, never away); while
- * Redis is down writes are skipped, not counted as errors: the next refresh
- * repairs it. up = 0 deletes the entry (clean shutdown). */
-void
-store_register_instance(struct store *st, const char *admin_address, int64_t started, int up)
+ * Redis is down writes are skipped, not counted as errors: the entry is
+ * remembered and written again as soon as Redis is back (store_link_up()).
+ * up = 0 deletes the entry (clean shutdown). */
+static void
+store_register_write(struct store *st)
 {
 	char value[512];
 
-	if (!st->redis || !store_link_ok(&st->cmd))
+	if (!st->reg_admin || !store_link_ok(&st->cmd))
+		return;
+	snprintf(value, sizeof value, "%s\t%ld\t%lld\t%lld", st->reg_admin, (long)getpid(),
+	    (long long)st->reg_started, (long long)time(NULL));
+	store_command(st, store_on_reply, "HSET", "HSET %sinstances %s %s", st->prefix,
+	    st->instance, value);
+}
+
+void
+store_register_instance(struct store *st, const char *admin_address, int64_t started, int up)
+{
+	if (!st->redis)
+		return;
+	/* Remembered even while Redis is down: regaining it writes the entry. */
+	if (!up) {
+		free(st->reg_admin);
+		st->reg_admin = NULL;
+	} else if (!st->reg_admin || strcmp(st->reg_admin, admin_address) != 0) {
+		free(st->reg_admin);
+		st->reg_admin = strdup(admin_address);
+	}
+	st->reg_started = started;
+	if (!store_link_ok(&st->cmd))
 		return;
 	if (!up) {
 		store_command(st, store_on_reply, "HDEL", "HDEL %sinstances %s", st->prefix,
 		    st->instance);
 		return;
 	}
-	snprintf(value, sizeof value, "%s\t%ld\t%lld\t%lld", admin_address, (long)getpid(),
-	    (long long)started, (long long)time(NULL));
-	store_command(st, store_on_reply, "HSET", "HSET %sinstances %s %s", st->prefix,
-	    st->instance, value);
+	store_register_write(st);
+}
+
+void
+store_set_up_callback(struct store *st, store_up_fn fn, void *arg)
+{
+	st->up_fn = fn;
+	st->up_arg = arg;
 }
 
 /* The instance's name: instance_id, or the host name. */
@@ -1052,5 +1094,6 @@ store_free(struct store *st)
 	store_map_clear(&st->users, store_user_destroy);
 	free(st->prefix);
 	free(st->channel);
+	free(st->reg_admin);
 	free(st);
 }

@@ -23,6 +23,14 @@ typedef void (*store_notify_fn)(void *member, const char *mailbox);
  * schema and the reconnection policy are described at the top of store.c. */
 struct store *store_new(struct event_base *base, const struct config *cfg, store_notify_fn notify,
     char *err, size_t errlen);
+/* Called each time Redis is (re)gained, the first connection included: both
+ * links up, the epoch grown. Whatever was saved while Redis was away was
+ * dropped, and a restarted Redis may have lost every key, so the caller
+ * writes the state of every live session again (store_session_save()) from
+ * here. The store itself rewrites the instances registry entry. */
+typedef void (*store_up_fn)(void *arg);
+void store_set_up_callback(struct store *st, store_up_fn fn, void *arg);
+
 /* Before event_base_free(). What is queued for Redis is written out as far as
  * it goes without blocking; users still joined are freed with the store. */
 void store_free(struct store *st);
@@ -61,7 +69,8 @@ struct store_session_record {
 
 /* Write a session's state (async, coalesced by the caller), or delete it.
  * Saved sessions' keys are kept from expiring by the store until forgotten;
- * while Redis is down, saves and forgets are dropped (stats.errors). */
+ * while Redis is down, saves and forgets are dropped (stats.errors): the up
+ * callback saves every live session again when Redis is back. */
 void store_session_save(struct store *st, const struct store_session_record *rec);
 void store_session_forget(struct store *st, const char *user, const char *sid);
 
@@ -89,7 +98,8 @@ void store_get_stats(const struct store *st, struct store_stats *out);
 
 /* Write (up) or delete this instance's entry in the instances registry
  * (P + "instances": instance -> "<admin address>\t<pid>\t<started>\t<refreshed>"),
- * for imapfresh-ctl. Async; nothing with state = memory. */
+ * for imapfresh-ctl. Async; nothing with state = memory. An entry written
+ * (up) is written again whenever Redis is regained, until deleted. */
 void store_register_instance(struct store *st, const char *admin_address, int64_t started, int up);
 
 #endif

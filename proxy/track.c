@@ -478,6 +478,16 @@ track_save(struct session *s)
 	store_session_save(s->srv->store, &rec);
 }
 
+int
+track_save_again(struct session *s)
+{
+	if (s->track.suser == NULL)
+		return 0;
+	s->track.dirty = 1;
+	track_save(s);
+	return 1;
+}
+
 void
 track_forget(struct session *s)
 {

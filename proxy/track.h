@@ -80,6 +80,9 @@ void track_synced(struct session *s, uint64_t gen);
 /* Write the session's state to the store if it changed (one write per
  * completed command at most). */
 void track_save(struct session *s);
+/* Write it whether it changed or not (Redis regained: the key may be gone);
+ * 1 when the session has state to write (an authenticated user). */
+int track_save_again(struct session *s);
 void track_forget(struct session *s);
 
 #endif

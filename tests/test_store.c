@@ -411,6 +411,18 @@ test_save(struct store *a)
 	ok(stats(a).errors == 0, "no errors so far (%llu)", (unsigned long long)stats(a).errors);
 }
 
+/* The up callback: what a server does there, save its live sessions. */
+static int up_calls;
+static struct store_session_record up_rec = { .sid = "a:55", .user = "alice", .client = "y",
+	.mailbox = "INBOX", .count = 3, .view = "1:3" };
+
+static void
+on_up(void *arg)
+{
+	up_calls++;
+	store_session_save(arg, &up_rec);
+}
+
 static void
 test_redis(void)
 {
@@ -433,10 +445,12 @@ test_redis(void)
 		store_free(b);
 		return;
 	}
+	store_set_up_callback(a, on_up, a);
 	WAIT(store_epoch(a) == 1 && store_epoch(b) == 1, 10);
 	sa = stats(a);
 	sb = stats(b);
 	ok(sa.redis && sa.connected && sb.redis && sb.connected, "both connected");
+	ok(up_calls == 1, "up callback called once on the first connection (%d)", up_calls);
 	ok(store_epoch(a) == 1 && store_epoch(b) == 1,
 	    "epoch 1 once connected and subscribed (A %llu, B %llu)",
 	    (unsigned long long)store_epoch(a), (unsigned long long)store_epoch(b));
@@ -481,6 +495,12 @@ test_redis(void)
 
 	test_save(a);
 
+	store_register_instance(a, "127.0.0.1:8143", 1700000000, 1);
+	WAIT(query_int("HEXISTS t:instances A") == 1, 5);
+	ok(query_int("HEXISTS t:instances A") == 1, "registry: A's entry written");
+	WAIT(query_int("EXISTS t:{alice}:session:a:55") == 1, 5);
+	ok(query_int("EXISTS t:{alice}:session:a:55") == 1, "a save from the up callback is written");
+
 	/* Redis dies: an outage, bumps still work locally, saves dropped. */
 	ea = store_epoch(a);
 	eb = store_epoch(b);
@@ -508,6 +528,21 @@ test_redis(void)
 	ok(stats(a).reconnects == 1 && stats(b).reconnects == 1 && stats(a).connected,
 	    "both reconnected");
 	ok(store_epoch(a) == ea + 2 && store_epoch(b) == eb + 2, "epoch grows again on reconnect");
+	ok(up_calls == 2, "up callback called again on reconnect (%d calls)", up_calls);
+	/* The fresh Redis is empty: what the up callback saves, and the
+	 * registry entry, are back without any other save or refresh. */
+	WAIT(query_int("EXISTS t:{alice}:session:a:55") == 1
+	    && query_int("HEXISTS t:instances A") == 1, 5);
+	ok(query_int("EXISTS t:{alice}:session:a:55") == 1
+	    && query_int("SISMEMBER t:{alice}:sessions a:55") == 1
+	    && query_int("HGET t:{alice}:session:a:55 count") == 3,
+	    "reconnect: the up callback's save is in the restarted Redis");
+	ok(query_int("HEXISTS t:instances A") == 1,
+	    "reconnect: the registry entry is written again by the store");
+	store_session_forget(a, "alice", "a:55");
+	store_register_instance(a, "127.0.0.1:8143", 1700000000, 0);
+	WAIT(query_int("HEXISTS t:instances A") == 0, 5);
+	ok(query_int("HEXISTS t:instances A") == 0, "registry: A's entry deleted");
 	n_notes = 0;
 	store_bump(a, ua, "INBOX", &ma1, NULL);
 	WAIT(store_gen(ub, "INBOX") == 2, 5);

@@ -374,28 +374,83 @@ def t_redis_killed(ctx):
     timed(c, "c1", "SELECT INBOX", 3.0)
     alive(p)
     # Redis back on the same port: imapfresh reconnects (backoff 1 s, 2 s,
-    # 4 s ...) and writes session state again.
+    # 4 s ...) and writes every live session's state again, the idle ones
+    # and bob's (logged in during the outage, its saves dropped) included.
     r2 = servers.Redis(r.dir, port=r.port)
     r2.start()
     ctx.closers.append(lambda: r2.proc and r2.stop())
     wait_until(lambda: "reconnected" in _log_since(p.log, 0), "imapfresh reconnecting", 40, 0.2)
-    # The outage grew the store's epoch: the next trigger resyncs the
-    # session, which marks its state changed and writes it again.
-    n = 0
-    deadline = time.monotonic() + 20
-    while not redis_keys(r2, "imapfresh:{alice}:session:*"):
-        check(time.monotonic() < deadline, "no session state written to the restarted Redis "
-              "within 20 s of reconnecting%s", p.log_tail(10))
-        n += 1
-        timed(a, "a4%d" % n, "UID FETCH 1:* (UID)", 3.0)
-        time.sleep(0.5)
-    back = redis_keys(r2, "imapfresh:{alice}:session:*")
-    if len(back) < 2:
-        tap.diag("note: after the Redis restart only the session that ran a command has its "
-                 "state back (%d of 2 keys); an idle session's key stays missing until it "
-                 "changes" % len(back))
+    wait_until(lambda: len(redis_keys(r2, "imapfresh:{alice}:session:*")) == 2
+               and len(redis_keys(r2, "imapfresh:{bob}:session:*")) == 1,
+               "every live session's key in the restarted Redis", 10, 0.1)
+    # The outage grew the store's epoch: the next trigger resyncs.
+    timed(a, "a4", "UID FETCH 1:* (UID)", 3.0)
     append(a, "a5", mb, message("after redis came back"))
     still_healthy(b, "b2")
+    alive(p)
+
+
+def redis_hash(r, key):
+    """HGETALL key as a dict of str (empty when the key is missing)."""
+    out = subprocess.run(["redis-cli", "-h", HOST, "-p", str(r.port), "--raw", "HGETALL", key],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, timeout=10)
+    lines = out.stdout.decode("latin-1").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return dict(zip(lines[0::2], lines[1::2])) if out.returncode == 0 else {}
+
+
+@test("fault: Redis restarted while a session idles with a mailbox selected: its state key, its "
+      "sessions set entry and the instances registry come back at once, unchanged",
+      timeout=90, proxy_only=True)
+def t_redis_restart_idle_state(ctx):
+    r = own_redis(ctx, "redis-idle")
+    inst = "fault-idle-%06x" % random.getrandbits(24)
+    p = ctx.proxy("redis-idle", [("state", r.url), ("instance_id", inst)])
+    a, _ = ctx.session("alice", p.tls_port)
+    mb = ctx.mailbox(a)
+    append(a, "a1", mb, message("idle one"))
+    append(a, "a2", mb, message("idle two"))
+    a.expect_ok("a3", "SELECT " + mb)
+    a.expect_ok("a4", "FETCH 1:* (UID)")       # every UID known: a view to compare
+    key = wait_until(lambda: redis_keys(r, "imapfresh:{alice}:session:%s:*" % inst),
+                     "the session's key")[0]
+    sid = key.split(":session:", 1)[1]
+
+    def settled(rr):
+        h = redis_hash(rr, key)
+        return h if h.get("mailbox") == mb and h.get("count") == "2" and h.get("view") else None
+    before = wait_until(lambda: settled(r), "the key showing %s with 2 messages" % mb)
+    wait_until(lambda: r.command("HEXISTS", "imapfresh:instances", inst) == b":1",
+               "the instance in the registry")
+    check(r.command("SISMEMBER", "imapfresh:{alice}:sessions", sid) == b":1",
+          "%s not in the user's sessions set", sid)
+    r.proc.send_signal(signal.SIGKILL)
+    r.proc.wait(5)
+    wait_until(lambda: "missed until" in _log_since(p.log, 0), "imapfresh noticing the outage",
+               10, 0.1)
+    r2 = servers.Redis(r.dir, port=r.port)     # an empty Redis (no persistence)
+    r2.start()
+    ctx.closers.append(lambda: r2.proc and r2.stop())
+    wait_until(lambda: "reconnected" in _log_since(p.log, 0), "imapfresh reconnecting", 40, 0.1)
+    # The client does nothing: the key must come back on its own, at once
+    # (before, it came back only when the session's state next changed).
+    after = wait_until(lambda: redis_hash(r2, key), "the idle session's key in the restarted "
+                       "Redis within 5 s of reconnecting", 5, 0.1)
+    check(after == before, "the key came back different:\n before %r\n after  %r", before, after)
+    ttl = int(r2.command("TTL", key).lstrip(b":"))
+    check(ttl > 0, "the key came back without a TTL (%d)", ttl)
+    check(r2.command("SISMEMBER", "imapfresh:{alice}:sessions", sid) == b":1",
+          "%s not back in the user's sessions set", sid)
+    wait_until(lambda: r2.command("HEXISTS", "imapfresh:instances", inst) == b":1",
+               "the instances registry entry back (before its 10 s refresh)", 5, 0.1)
+    out = subprocess.run(["redis-cli", "-h", HOST, "-p", str(r2.port), "--raw", "HGET",
+                          "imapfresh:instances", inst], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, timeout=10).stdout.decode()
+    check(out.startswith("%s:%d\t" % (HOST, p.admin_port)),
+          "registry entry %r does not name the admin endpoint %s:%d", out, HOST, p.admin_port)
+    still_healthy(a, "a5")
     alive(p)
 
 
