@@ -1320,6 +1320,150 @@ def t_tls_minimum(ctx):
     check(c.readline().startswith(b"* OK"), "a TLS 1.2+ client is still served")
 
 
+class _OpenSSL:
+    """openssl s_client or s_server in its interactive mode (not -quiet,
+    which turns the command letters off): its stdin is sent to the peer, but
+    a line "R" (s_client, TLS 1.2) or "r" (s_server) asks for a
+    renegotiation instead. Everything it prints is collected."""
+
+    def __init__(self, ctx, argv):
+        self.proc = subprocess.Popen(["openssl"] + argv, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.buf = bytearray()
+        ctx.closers.append(self.close)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):
+            self.buf += chunk
+
+    def send(self, line):
+        try:
+            self.proc.stdin.write(line + b"\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass            # already gone
+
+    def has(self, what, times=1):
+        return bytes(self.buf).count(what) >= times
+
+    def running(self):
+        return self.proc.poll() is None
+
+    def after(self, mark):
+        """What it printed from mark on (for failure messages)."""
+        out = bytes(self.buf)
+        return out[max(out.find(mark), 0):][-1500:]
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+
+
+def _s_server(ctx, port, extra=()):
+    srv = _OpenSSL(ctx, ["s_server", "-accept", "%s:%d" % (HOST, port), "-cert",
+                         ctx.dovecot.certs["cert"], "-key", ctx.dovecot.certs["key"]] + list(extra))
+    wait_until(lambda: srv.has(b"ACCEPT") or not srv.running(), "openssl s_server listening")
+    check(srv.running(), "openssl s_server: %r", bytes(srv.buf))
+    return srv
+
+
+def _client_renegotiates(ctx, port, greeting, answered, connected=None):
+    """s_client -tls1_2 to port: after the handshake (then connected() is
+    called) and greeting, "R" asks for a renegotiation, then "a NOOP" goes
+    out. True when the link still carries data afterwards (answered(client)
+    holds, s_client still running); False when s_client gave up. Returns
+    (renegotiated, s_client)."""
+    c = _OpenSSL(ctx, ["s_client", "-connect", "%s:%d" % (HOST, port), "-tls1_2", "-crlf"])
+    wait_until(lambda: c.has(b"Verify return code") or not c.running(), "the TLS handshake")
+    if connected:
+        connected()
+    wait_until(lambda: c.has(greeting) or not c.running(), "the greeting")
+    check(c.has(greeting), "no greeting through s_client: %r", bytes(c.buf)[-600:])
+    c.send(b"R")
+    wait_until(lambda: c.has(b"RENEGOTIATING") or not c.running(), "s_client renegotiating")
+    check(c.has(b"RENEGOTIATING"), "s_client did not ask for a renegotiation: %r",
+          bytes(c.buf)[-600:])
+    time.sleep(0.3)
+    c.send(b"a NOOP")
+    wait_until(lambda: answered(c) or not c.running(), "s_client to go on or give up", 10)
+    renegotiated = answered(c) and c.running()
+    c.close()
+    return renegotiated, c
+
+
+@test("fault: a TLS 1.2 client asking imapfresh to renegotiate is refused (no_renegotiation); "
+      "imapfresh survives; the same client renegotiates with a server that allows it",
+      timeout=60, proxy_only=True)
+def t_tls_no_client_renegotiation(ctx):
+    if not shutil.which("openssl"):
+        raise tap.Skip("no openssl command")
+    # Control: s_client's "R" really renegotiates when the server allows it.
+    # (OpenSSL 3 servers refuse client-initiated renegotiation by default:
+    # this test holds even without SSL_OP_NO_RENEGOTIATION there; the
+    # upstream test below is the one that needs it.)
+    port = servers.free_port()
+    srv = _s_server(ctx, port, ["-client_renegotiation"])
+    ok, c = _client_renegotiates(ctx, port, b"* OK control", lambda c: srv.has(b"a NOOP"),
+                                 lambda: srv.send(b"* OK control\r"))
+    check(ok, "control: s_client did not renegotiate with an openssl s_server that allows it: "
+          "%r", c.after(b"RENEGOTIATING"))
+    # imapfresh: refused, the NOOP never answered.
+    ok, c = _client_renegotiates(ctx, ctx.tls_port, b"* OK", lambda c: c.has(b"a OK"))
+    check(not ok and not c.has(b"a OK"), "imapfresh let a client renegotiate TLS: %r",
+          c.after(b"RENEGOTIATING"))
+    check(c.has(b"no renegotiation"), "s_client did not report a refused renegotiation: %r",
+          c.after(b"RENEGOTIATING"))
+    alive(ctx.env.proxy)
+    h = healthy(ctx, ctx.tls_port)
+    still_healthy(h)
+
+
+@test("fault: an upstream asking imapfresh to renegotiate TLS is refused (no_renegotiation "
+      "alert): the client gets * BYE, imapfresh survives", timeout=60, proxy_only=True)
+def t_tls_no_upstream_renegotiation(ctx):
+    if not shutil.which("openssl"):
+        raise tap.Skip("no openssl command")
+    port = servers.free_port()
+    p = ctx.proxy("reneg-up", [("upstream_ca", ctx.env.ca), ("upstream_sni", "localhost"),
+                               ("require_tls", "no")],
+                  upstream="%s:%d" % (HOST, port), upstream_tls="tls")
+    # The upstream: s_server, started after the harness's own probes of p.
+    srv = _s_server(ctx, port, ["-tls1_2"])
+    c = ctx.raw_plain(p.port)
+    wait_until(lambda: srv.has(b"CIPHER is") or not srv.running(), "imapfresh's TLS handshake "
+               "with the upstream")
+    srv.send(b"* OK fake upstream\r")
+    g = c.readline()
+    check(g.startswith(b"* OK fake upstream"), "greeting %r", g)
+    srv.send(b"r")          # HelloRequest: the server asks for a renegotiation
+    # A refusal (imapfresh's no_renegotiation alert) shows at once; only then
+    # (or after 3 s) more data, which a renegotiated link would carry.
+    end = time.monotonic() + 3
+    while not srv.has(b"no renegotiation") and time.monotonic() < end:
+        time.sleep(0.05)
+    srv.send(b"* OK still here\r")
+    line = c.readline()
+    check(not line.startswith(b"* OK still here"), "imapfresh renegotiated TLS with its "
+          "upstream: %r", srv.after(b"SSL_do_handshake"))
+    check(srv.has(b"no renegotiation"), "the upstream did not see a refused renegotiation: %r",
+          srv.after(b"SSL_do_handshake"))
+    check(line.startswith(b"* BYE"), "the client got %r, expected * BYE once the upstream "
+          "dropped the link", line)
+    alive(p)
+    # The same imapfresh serves the next client (through a new s_server on
+    # the same port: after that error s_server takes no more connections).
+    srv.close()
+    srv = _s_server(ctx, port, ["-tls1_2"])
+    c2 = ctx.raw_plain(p.port)
+    wait_until(lambda: srv.has(b"CIPHER is") or not srv.running(), "the next upstream TLS "
+               "handshake")
+    srv.send(b"* OK fake upstream again\r")
+    g = c2.readline()
+    check(g.startswith(b"* OK fake upstream again"), "second client's greeting %r", g)
+
+
 # ================================================================== secrets
 
 @test("fault: passwords never reach the debug log or Redis (LOGIN, literal, AUTHENTICATE PLAIN, "
