@@ -14,6 +14,8 @@ tests/README.md lists every fault with what the client gets.
 
 import base64
 import hashlib
+import http.client
+import json
 import os
 import random
 import re
@@ -1466,8 +1468,8 @@ def t_tls_no_upstream_renegotiation(ctx):
 
 # ================================================================== secrets
 
-@test("fault: passwords never reach the debug log or Redis (LOGIN, literal, AUTHENTICATE PLAIN, "
-      "failed and refused logins)", timeout=120, proxy_only=True)
+@test("fault: passwords never reach the debug log, Redis or an admin page (LOGIN, literal, "
+      "AUTHENTICATE PLAIN, failed and refused logins)", timeout=120, proxy_only=True)
 def t_secrets(ctx):
     tag = "%08x" % random.getrandbits(32)
     user, pw, wrong = "sec" + tag, "Pw-%s-%x!x" % (tag, random.getrandbits(40)), "Wr-%s-nope" % tag
@@ -1523,6 +1525,12 @@ def t_secrets(ctx):
     c.readline()
     status(c.command("w1", "LOGIN %s %s" % (user, wrong))[0], "NO")
     time.sleep(0.5)
+    # Every page of the admin endpoint while the four sessions that logged
+    # in with the password are live (their connections stay open).
+    pages = admin_pages(p)
+    listed = [e for e in json.loads(pages["/sessions"]) if e.get("user") == user]
+    check(len(listed) == len(forms), "/sessions lists %d sessions of %s, expected %d: wrong "
+          "pages?", len(listed), user, len(forms))
     keys = redis_keys(r)
     check(any(user in k for k in keys), "no Redis key for %s: the state was not written "
           "(keys %r)" % (user, keys[:10]))
@@ -1544,6 +1552,32 @@ def t_secrets(ctx):
         check(secret not in log, "the %s reached imapfresh's log: %r", what,
               [l for l in log.splitlines() if secret in l][:3])
         check(secret not in dump, "the %s reached Redis", what)
+        for path, body in pages.items():
+            check(secret not in body, "the %s is on the admin page %s", what, path)
+
+
+def admin_pages(p):
+    """Every page the admin endpoint serves with GET: /metrics, /healthz,
+    /sessions (and /sessions/), /trace, and each live session in full, by
+    sid and by instance:sid. {path: body}; each must answer 200."""
+    pages = {}
+
+    def get(path):
+        h = http.client.HTTPConnection(HOST, p.admin_port, timeout=TIMEOUT)
+        try:
+            h.request("GET", path)
+            r = h.getresponse()
+            body = r.read()
+        finally:
+            h.close()
+        check(r.status == 200, "admin GET %s: %d %r", path, r.status, body[:200])
+        pages[path] = body
+    for path in ("/metrics", "/healthz", "/sessions", "/sessions/", "/trace"):
+        get(path)
+    for e in json.loads(pages["/sessions"]):
+        get("/sessions/" + e["sid"])
+        get("/sessions/" + e["id"])
+    return pages
 
 
 class RedisSubscriber:
