@@ -16,6 +16,7 @@
 #include "trace.h"
 #include "tls.h"
 #include "proxyproto.h"
+#include "relay.h"
 #include "upstream.h"
 
 #define SESSION_CLOSE_FLUSH_SECS 10	/* how long a closing session may flush */
@@ -90,22 +91,13 @@ session_format_addr(struct sockaddr *sa, char *buf, size_t len)
 	}
 }
 
-/* libevent's defaults (16 KiB a write, one TLS record a read) cost a
- * syscall per few KiB under bulk FETCH. */
-void
-session_io_sizes(struct bufferevent *bev)
-{
-	bufferevent_set_max_single_read(bev, SESSION_OUT_HIGH);
-	bufferevent_set_max_single_write(bev, SESSION_OUT_HIGH);
-}
-
 void
 session_set_client_callbacks(struct session *s)
 {
 	bufferevent_setcb(s->client, session_client_read_cb, session_client_write_cb,
 	    session_client_event_cb, s);
 	bufferevent_setwatermark(s->client, EV_READ, 0, SESSION_READ_HIGH);
-	session_io_sizes(s->client);
+	relay_io_sizes(s->client);
 	bufferevent_enable(s->client, EV_READ | EV_WRITE);
 }
 
@@ -481,6 +473,7 @@ session_resume_reading(struct session *s, struct bufferevent *from)
 static void
 session_client_read_cb(struct bufferevent *bev, void *arg)
 {
+	relay_read_more(bev, SESSION_READ_HIGH);
 	session_client_process(arg);
 }
 

@@ -136,9 +136,6 @@ void session_enter(struct session *s, enum session_state next, const char *why);
  * callback. Safe to call more than once. */
 void session_close(struct session *s, const char *bye, const char *why);
 
-/* Larger single reads and writes for a session's bufferevent. */
-void session_io_sizes(struct bufferevent *bev);
-
 /* (Re)attach the client bufferevent's callbacks, after accept or STARTTLS. */
 void session_set_client_callbacks(struct session *s);
 

@@ -4,6 +4,7 @@
 #include <strings.h>
 
 #include "log.h"
+#include "relay.h"
 #include "session.h"
 #include "tls.h"
 #include "trace.h"
@@ -124,13 +125,11 @@ session_client_send_id(struct session *s)
 static void
 session_client_forward(struct session *s)
 {
-	struct evbuffer *out = bufferevent_get_output(s->up);
-
 	if (s->id_pending && !s->cmd_forwarded)
 		session_client_send_id(s);
 
 	s->srv->stats.bytes_client_to_upstream += evbuffer_get_length(s->cline);
-	evbuffer_add_buffer(out, s->cline);
+	relay_move(s->up, s->cline, evbuffer_get_length(s->cline));
 	if (!s->cmd_forwarded && s->cmd.tag_ok && !s->line_is_continuation)
 		session_inflight_push(s, &s->cmd);
 	s->cmd_forwarded = 1;
@@ -364,7 +363,7 @@ session_client_move_literal(struct session *s, struct evbuffer *in)
 	if (s->cmd_reject)
 		evbuffer_drain(in, n);
 	else {
-		evbuffer_remove_buffer(in, bufferevent_get_output(s->up), n);
+		relay_move(s->up, in, n);
 		s->srv->stats.bytes_client_to_upstream += n;
 	}
 	imap_lex_skip_literal(s->clex, n);

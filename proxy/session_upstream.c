@@ -6,6 +6,7 @@
 
 #include "capability.h"
 #include "log.h"
+#include "relay.h"
 #include "metrics.h"
 #include "trace.h"
 #include "session.h"
@@ -62,7 +63,7 @@ session_upstream_flush(struct session *s)
 	}
 	s->srv->stats.bytes_upstream_to_client += n;
 	s->resp_passed = 1;
-	evbuffer_add_buffer(bufferevent_get_output(s->client), s->uline);
+	relay_move(s->client, s->uline, n);
 }
 
 static void
@@ -385,7 +386,7 @@ session_upstream_move_literal(struct session *s, struct evbuffer *in)
 		trace_literal_bytes(s, TRACE_U2P, in, n);
 	s->srv->stats.bytes_upstream_to_client += n;
 	s->resp_passed = 1;
-	evbuffer_remove_buffer(in, bufferevent_get_output(s->client), n);
+	relay_move(s->client, in, n);
 	imap_lex_skip_literal(s->ulex, n);
 	return 1;
 }
@@ -411,7 +412,7 @@ session_upstream_release(struct session *s, struct evbuffer *in)
 	s->up_deferred = 0;
 	s->srv->stats.bytes_upstream_to_client += n;
 	s->resp_passed = 1;
-	evbuffer_remove_buffer(in, bufferevent_get_output(s->client), n);
+	relay_move(s->client, in, n);
 }
 
 void

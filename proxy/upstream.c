@@ -11,6 +11,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "proxyproto.h"
+#include "relay.h"
 #include "session.h"
 #include "tls.h"
 #include "upstream.h"
@@ -24,7 +25,7 @@ upstream_set_callbacks(struct session *s)
 {
 	bufferevent_setcb(s->up, upstream_read_cb, upstream_write_cb, upstream_event_cb, s);
 	bufferevent_setwatermark(s->up, EV_READ, 0, SESSION_READ_HIGH);
-	session_io_sizes(s->up);
+	relay_io_sizes(s->up);
 	bufferevent_enable(s->up, EV_READ | EV_WRITE);
 }
 
@@ -118,6 +119,7 @@ upstream_send_proxy_header(struct session *s)
 static void
 upstream_read_cb(struct bufferevent *bev, void *arg)
 {
+	relay_read_more(bev, SESSION_READ_HIGH);
 	session_upstream_process(arg);
 }
 

@@ -1,0 +1,106 @@
+/* relay: moving a session's bytes between its two sockets with fewer syscalls than libevent 2.1 makes. */
+#include <errno.h>
+#include <sys/uio.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/event.h>
+
+#include "relay.h"
+
+#define RELAY_LIBEVENT_READ 4096	/* libevent 2.1's EVBUFFER_MAX_READ */
+#define RELAY_CHUNK (64 * 1024)
+
+/* A plain socket bufferevent: TLS ones read whole records and must write
+ * through SSL. */
+static int
+relay_is_plain(struct bufferevent *bev)
+{
+	return bev != NULL && bufferevent_getfd(bev) >= 0 && bufferevent_openssl_get_ssl(bev) == NULL;
+}
+
+void
+relay_io_sizes(struct bufferevent *bev)
+{
+	/* libevent's defaults: 16 KiB a write, one TLS record a read. */
+	bufferevent_set_max_single_read(bev, RELAY_MAX_IO);
+	bufferevent_set_max_single_write(bev, RELAY_MAX_IO);
+}
+
+/* Read fd into in until it would block or in holds cap bytes. */
+static void
+relay_read_into(struct evbuffer *in, evutil_socket_t fd, size_t have, size_t cap)
+{
+	while (have < cap) {
+		struct evbuffer_iovec v[2];
+		size_t want = cap - have < RELAY_CHUNK ? cap - have : RELAY_CHUNK;
+		int nv = evbuffer_reserve_space(in, (ev_ssize_t)want, v, 2);
+		ssize_t n;
+
+		if (nv < 1)
+			return;
+		/* reserve_space may offer more than asked: never read past cap. */
+		if (v[0].iov_len >= want)
+			v[0].iov_len = want, nv = 1;
+		else if (nv == 2 && v[0].iov_len + v[1].iov_len > want)
+			v[1].iov_len = want - v[0].iov_len;
+		do
+			n = readv(fd, (struct iovec *)v, nv);
+		while (n < 0 && errno == EINTR);
+		if (n <= 0) {
+			evbuffer_commit_space(in, v, 0);
+			return;
+		}
+		if ((size_t)n <= v[0].iov_len)
+			v[0].iov_len = (size_t)n, nv = 1;
+		else
+			v[1].iov_len = (size_t)n - v[0].iov_len;
+		evbuffer_commit_space(in, v, nv);
+		have += (size_t)n;
+		if ((size_t)n < want)
+			return;	/* the socket is drained */
+	}
+}
+
+/*
+ * libevent 2.1 reads at most 4 KiB per read callback whatever
+ * bufferevent_set_max_single_read() says (2.2 lifted it): under bulk traffic
+ * that is a loop pass, an ioctl and a 4 KiB chain per 4 KiB. When its read
+ * just filled that, read what else waits, up to cap bytes of input. EOF and
+ * errors stay in the socket for libevent's next read to report.
+ */
+void
+relay_read_more(struct bufferevent *bev, size_t cap)
+{
+	struct evbuffer *in = bufferevent_get_input(bev);
+	size_t have = evbuffer_get_length(in);
+
+	if (!relay_is_plain(bev) || have < RELAY_LIBEVENT_READ ||
+	    !(bufferevent_get_enabled(bev) & EV_READ))
+		return;
+	/* The bufferevent freezes its input's end between its own reads. */
+	evbuffer_unfreeze(in, 0);
+	relay_read_into(in, bufferevent_getfd(bev), have, cap);
+	evbuffer_freeze(in, 0);
+}
+
+/*
+ * A bufferevent writes only when its write event fires, one loop pass after
+ * the bytes were queued, with an epoll_ctl on each side of it: more than the
+ * write itself costs on a NOOP round trip. When nothing is queued ahead of
+ * them, the bytes go straight to the peer's socket; what it does not take is
+ * queued as before, and errors are left to the bufferevent's own write.
+ */
+void
+relay_move(struct bufferevent *to, struct evbuffer *from, size_t n)
+{
+	struct evbuffer *out = bufferevent_get_output(to);
+
+	if (n > 0 && evbuffer_get_length(out) == 0 && relay_is_plain(to) &&
+	    (bufferevent_get_enabled(to) & EV_WRITE)) {
+		int w = evbuffer_write_atmost(from, bufferevent_getfd(to), (ev_ssize_t)n);
+
+		if (w > 0)
+			n -= (size_t)w;
+	}
+	if (n > 0)
+		evbuffer_remove_buffer(from, out, n);
+}
