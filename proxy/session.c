@@ -338,6 +338,7 @@ session_reply(struct session *s, const char *fmt, ...)
 	if (s->trace != NULL)
 		trace_line(s, TRACE_P2C, line, (size_t)n, 0);
 	memcpy(line + n, "\r\n", 2);
+	session_upstream_release_pending(s);	/* what the upstream said before goes first */
 	evbuffer_add(bufferevent_get_output(s->client), line, (size_t)n + 2);
 }
 

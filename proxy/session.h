@@ -99,7 +99,9 @@ struct session {
 	struct evbuffer *uline;		/* raw bytes of the response held so far */
 	enum resp_mode resp_mode;
 	int resp_passed;		/* some of this response reached the client */
-	size_t up_deferred;		/* PASS bytes lexed but still in the upstream input */
+	size_t up_deferred;		/* bytes lexed but still in the upstream input:
+					   PASS ones, then the undecided response's */
+	size_t up_resp_start;		/* where in those the current response starts */
 	char resp_tag[COMMAND_TAG_MAX + 1];
 	char resp_word[16];		/* OK, NO, CAPABILITY, EXISTS, ... (index 1) */
 	struct evbuffer *resp_text;	/* rewritten line under construction */
@@ -183,6 +185,8 @@ void session_client_release(struct session *s);
 void session_client_starttls_flushed(struct session *s);
 /* session_upstream.c: the upstream's bytes, response by response. */
 void session_upstream_process(struct session *s);
+/* Pass on the upstream bytes that wait to go to the client (before a line of our own). */
+void session_upstream_release_pending(struct session *s);
 /* Note the tag, first word and resp-text of the response being read. */
 void session_upstream_identify(struct session *s, const struct imap_tok *tok);
 void session_upstream_start(struct session *s);

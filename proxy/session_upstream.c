@@ -47,8 +47,11 @@ session_upstream_reset(struct session *s)
 	s->resp_word[0] = '\0';
 	s->resp_status_text[0] = '\0';
 	s->resp_passed = 0;
+	s->up_resp_start = s->up_deferred;
 	evbuffer_drain(s->resp_text, evbuffer_get_length(s->resp_text));
 }
+
+static void session_upstream_release(struct session *s, size_t n);
 
 static void
 session_upstream_flush(struct session *s)
@@ -66,9 +69,26 @@ session_upstream_flush(struct session *s)
 	relay_move(s->client, s->uline, n);
 }
 
+/* Take the undecided response's bytes out of the upstream input, after
+ * passing on what precedes them. */
+static void
+session_upstream_spill(struct session *s)
+{
+	if (s->up == NULL)
+		return;
+	session_upstream_release(s, s->up_resp_start);
+	evbuffer_remove_buffer(bufferevent_get_input(s->up), s->uline, s->up_deferred);
+	s->up_deferred = 0;
+}
+
+/* An undecided response's bytes wait in the upstream input behind the PASS
+ * bytes before them: passed along with them, or taken out to be hidden or
+ * rewritten. */
 static void
 session_upstream_set_mode(struct session *s, enum resp_mode mode)
 {
+	if (s->resp_mode == RESP_UNDECIDED && mode != RESP_PASS)
+		session_upstream_spill(s);
 	s->resp_mode = mode;
 	if (mode == RESP_PASS)
 		session_upstream_flush(s);
@@ -126,7 +146,7 @@ session_upstream_observe(struct session *s, const struct imap_tok *tok)
 			v.iov_len = 6;
 		}
 		evbuffer_commit_space(s->resp_text, &v, 1);
-		s->resp_mode = RESP_REWRITE;
+		session_upstream_set_mode(s, RESP_REWRITE);
 	} else if (s->resp_mode == RESP_REWRITE && tok->type == IMAP_TOK_ATOM && tok->index >= 2) {
 		/* A CAPABILITY line: collect the names, rewritten at EOL. */
 		if (evbuffer_get_length(s->resp_text) > 0)
@@ -150,7 +170,7 @@ static void
 session_upstream_decide(struct session *s, const struct imap_tok *tok)
 {
 	if (s->state == SESSION_UPSTREAM_STARTTLS) {
-		s->resp_mode = RESP_SWALLOW;
+		session_upstream_set_mode(s, RESP_SWALLOW);
 		return;
 	}
 	if (tok->index == 0 && tok->type != IMAP_TOK_EOL) {
@@ -159,18 +179,18 @@ session_upstream_decide(struct session *s, const struct imap_tok *tok)
 		return;	/* wait for the word after the tag */
 	}
 	if (resync_response_hidden(s) || session_upstream_ours(s)) {
-		s->resp_mode = RESP_SWALLOW;
+		session_upstream_set_mode(s, RESP_SWALLOW);
 		return;
 	}
 	if (s->id_responses_hidden > 0 && strcmp(s->resp_tag, "*") == 0 &&
 	    strcmp(s->resp_word, "ID") == 0) {
 		s->id_responses_hidden--;	/* the answer to our own ID comes first */
-		s->resp_mode = RESP_SWALLOW;
+		session_upstream_set_mode(s, RESP_SWALLOW);
 		return;
 	}
 	if (strcmp(s->resp_tag, "*") == 0 && strcmp(s->resp_word, "CAPABILITY") == 0 &&
 	    tok->type != IMAP_TOK_EOL) {
-		s->resp_mode = RESP_REWRITE;
+		session_upstream_set_mode(s, RESP_REWRITE);
 		return;
 	}
 	if (session_upstream_is_status(s->resp_word) && tok->type != IMAP_TOK_TEXT &&
@@ -344,6 +364,9 @@ session_upstream_eol(struct session *s)
 {
 	enum session_state st = s->state;
 
+	/* Outside RUNNING a response may change the link: nothing stays behind. */
+	if (st != SESSION_RUNNING)
+		session_upstream_release_pending(s);
 	if (s->trace != NULL)
 		trace_fate(s, TRACE_U2P, s->resp_mode == RESP_REWRITE ? TRACE_REWRITTEN :
 		    s->resp_mode == RESP_SWALLOW ? TRACE_HIDDEN : TRACE_FORWARDED);
@@ -399,20 +422,37 @@ session_upstream_may_process(const struct session *s)
 	    s->state == SESSION_RUNNING);
 }
 
-/* PASS bytes stay in the input until a boundary (end of response, literal,
- * end of the window), then move in one piece: a response of thousands of
- * tokens costs a few buffer moves, not thousands of tiny chains. */
+/* The first n deferred bytes (all PASS) go to the client in one move. */
 static void
-session_upstream_release(struct session *s, struct evbuffer *in)
+session_upstream_release(struct session *s, size_t n)
 {
-	size_t n = s->up_deferred;
+	struct evbuffer *in;
 
-	if (n == 0)
+	if (n == 0 || s->up == NULL)
 		return;
-	s->up_deferred = 0;
+	in = bufferevent_get_input(s->up);
+	if (n > s->up_resp_start)
+		s->resp_passed = 1;
+	s->up_resp_start = n < s->up_resp_start ? s->up_resp_start - n : 0;
+	s->up_deferred -= n;
+	if (s->client == NULL) {
+		evbuffer_drain(in, n);
+		return;
+	}
 	s->srv->stats.bytes_upstream_to_client += n;
-	s->resp_passed = 1;
 	relay_move(s->client, in, n);
+}
+
+/*
+ * PASS bytes stay in the upstream input until the end of the window, a
+ * literal, an error or a line of imapfresh's own for the client, then move in
+ * one piece: a FETCH of a thousand lines costs a buffer move and a write,
+ * not one per line. An undecided response's bytes wait behind them.
+ */
+void
+session_upstream_release_pending(struct session *s)
+{
+	session_upstream_release(s, s->resp_mode == RESP_PASS ? s->up_deferred : s->up_resp_start);
 }
 
 void
@@ -426,7 +466,6 @@ session_upstream_process(struct session *s)
 		struct imap_tok tok;
 		size_t used = 0;
 		enum imap_lex_status st;
-		int boundary;
 
 		in = bufferevent_get_input(s->up);
 		if (s->up_deferred == 0 && session_upstream_move_literal(s, in))
@@ -437,19 +476,23 @@ session_upstream_process(struct session *s)
 		st = imap_lex_next(s->ulex, v.iov_base, v.iov_len, &used, &tok);
 		if (st == IMAP_LEX_TOKEN)
 			session_upstream_observe(s, &tok);
-		boundary = st != IMAP_LEX_TOKEN || tok.type == IMAP_TOK_EOL ||
-		    tok.type == IMAP_TOK_LITERAL || tok.type == IMAP_TOK_ERROR;
-		if (s->resp_mode == RESP_PASS) {
+		if (s->resp_mode == RESP_PASS || s->resp_mode == RESP_UNDECIDED)
 			s->up_deferred += used;
-			if (boundary || s->up_deferred >= SESSION_OUT_LOW)
-				session_upstream_release(s, in);
-		} else if (used > 0)
+		else if (used > 0)
 			evbuffer_remove_buffer(in, s->uline, used);
+		if (s->up_deferred >= SESSION_OUT_LOW) {
+			session_upstream_release_pending(s);
+			/* A long undecided line must not fill the input: it waits in uline. */
+			if (s->resp_mode == RESP_UNDECIDED)
+				session_upstream_spill(s);
+		}
 		if (st != IMAP_LEX_TOKEN) {
-			if (used == 0 || evbuffer_get_length(in) == 0)
+			if (used == 0 || evbuffer_get_length(in) <= s->up_deferred)
 				break;
 			continue;
 		}
+		if (tok.type == IMAP_TOK_LITERAL || tok.type == IMAP_TOK_ERROR)
+			session_upstream_release_pending(s);
 		if (tok.type == IMAP_TOK_ERROR) {
 			log_msg(LOG_LEVEL_WARNING, s->sid, "upstream protocol error: %s",
 			    tok.errmsg ? tok.errmsg : "?");
@@ -477,5 +520,5 @@ next:
 			session_pause_reading(s, s->up);
 	}
 	if (s->up != NULL && s->client != NULL)
-		session_upstream_release(s, bufferevent_get_input(s->up));
+		session_upstream_release_pending(s);
 }
