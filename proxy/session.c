@@ -357,6 +357,10 @@ session_close(struct session *s, const char *bye, const char *why)
 	if (s->state == SESSION_CLOSING || s->state == SESSION_DEAD)
 		return;
 	log_msg(LOG_LEVEL_INFO, s->sid, "closing: %s", why);
+	if (!session_upstream_cut(s) && bye != NULL) {
+		log_msg(LOG_LEVEL_INFO, s->sid, "no BYE: the client is inside a literal");
+		bye = NULL;
+	}
 	if (s->up != NULL) {
 		bufferevent_free(s->up);
 		s->up = NULL;

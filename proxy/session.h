@@ -187,6 +187,8 @@ void session_client_starttls_flushed(struct session *s);
 void session_upstream_process(struct session *s);
 /* Pass on the upstream bytes that wait to go to the client (before a line of our own). */
 void session_upstream_release_pending(struct session *s);
+/* The session ends: flush what was read; 0 when no line may follow (cut inside a literal). */
+int session_upstream_cut(struct session *s);
 /* Note the tag, first word and resp-text of the response being read. */
 void session_upstream_identify(struct session *s, const struct imap_tok *tok);
 void session_upstream_start(struct session *s);

@@ -455,6 +455,26 @@ session_upstream_release_pending(struct session *s)
 	session_upstream_release(s, s->resp_mode == RESP_PASS ? s->up_deferred : s->up_resp_start);
 }
 
+/*
+ * The session ends: pass on what was read, and say whether a line of ours
+ * (the BYE) may follow. A response cut mid-line gets its line ended first; one
+ * cut inside a literal cannot be ended, as any byte would be read as payload,
+ * so that client sees only the connection close.
+ */
+int
+session_upstream_cut(struct session *s)
+{
+	if (s->client == NULL || s->ulex == NULL)
+		return 1;
+	session_upstream_release_pending(s);
+	if (imap_lex_at_command_start(s->ulex) || s->resp_mode != RESP_PASS || !s->resp_passed)
+		return 1;
+	if (imap_lex_literal_remaining(s->ulex) > 0)
+		return 0;
+	evbuffer_add(bufferevent_get_output(s->client), "\r\n", 2);
+	return 1;
+}
+
 void
 session_upstream_process(struct session *s)
 {
@@ -496,9 +516,6 @@ session_upstream_process(struct session *s)
 		if (tok.type == IMAP_TOK_ERROR) {
 			log_msg(LOG_LEVEL_WARNING, s->sid, "upstream protocol error: %s",
 			    tok.errmsg ? tok.errmsg : "?");
-			/* Part of the line may be out already: the BYE gets a line of its own. */
-			if (s->resp_mode == RESP_PASS && s->resp_passed)
-				evbuffer_add(bufferevent_get_output(s->client), "\r\n", 2);
 			session_close(s, "[UNAVAILABLE] Backend server protocol error",
 			    "upstream protocol error");
 			return;
