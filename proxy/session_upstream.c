@@ -199,10 +199,12 @@ session_upstream_decide(struct session *s, const struct imap_tok *tok)
 	session_upstream_set_mode(s, RESP_PASS);
 }
 
+/* The line is built in uline (its raw bytes are not needed any more), then
+ * relayed like any other: a greeting or LOGIN reply costs no extra loop pass. */
 static void
 session_upstream_write_rewritten(struct session *s)
 {
-	struct evbuffer *out = bufferevent_get_output(s->client);
+	struct evbuffer *out = s->uline;
 	struct capability_policy p;
 
 	evbuffer_drain(s->uline, evbuffer_get_length(s->uline));
@@ -234,6 +236,7 @@ session_upstream_write_rewritten(struct session *s)
 		evbuffer_add_buffer(out, s->resp_text);
 		evbuffer_add(out, "\r\n", 2);
 	}
+	relay_move(s->client, out, evbuffer_get_length(out));
 }
 
 /* The greeting is through: start STARTTLS upstream, or start relaying. */
