@@ -1444,6 +1444,18 @@ def t_tls_no_client_renegotiation(ctx):
     still_healthy(h)
 
 
+def _s_server_session(ctx, port, proxy, greeting):
+    """An s_server upstream on port and a client of proxy greeted through it."""
+    srv = _s_server(ctx, port, ["-tls1_2"])
+    c = ctx.raw_plain(proxy.port)
+    wait_until(lambda: srv.has(b"CIPHER is") or not srv.running(), "imapfresh's TLS handshake "
+               "with the upstream")
+    srv.send(b"* OK " + greeting + b"\r")
+    g = c.readline()
+    check(g.startswith(b"* OK " + greeting), "greeting %r", g)
+    return srv, c
+
+
 @test("fault: an upstream asking imapfresh to renegotiate TLS is refused (no_renegotiation "
       "alert): the client gets * BYE, imapfresh survives", timeout=60, proxy_only=True)
 def t_tls_no_upstream_renegotiation(ctx):
@@ -1454,13 +1466,7 @@ def t_tls_no_upstream_renegotiation(ctx):
                                ("require_tls", "no")],
                   upstream="%s:%d" % (HOST, port), upstream_tls="tls")
     # The upstream: s_server, started after the harness's own probes of p.
-    srv = _s_server(ctx, port, ["-tls1_2"])
-    c = ctx.raw_plain(p.port)
-    wait_until(lambda: srv.has(b"CIPHER is") or not srv.running(), "imapfresh's TLS handshake "
-               "with the upstream")
-    srv.send(b"* OK fake upstream\r")
-    g = c.readline()
-    check(g.startswith(b"* OK fake upstream"), "greeting %r", g)
+    srv, c = _s_server_session(ctx, port, p, b"fake upstream")
     srv.send(b"r")          # HelloRequest: the server asks for a renegotiation
     # A refusal (imapfresh's no_renegotiation alert) shows at once; only then
     # (or after 3 s) more data, which a renegotiated link would carry.
@@ -1479,13 +1485,7 @@ def t_tls_no_upstream_renegotiation(ctx):
     # The same imapfresh serves the next client (through a new s_server on
     # the same port: after that error s_server takes no more connections).
     srv.close()
-    srv = _s_server(ctx, port, ["-tls1_2"])
-    c2 = ctx.raw_plain(p.port)
-    wait_until(lambda: srv.has(b"CIPHER is") or not srv.running(), "the next upstream TLS "
-               "handshake")
-    srv.send(b"* OK fake upstream again\r")
-    g = c2.readline()
-    check(g.startswith(b"* OK fake upstream again"), "second client's greeting %r", g)
+    _s_server_session(ctx, port, p, b"fake upstream again")
 
 
 # ================================================================== secrets
