@@ -1,5 +1,6 @@
 /* relay: moving a session's bytes between its two sockets with fewer syscalls than libevent 2.1 makes. */
 #include <errno.h>
+#include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <event2/bufferevent_ssl.h>
 #include <event2/event.h>
@@ -32,9 +33,16 @@ relay_read_into(struct evbuffer *in, evutil_socket_t fd, size_t have, size_t cap
 	while (have < cap) {
 		struct evbuffer_iovec v[2];
 		size_t want = cap - have < RELAY_CHUNK ? cap - have : RELAY_CHUNK;
-		int nv = evbuffer_reserve_space(in, (ev_ssize_t)want, v, 2);
+		int avail = 0, nv, all_waiting = 0;
 		ssize_t n;
 
+		/* Read only bytes that wait: a read of an empty socket would take
+		 * a pending error (ECONNRESET) that libevent must report. */
+		if (ioctl(fd, FIONREAD, &avail) < 0 || avail <= 0)
+			return;
+		if ((size_t)avail <= want)
+			want = (size_t)avail, all_waiting = 1;
+		nv = evbuffer_reserve_space(in, (ev_ssize_t)want, v, 2);
 		if (nv < 1)
 			return;
 		/* reserve_space may offer more than asked: never read past cap. */
@@ -55,7 +63,7 @@ relay_read_into(struct evbuffer *in, evutil_socket_t fd, size_t have, size_t cap
 			v[1].iov_len = (size_t)n - v[0].iov_len;
 		evbuffer_commit_space(in, v, nv);
 		have += (size_t)n;
-		if ((size_t)n < want)
+		if ((size_t)n < want || all_waiting)
 			return;	/* the socket is drained */
 	}
 }
