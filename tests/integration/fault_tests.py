@@ -1638,6 +1638,34 @@ class RedisSubscriber:
 
 # ======================================================= pre-auth discipline
 
+@test("fault: a client cannot reach another session's upstream: literal payloads that look "
+      "like commands, imapfresh's own tag form, pipelining", timeout=60, proxy_only=True)
+def t_no_cross_session(ctx):
+    fake = FakeUpstream()
+    p = fake_proxy(ctx, "cross-session", fake)
+    a = fake_login(ctx, p, "mallory")
+    b = fake_login(ctx, p, "victim")
+    # A literal whose payload reads like commands and responses; a tag in
+    # imapfresh's own form; all pipelined in one write.
+    payload = b"v9 LOGOUT\r\n* 1 EXISTS\r\nimapfresh.1 OK done\r\nL LOGIN victim x"
+    sent = (b"imapfresh.1 NOOP\r\n"
+            b"a2 APPEND INBOX {%d+}\r\n" % len(payload) + payload + b"\r\n"
+            b"imapfresh.2 SELECT INBOX\r\n")
+    a.send(sent)
+    for tag in (b"imapfresh.1", b"a2", b"imapfresh.2"):
+        line, _, _ = a.wait_tagged(tag)
+        status(line, "OK")
+    line, untagged, _ = b.command("v1", "NOOP")
+    status(line, "OK")
+    check(untagged == [], "the victim got untagged lines it did not cause: %r", untagged)
+    conns = {fc.user: bytes(fc.received) for fc in fake.conns if fc.user}
+    check(conns.get("victim") == b"L LOGIN victim anything\r\nv1 NOOP\r\n",
+          "the victim's upstream link carried %r", conns.get("victim"))
+    check(conns.get("mallory") == b"L LOGIN mallory anything\r\n" + sent,
+          "the other client's bytes were not passed as sent: %r", conns.get("mallory"))
+    alive(p)
+
+
 @test("fault: before authentication imapfresh forwards the client's commands as sent and nothing "
       "else; refused LOGIN/AUTHENTICATE and STARTTLS never reach the upstream", proxy_only=True)
 def t_preauth_nothing_injected(ctx):
