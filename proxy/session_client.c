@@ -129,7 +129,12 @@ session_client_forward(struct session *s)
 		session_client_send_id(s);
 
 	s->srv->stats.bytes_client_to_upstream += evbuffer_get_length(s->cline);
-	relay_move(s->up, s->cline, evbuffer_get_length(s->cline));
+	/* More of a pipelined burst waits to be read: queue, so that the burst
+	 * leaves in one write instead of one per command. */
+	if (evbuffer_get_length(bufferevent_get_input(s->client)) > 0)
+		evbuffer_add_buffer(bufferevent_get_output(s->up), s->cline);
+	else
+		relay_move(s->up, s->cline, evbuffer_get_length(s->cline));
 	if (!s->cmd_forwarded && s->cmd.tag_ok && !s->line_is_continuation)
 		session_inflight_push(s, &s->cmd);
 	s->cmd_forwarded = 1;
