@@ -719,7 +719,7 @@ admin_bound_address(struct admin *adm, int fd)
 
 /* Our own socket rather than evhttp_bind_socket(), for an error that says why. */
 static int
-admin_listen_socket(const char *spec, char *err, size_t errlen)
+admin_listen_socket(const char *spec, int port_offset, char *err, size_t errlen)
 {
 	struct config_addr a;
 	struct evutil_addrinfo hints = { 0 }, *res = NULL;
@@ -729,6 +729,9 @@ admin_listen_socket(const char *spec, char *err, size_t errlen)
 		snprintf(err, errlen, "admin_listen %s: expected host:port", spec);
 		return -1;
 	}
+	/* Worker N serves on the configured port + N (a port 0 stays "any"). */
+	if (port_offset > 0 && atoi(a.port) > 0)
+		snprintf(a.port, sizeof(a.port), "%d", atoi(a.port) + port_offset);
 	hints.ai_family = AF_UNSPEC;
 	hints.ai_socktype = SOCK_STREAM;
 	hints.ai_flags = EVUTIL_AI_PASSIVE;
@@ -757,7 +760,7 @@ admin_start(struct server *srv, char *err, size_t errlen)
 
 	if (srv->cfg.admin_listen[0] == '\0')
 		return 0;
-	if ((fd = admin_listen_socket(srv->cfg.admin_listen, err, errlen)) < 0)
+	if ((fd = admin_listen_socket(srv->cfg.admin_listen, srv->worker, err, errlen)) < 0)
 		return -1;
 	if ((adm = calloc(1, sizeof(*adm))) == NULL || (adm->http = evhttp_new(srv->base)) == NULL ||
 	    evhttp_accept_socket_with_handle(adm->http, fd) == NULL ||

@@ -109,7 +109,9 @@ static const char *config_check_instance(const char *value);
 	X(upstream_client_address, ENUM, .def = "none", .choices = config_client_address_names, \
 	    .help = "how the upstream learns the client's address: none, id, proxy-v1 or proxy-v2") \
 	X(max_clients, INT, .def = "10000", .min = 1, .max = 1000000, \
-	    .help = "client connections accepted at once") \
+	    .help = "client connections accepted at once, per worker") \
+	X(workers, INT, .def = "1", .min = 1, .max = 64, \
+	    .help = "processes serving clients; more than one needs state = redis://...") \
 	X(max_line, SIZE, .def = "64k", .min = 1024, .max = 16 << 20, \
 	    .help = "longest command or response line, literals excluded") \
 	X(max_literal, SIZE, .def = "100M", .min = 1, \
@@ -906,6 +908,10 @@ config_validate(const struct config *cfg, char *err, size_t errlen)
 		if (k->file && path[0] && config_check_file(k->name, path, err, errlen) < 0)
 			return -1;
 	}
+	if (cfg->workers > 1 && strcmp(cfg->state, "memory") == 0)
+		return config_err(err, errlen, "workers: %d workers need state = redis://...: a "
+		    "user's sessions may be in different workers, which share mailbox changes "
+		    "only through Redis", cfg->workers);
 	if (cfg->user[0] && !getpwnam(cfg->user))
 		return config_err(err, errlen, "user: no such user \"%s\"", cfg->user);
 	if (cfg->upstream_tls == UPSTREAM_TLS_TLS &&

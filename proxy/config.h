@@ -57,7 +57,8 @@ struct config {
 	char state[1024];	/* "memory", redis://host[:port][/db] or redis+unix:///path (config_parse_redis) */
 
 	/* limits */
-	int max_clients;
+	int max_clients;	/* per worker */
+	int workers;		/* processes serving clients (workers.c) */
 	size_t max_line;
 	uint64_t max_literal;
 

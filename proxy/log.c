@@ -9,6 +9,7 @@
 #include "log.h"
 
 static int log_to_stderr = 1;
+static char log_tag[32];	/* "worker N" when there are several */
 static enum log_level log_threshold = LOG_LEVEL_INFO;
 
 static const char *const log_names[] = { "error", "warning", "notice", "info", "debug" };
@@ -21,6 +22,12 @@ log_init(int to_stderr, enum log_level level)
 	log_threshold = level;
 	if (!to_stderr)
 		openlog("imapfresh", LOG_PID | LOG_NDELAY, LOG_MAIL);
+}
+
+void
+log_set_tag(const char *tag)
+{
+	snprintf(log_tag, sizeof(log_tag), "%s", tag);
 }
 
 void
@@ -44,8 +51,10 @@ log_msg(enum log_level level, const char *sid, const char *fmt, ...)
 
 	if (!log_enabled(level))
 		return;
+	if (log_tag[0] != '\0')
+		n = snprintf(line, sizeof(line), "[%s] ", log_tag);
 	if (sid != NULL)
-		n = snprintf(line, sizeof(line), "%s: ", sid);
+		n += snprintf(line + n, sizeof(line) - n, "%s: ", sid);
 	va_start(ap, fmt);
 	vsnprintf(line + n, sizeof(line) - n, fmt, ap);
 	va_end(ap);

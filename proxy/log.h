@@ -6,6 +6,8 @@
 
 void log_init(int to_stderr, enum log_level level);
 void log_set_level(enum log_level level);
+/* Every line from now on starts with [tag] (the worker, when there are several). */
+void log_set_tag(const char *tag);
 int log_enabled(enum log_level level);
 
 /* sid may be NULL for process-wide events. */

@@ -13,6 +13,7 @@
 
 #include "config-auto.h"
 #include "log.h"
+#include "workers.h"
 #include "server.h"
 #include "tls.h"
 
@@ -121,6 +122,26 @@ main_write_pid(const char *path)
 	fclose(f);
 }
 
+/* Worker N is instance <instance_id or host name>-wN: its own entry in the
+ * registry, its own session keys. An override, so that a reload keeps it. */
+static void
+main_worker_instance(struct server *srv, char **overrides, int *n_overrides)
+{
+	static char setting[sizeof(srv->cfg.instance_id) + 32];
+	char base[sizeof(srv->cfg.instance_id)] = "imapfresh";
+
+	if (srv->cfg.instance_id[0] != '\0')
+		snprintf(base, sizeof(base), "%s", srv->cfg.instance_id);
+	else if (gethostname(base, sizeof(base) - 1) < 0 || base[0] == '\0')
+		snprintf(base, sizeof(base), "imapfresh");
+	snprintf(setting, sizeof(setting), "instance_id=%.*s-w%d",
+	    (int)sizeof(srv->cfg.instance_id) - 8, base, srv->worker);
+	snprintf(srv->cfg.instance_id, sizeof(srv->cfg.instance_id), "%s",
+	    setting + strlen("instance_id="));
+	overrides[(*n_overrides)++] = setting;
+	srv->n_overrides = *n_overrides;
+}
+
 static void
 main_warn(void *arg, const char *msg)
 {
@@ -133,7 +154,7 @@ main(int argc, char **argv)
 	static struct server srv;
 	char *overrides[argc + 1];	/* lives as long as the process: reload reads it */
 	const char *config_file = NULL;
-	int n_overrides = 0, foreground = 0, check_only = 0, ch;
+	int n_overrides = 0, foreground = 0, check_only = 0, has_master = 0, ch;
 	struct event_base *base;
 	char err[1024];
 
@@ -195,6 +216,27 @@ main(int argc, char **argv)
 
 	signal(SIGPIPE, SIG_IGN);
 	main_raise_nofile();
+	srv.workers = srv.cfg.workers;
+	if (srv.workers > 1) {
+		int rc;
+
+		/* The master daemonizes first and owns the pid file; workers
+		 * report their own start-up errors on the same stderr. */
+		if (!foreground && main_daemonize() < 0) {
+			fprintf(stderr, "imapfresh: cannot daemonize: %s\n", strerror(errno));
+			return MAIN_EXIT_RUNTIME;
+		}
+		foreground = 1;
+		has_master = 1;
+		main_write_pid(srv.cfg.pid_file);
+		if ((rc = workers_start(&srv)) != WORKERS_CHILD) {
+			if (srv.cfg.pid_file[0] != '\0')
+				unlink(srv.cfg.pid_file);
+			log_notice("master: exiting");
+			return rc;
+		}
+		main_worker_instance(&srv, overrides, &n_overrides);
+	}
 	if ((base = main_event_base()) == NULL) {
 		fprintf(stderr, "imapfresh: cannot create the event loop\n");
 		return MAIN_EXIT_RUNTIME;
@@ -214,7 +256,8 @@ main(int argc, char **argv)
 			return MAIN_EXIT_RUNTIME;
 		}
 	}
-	main_write_pid(srv.cfg.pid_file);
+	if (!has_master)
+		main_write_pid(srv.cfg.pid_file);
 	log_notice("imapfresh %s started, upstream %s:%s (%s)", PACKAGE_VERSION,
 	    srv.cfg.upstream.host, srv.cfg.upstream.port,
 	    srv.cfg.upstream_tls == UPSTREAM_TLS_TLS ? "tls" :
@@ -224,7 +267,7 @@ main(int argc, char **argv)
 
 	server_free(&srv);
 	event_base_free(base);
-	if (srv.cfg.pid_file[0] != '\0')
+	if (srv.cfg.pid_file[0] != '\0' && !has_master)
 		unlink(srv.cfg.pid_file);
 	log_notice("exiting");
 	return 0;

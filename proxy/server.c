@@ -106,8 +106,10 @@ server_bind(struct server *srv, const struct config_addr *a, int tls, char *err,
 	}
 	l->srv = srv;
 	l->tls = tls;
+	/* Several workers each bind every listener; the kernel spreads connections. */
 	l->lev = evconnlistener_new_bind(srv->base, server_accept_cb, l,
-	    LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC, 1024,
+	    LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC |
+	    (srv->workers > 1 ? LEV_OPT_REUSEABLE_PORT : 0), 1024,
 	    res->ai_addr, (int)res->ai_addrlen);
 	evutil_freeaddrinfo(res);
 	if (l->lev == NULL) {
@@ -253,6 +255,8 @@ server_reload(struct server *srv)
 	    strcmp(srv->cfg.redis_prefix, next->redis_prefix) != 0 ||
 	    strcmp(srv->cfg.instance_id, next->instance_id) != 0)
 		log_warning("reload: state, redis_prefix and instance_id take effect only after a restart");
+	if (srv->cfg.workers != next->workers)
+		log_warning("reload: workers takes effect only after a restart");
 	/* Listeners stay as bound; everything else is replaced whole. */
 	memcpy(next->listen, srv->cfg.listen, sizeof(next->listen));
 	memcpy(next->listen_tls, srv->cfg.listen_tls, sizeof(next->listen_tls));

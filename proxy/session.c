@@ -257,7 +257,9 @@ session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int t
 		return;
 	}
 	s->srv = srv;
-	s->id = ++srv->next_session_id;
+	/* Worker w of n numbers its sessions w+1, w+1+n, ...: unique in a shared log. */
+	s->id = srv->next_session_id++ * (uint64_t)(srv->workers > 0 ? srv->workers : 1) +
+	    (uint64_t)srv->worker + 1;
 	snprintf(s->sid, sizeof(s->sid), "s%llu", (unsigned long long)s->id);
 	session_format_addr(sa, s->client_addr, sizeof(s->client_addr));
 	if ((size_t)salen <= sizeof(s->client_sa))

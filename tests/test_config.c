@@ -120,7 +120,7 @@ test_table(void)
 			no_help++;
 	}
 	ok(n > 0 && names_match && config_keys[n] == NULL, "config_keys[] lists the %d table rows in order", n);
-	ok(n == 37, "37 keys (got %d); update the tests and docs when adding one", n);
+	ok(n == 38, "38 keys (got %d); update the tests and docs when adding one", n);
 	ok(dups == 0, "no key twice in the table");
 	ok(bad_defaults == 0, "every default parses");
 	ok(bad_ranges == 0, "every numeric range fits its field");
@@ -194,6 +194,8 @@ static const struct {
 	{ "max_clients", "-1", "max_clients: not an integer: -1" },
 	{ "max_clients", "10k", "max_clients: not an integer: 10k" },
 	{ "max_clients", "", "max_clients: not an integer: " },
+	{ "workers", "0", "workers: 0 out of range 1..64" },
+	{ "workers", "65", "workers: 65 out of range 1..64" },
 	{ "max_line", "12x", "max_line: not a size: 12x" },
 	{ "max_line", "1023", "max_line: 1023 out of range 1k..16M" },
 	{ "max_line", "16777217", "max_line: 16777217 out of range 1k..16M" },
@@ -255,7 +257,7 @@ static const struct {
 	{ "resync_on", "UID FETCH, GETQUOTAROOT, X-CUSTOM2" }, { "resync_after", "15m" },
 	{ "redis_prefix", "mail:imapfresh:" }, { "instance_id", "mx1.example.org" },
 	{ "instance_id", "" }, { "state_ttl", "60" }, { "state_ttl", "24h" },
-	{ "max_clients", "1" }, { "max_line", "16M" },
+	{ "max_clients", "1" }, { "workers", "64" }, { "max_line", "16M" },
 	{ "max_literal", "1" }, { "timeout_connect", "1" }, { "timeout_tls_handshake", "1m" },
 	{ "timeout_preauth", "2h" }, { "timeout_idle", "2147483647" }, { "log_level", "DEBUG" },
 	{ "pid_file", "/run/imapfresh.pid" }, { "user", "nobody" },
@@ -734,6 +736,13 @@ test_validate(void)
 	ok_err(config_validate(&c, err, sizeof err) == -1 && strcmp(err,
 	    "upstream_ca: cannot read /nonexistent/ca.pem: No such file or directory") == 0,
 	    "unreadable upstream_ca");
+
+	valid_config(&c, cert);
+	set(&c, "workers", "2");
+	ok_err(config_validate(&c, err, sizeof err) == -1 && strncmp(err, "workers: 2 workers need "
+	    "state = redis://...", 41) == 0, "several workers with state = memory refused");
+	set(&c, "state", "redis://127.0.0.1:6379");
+	ok_err(config_validate(&c, err, sizeof err) == 0, "several workers with Redis state");
 
 	valid_config(&c, cert);
 	set(&c, "user", "imapfresh-no-such-user");

@@ -409,6 +409,87 @@ def t_ctl_resync(ctx):
     a.assert_clean()
 
 
+# ------------------------------------------------------------------ workers
+
+def _metric(port, name):
+    st, _, body = http_req(port, "GET", "/metrics")
+    check(st == 200, "GET /metrics: %d", st)
+    m = re.search(r"^%s(?:\{[^}]*\})? (\d+)" % re.escape(name), body, re.M)
+    check(m is not None, "%s not in /metrics", name)
+    return int(m.group(1))
+
+
+@test("workers: two workers share the listeners, each a registered instance with its own admin "
+      "port; a MOVE through one resyncs a session in the other; a killed worker is replaced; "
+      "SIGHUP and SIGTERM reach both", proxy_only=True, timeout=120)
+def t_workers(ctx):
+    redis = servers.Redis(os.path.join(ctx.env.tmp, "redis-workers-%d" % id(ctx)))
+    redis.start()
+    ctx.closers.append(lambda: redis.proc and redis.stop())
+    p = ctx.proxy("workers", options=[("state", redis.url), ("redis_prefix", "wk:"),
+                                      ("instance_id", "wk"), ("workers", "2")])
+    rcli = lambda *a: stale_tests.redis_cli(redis, *a)
+    admin = {"wk-w0": p.admin_port, "wk-w1": p.admin_port + 1}
+    wait_for(lambda: sorted(rcli("HKEYS", "wk:instances")) == ["wk-w0", "wk-w1"],
+             "both workers registered")
+    reg = dict(zip(*[iter(rcli("HGETALL", "wk:instances"))] * 2))
+    for inst, port in admin.items():
+        check(reg[inst].split("\t")[0] == "%s:%d" % (HOST, port), "registry %s", reg)
+    pids = {inst: int(reg[inst].split("\t")[1]) for inst in admin}
+    check(len(set(pids.values())) == 2 and p.proc.pid not in pids.values(),
+          "two worker processes besides the master: %s (master %d)", pids, p.proc.pid)
+
+    # The kernel spreads connections: find a session on each worker.
+    on = {}
+    for i in range(40):
+        c = login(ctx, p.tls_port, "W%d" % i)
+        port = c.sock.getsockname()[1]
+        for inst, ap in admin.items():
+            if inst not in on and any(s["client"].endswith(":%d" % port)
+                                      for s in get_json(ap, "/sessions")):
+                on[inst] = c
+        if len(on) == 2:
+            break
+    check(len(on) == 2, "40 sessions, all on one worker: %s", list(on))
+    a, b = on["wk-w0"], on["wk-w1"]
+    box = ctx.mailbox(a, "Wk")
+    uid = append(a, "P1", "INBOX", message(1, "workers"))
+    a.expect_ok("S1", "SELECT INBOX")
+    b.expect_ok("S2", "SELECT %s" % box)
+    injected = _metric(admin["wk-w1"], "imapfresh_resync_injections_total")
+    a.expect_ok("M1", "UID MOVE %d %s" % (uid, box))
+    wait_for(lambda: any(s["possibly_stale"] for s in get_json(admin["wk-w1"], "/sessions")),
+             "worker 1 to hear of a MOVE made through worker 0")
+    check(len(b.uid_fetch_all("F1")) == 1, "the session on worker 1 sees the moved message")
+    check(_metric(admin["wk-w1"], "imapfresh_resync_injections_total") == injected + 1,
+          "worker 1 did not resync before the UID FETCH")
+
+    # A worker killed outright is replaced; the other worker's sessions go on.
+    os.kill(pids["wk-w0"], signal.SIGKILL)
+    wait_for(lambda: (rcli("HGET", "wk:instances", "wk-w0") or [""])[0].split("\t")[1:2]
+             not in ([], [str(pids["wk-w0"])]), "a new worker 0 in the registry")
+    b.expect_ok("N1", "NOOP")
+    for i in range(6):
+        login(ctx, p.tls_port, "X%d" % i).expect_ok("N2", "NOOP")
+    with open(p.log, errors="replace") as f:
+        check(re.search(r"worker 0 \(pid %d\) was killed by signal 9; starting a new one"
+                        % pids["wk-w0"], f.read()), "the master did not log the replacement")
+
+    # SIGHUP and SIGTERM pass through the master to both workers.
+    p.signal(signal.SIGHUP)
+    def reloaded():
+        with open(p.log, errors="replace") as f:
+            text = f.read()
+        return all("[worker %d] reload complete" % w in text for w in (0, 1))
+    wait_for(reloaded, "both workers to reload")
+    new_w0 = int(rcli("HGET", "wk:instances", "wk-w0")[0].split("\t")[1])
+    p.signal(signal.SIGTERM)
+    check(re.search(rb"^\* BYE", b.read_until_eof(), re.M), "worker 1's client got no BYE")
+    check(p.wait(15) == 0, "the master did not exit 0 after SIGTERM")
+    for pid in (new_w0, pids["wk-w1"]):
+        wait_for(lambda: not os.path.exists("/proc/%d" % pid), "worker %d to exit" % pid)
+
+
 # -------------------------------------------------------- imapfresh-ctl (Redis)
 
 @test("admin/redis: two instances in the registry; ctl sessions lists both, show/user/kick work",

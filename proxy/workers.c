@@ -1,0 +1,167 @@
+/* workers: with workers > 1 the first process forks the workers and keeps them running; signals pass through it. */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/wait.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
+#include "log.h"
+#include "workers.h"
+
+#define WORKERS_MAX 64
+#define WORKERS_EARLY_SECS 2	/* a worker dying this soon after its start failed to start */
+
+struct workers {
+	struct server *srv;
+	pid_t pid[WORKERS_MAX];
+	time_t started[WORKERS_MAX];
+	int live;
+	int stopping;
+	int status;		/* the master's exit status */
+	sigset_t old_mask;
+};
+
+/* Fork worker i. Returns 1 in the worker, 0 in the master, -1 on failure. */
+static int
+workers_spawn(struct workers *w, int i)
+{
+	char tag[32];
+	pid_t pid = fork();
+
+	if (pid < 0) {
+		log_error("worker %d: fork: %s", i, strerror(errno));
+		return -1;
+	}
+	if (pid == 0) {
+		sigprocmask(SIG_SETMASK, &w->old_mask, NULL);
+#ifdef __linux__
+		/* A worker must not outlive its master (kill -9 of the master). */
+		prctl(PR_SET_PDEATHSIG, SIGTERM);
+#endif
+		w->srv->worker = i;
+		snprintf(tag, sizeof(tag), "worker %d", i);
+		log_set_tag(tag);
+		return 1;
+	}
+	w->pid[i] = pid;
+	w->started[i] = time(NULL);
+	w->live++;
+	return 0;
+}
+
+static void
+workers_signal_all(struct workers *w, int sig)
+{
+	for (int i = 0; i < w->srv->workers; i++)
+		if (w->pid[i] > 0)
+			kill(w->pid[i], sig);
+}
+
+static void
+workers_stop(struct workers *w, int status)
+{
+	if (!w->stopping)
+		w->status = status;
+	w->stopping = 1;
+	workers_signal_all(w, SIGTERM);
+}
+
+static void
+workers_describe(int st, char *buf, size_t len)
+{
+	if (WIFEXITED(st))
+		snprintf(buf, len, "exited with status %d", WEXITSTATUS(st));
+	else if (WIFSIGNALED(st))
+		snprintf(buf, len, "was killed by signal %d", WTERMSIG(st));
+	else
+		snprintf(buf, len, "stopped (status %d)", st);
+}
+
+/* Reap dead workers; restart those that died in service. Returns 1 in a
+ * freshly forked worker. */
+static int
+workers_reap(struct workers *w)
+{
+	char how[64];
+	pid_t pid;
+	int st;
+
+	while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+		int i;
+
+		for (i = 0; i < w->srv->workers && w->pid[i] != pid; i++)
+			;
+		if (i == w->srv->workers)
+			continue;
+		w->pid[i] = 0;
+		w->live--;
+		if (w->stopping)
+			continue;
+		workers_describe(st, how, sizeof(how));
+		if (time(NULL) - w->started[i] < WORKERS_EARLY_SECS &&
+		    WIFEXITED(st) && WEXITSTATUS(st) != 0) {
+			/* Its own error is on stderr or in the log already. */
+			log_error("worker %d (pid %ld) %s at start: stopping", i, (long)pid, how);
+			workers_stop(w, WEXITSTATUS(st));
+			continue;
+		}
+		log_warning("worker %d (pid %ld) %s; starting a new one", i, (long)pid, how);
+		if (workers_spawn(w, i) == 1)
+			return 1;
+	}
+	return 0;
+}
+
+int
+workers_start(struct server *srv)
+{
+	static struct workers w;
+	sigset_t set;
+	int sig;
+
+	w.srv = srv;
+	sigemptyset(&set);
+	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGHUP);
+	sigaddset(&set, SIGCHLD);
+	/* Blocked before the first fork: no signal is lost between them. */
+	sigprocmask(SIG_BLOCK, &set, &w.old_mask);
+	for (int i = 0; i < srv->workers; i++) {
+		int r = workers_spawn(&w, i);
+
+		if (r == 1)
+			return WORKERS_CHILD;
+		if (r < 0) {
+			workers_stop(&w, 1);
+			break;
+		}
+	}
+	if (!w.stopping)
+		log_notice("imapfresh master: %d workers started", srv->workers);
+	while (w.live > 0) {
+		if ((sig = sigwaitinfo(&set, NULL)) < 0)
+			continue;	/* EINTR */
+		switch (sig) {
+		case SIGTERM:
+		case SIGINT:
+			log_notice("master: %s: stopping the workers", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+			workers_stop(&w, 0);
+			break;
+		case SIGHUP:
+			log_notice("master: SIGHUP: passed on to the workers");
+			workers_signal_all(&w, SIGHUP);
+			break;
+		case SIGCHLD:
+			if (workers_reap(&w))
+				return WORKERS_CHILD;
+			break;
+		}
+	}
+	return w.status;
+}
