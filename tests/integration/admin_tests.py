@@ -426,10 +426,20 @@ def t_workers(ctx):
     redis = servers.Redis(os.path.join(ctx.env.tmp, "redis-workers-%d" % id(ctx)))
     redis.start()
     ctx.closers.append(lambda: redis.proc and redis.stop())
+    # Worker N serves admin on admin_listen's port + N: two free ports in a row.
+    while True:
+        port = servers.free_port()
+        with socket.socket() as s1:
+            try:
+                s1.bind((HOST, port + 1))
+                break
+            except OSError:
+                continue
     p = ctx.proxy("workers", options=[("state", redis.url), ("redis_prefix", "wk:"),
-                                      ("instance_id", "wk"), ("workers", "2")])
+                                      ("instance_id", "wk"), ("workers", "2"),
+                                      ("admin_listen", "%s:%d" % (HOST, port))])
     rcli = lambda *a: stale_tests.redis_cli(redis, *a)
-    admin = {"wk-w0": p.admin_port, "wk-w1": p.admin_port + 1}
+    admin = {"wk-w0": port, "wk-w1": port + 1}
     wait_for(lambda: sorted(rcli("HKEYS", "wk:instances")) == ["wk-w0", "wk-w1"],
              "both workers registered")
     reg = dict(zip(*[iter(rcli("HGETALL", "wk:instances"))] * 2))
