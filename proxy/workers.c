@@ -111,6 +111,10 @@ workers_reap(struct workers *w)
 			continue;
 		}
 		log_warning("worker %d (pid %ld) %s; starting a new one", i, (long)pid, how);
+		/* One that keeps dying young is restarted once a second, not in a spin
+		 * (signals stay blocked meanwhile, none is lost). */
+		if (time(NULL) - w->started[i] < WORKERS_EARLY_SECS)
+			sleep(1);
 		if (workers_spawn(w, i) == 1)
 			return 1;
 	}
