@@ -225,55 +225,43 @@ size_t
 proxyproto_write(int version, const struct sockaddr *src, const struct sockaddr *dst,
     unsigned char *out, size_t outlen)
 {
+	const struct sockaddr_in *s4 = (const void *)src, *d4 = (const void *)dst;
+	const struct sockaddr_in6 *s6 = (const void *)src, *d6 = (const void *)dst;
+	const void *sa, *da;
+	uint16_t sp, dp;	/* network order */
+	size_t alen, n;
+	int v4;
+
 	if (src->sa_family != dst->sa_family ||
 	    (src->sa_family != AF_INET && src->sa_family != AF_INET6))
 		return 0;
+	v4 = src->sa_family == AF_INET;
+	sa = v4 ? (const void *)&s4->sin_addr : (const void *)&s6->sin6_addr;
+	da = v4 ? (const void *)&d4->sin_addr : (const void *)&d6->sin6_addr;
+	sp = v4 ? s4->sin_port : s6->sin6_port;
+	dp = v4 ? d4->sin_port : d6->sin6_port;
+	alen = v4 ? 4 : 16;
 	if (version == 1) {
 		char a[INET6_ADDRSTRLEN], b[INET6_ADDRSTRLEN];
-		int v4 = src->sa_family == AF_INET, n;
-		const void *sa = v4 ? (const void *)&((const struct sockaddr_in *)src)->sin_addr :
-		    (const void *)&((const struct sockaddr_in6 *)src)->sin6_addr;
-		const void *da = v4 ? (const void *)&((const struct sockaddr_in *)dst)->sin_addr :
-		    (const void *)&((const struct sockaddr_in6 *)dst)->sin6_addr;
-		unsigned sp = ntohs(v4 ? ((const struct sockaddr_in *)src)->sin_port :
-		    ((const struct sockaddr_in6 *)src)->sin6_port);
-		unsigned dp = ntohs(v4 ? ((const struct sockaddr_in *)dst)->sin_port :
-		    ((const struct sockaddr_in6 *)dst)->sin6_port);
+		int w;
 
 		inet_ntop(src->sa_family, sa, a, sizeof(a));
 		inet_ntop(src->sa_family, da, b, sizeof(b));
-		n = snprintf((char *)out, outlen, "PROXY %s %s %s %u %u\r\n", v4 ? "TCP4" : "TCP6",
-		    a, b, sp, dp);
-		return n > 0 && (size_t)n < outlen ? (size_t)n : 0;
+		w = snprintf((char *)out, outlen, "PROXY %s %s %s %u %u\r\n", v4 ? "TCP4" : "TCP6",
+		    a, b, (unsigned)ntohs(sp), (unsigned)ntohs(dp));
+		return w > 0 && (size_t)w < outlen ? (size_t)w : 0;
 	}
-	if (src->sa_family == AF_INET) {
-		const struct sockaddr_in *s4 = (const void *)src, *d4 = (const void *)dst;
-		if (outlen < 28)
-			return 0;
-		memcpy(out, proxyproto_v2_sig, 12);
-		out[12] = 0x21;	/* version 2, PROXY */
-		out[13] = 0x11;	/* TCP over IPv4 */
-		out[14] = 0;
-		out[15] = 12;
-		memcpy(out + 16, &s4->sin_addr, 4);
-		memcpy(out + 20, &d4->sin_addr, 4);
-		memcpy(out + 24, &s4->sin_port, 2);
-		memcpy(out + 26, &d4->sin_port, 2);
-		return 28;
-	}
-	{
-		const struct sockaddr_in6 *s6 = (const void *)src, *d6 = (const void *)dst;
-		if (outlen < 52)
-			return 0;
-		memcpy(out, proxyproto_v2_sig, 12);
-		out[12] = 0x21;
-		out[13] = 0x21;	/* TCP over IPv6 */
-		out[14] = 0;
-		out[15] = 36;
-		memcpy(out + 16, &s6->sin6_addr, 16);
-		memcpy(out + 32, &d6->sin6_addr, 16);
-		memcpy(out + 48, &s6->sin6_port, 2);
-		memcpy(out + 50, &d6->sin6_port, 2);
-		return 52;
-	}
+	n = 16 + 2 * alen + 4;
+	if (outlen < n)
+		return 0;
+	memcpy(out, proxyproto_v2_sig, 12);
+	out[12] = 0x21;			/* version 2, PROXY */
+	out[13] = v4 ? 0x11 : 0x21;	/* TCP over IPv4 / IPv6 */
+	out[14] = 0;
+	out[15] = (unsigned char)(n - 16);
+	memcpy(out + 16, sa, alen);
+	memcpy(out + 16 + alen, da, alen);
+	memcpy(out + 16 + 2 * alen, &sp, 2);
+	memcpy(out + 18 + 2 * alen, &dp, 2);
+	return n;
 }
