@@ -143,10 +143,7 @@ metrics_render(struct server *srv, struct evbuffer *out)
 	const struct server_stats *st = &srv->stats;
 	struct store_stats ss;
 
-	if (srv->store != NULL)
-		store_get_stats(srv->store, &ss);
-	else
-		memset(&ss, 0, sizeof(ss));
+	store_get_stats(srv->store, &ss);
 
 	metrics_family(out, "imapfresh_build_info", "gauge", "Always 1; the labels say which "
 	    "imapfresh this is.");

@@ -331,13 +331,9 @@ void
 server_free(struct server *srv)
 {
 	const struct server_stats *st = &srv->stats;
-
 	struct store_stats ss;
 
-	if (srv->store != NULL)
-		store_get_stats(srv->store, &ss);
-	else
-		memset(&ss, 0, sizeof(ss));
+	store_get_stats(srv->store, &ss);
 	log_notice("resync totals: %llu checks, %llu injections, %llu stale detected, "
 	    "%llu escalations, %llu idle refreshes, %llu disconnects; state store errors %llu",
 	    (unsigned long long)st->resync_checks, (unsigned long long)st->resync_injections,

@@ -940,6 +940,10 @@ store_epoch(const struct store *st)
 void
 store_get_stats(const struct store *st, struct store_stats *out)
 {
+	if (st == NULL) {
+		memset(out, 0, sizeof(*out));
+		return;
+	}
 	*out = st->stats;
 	out->redis = st->redis;
 	out->connected = st->cmd.up;

@@ -94,6 +94,7 @@ struct store_stats {
 	uint64_t reconnects;		/* outages ended (the first connection is not one) */
 	uint64_t published, received;	/* change notifications; received: from other instances */
 };
+/* All zero when st is NULL (no store yet). */
 void store_get_stats(const struct store *st, struct store_stats *out);
 
 /* Write (up) or delete this instance's entry in the instances registry
