@@ -951,6 +951,19 @@ on_continuation(struct conn *c)
 	}
 }
 
+/* LOGIN with the user and password quoted (cmd_send's line is not meant for them). */
+static void
+conn_send_login(struct conn *c)
+{
+	out_printf(c, "%c%u LOGIN ", 'a' + (c->idx % 26), ++c->seq);
+	snprintf(c->tag, sizeof(c->tag), "%c%u", 'a' + (c->idx % 26), c->seq);
+	out_quoted(c, opt.user);
+	out_add(c, " ", 1);
+	out_quoted(c, opt.pass);
+	out_add(c, "\r\n", 2);
+	conn_update_events(c);
+}
+
 /* Called once connected (and through implicit TLS, if any): wait for the greeting. */
 static void
 conn_after_setup(struct conn *c)
@@ -963,18 +976,10 @@ conn_after_setup(struct conn *c)
 			return;
 		}
 		c->phase = C_LOGIN;
-		goto login;
+		conn_send_login(c);
+		return;
 	}
 	c->phase = C_GREETING;
-	conn_update_events(c);
-	return;
-login:
-	out_printf(c, "%c%u LOGIN ", 'a' + (c->idx % 26), ++c->seq);
-	snprintf(c->tag, sizeof(c->tag), "%c%u", 'a' + (c->idx % 26), c->seq);
-	out_quoted(c, opt.user);
-	out_add(c, " ", 1);
-	out_quoted(c, opt.pass);
-	out_add(c, "\r\n", 2);
 	conn_update_events(c);
 }
 
@@ -1002,13 +1007,7 @@ on_greeting(struct conn *c, const char *head, size_t len)
 		return;
 	}
 	c->phase = C_LOGIN;
-	out_printf(c, "%c%u LOGIN ", 'a' + (c->idx % 26), ++c->seq);
-	snprintf(c->tag, sizeof(c->tag), "%c%u", 'a' + (c->idx % 26), c->seq);
-	out_quoted(c, opt.user);
-	out_add(c, " ", 1);
-	out_quoted(c, opt.pass);
-	out_add(c, "\r\n", 2);
-	conn_update_events(c);
+	conn_send_login(c);
 }
 
 /* One complete response (literals included); head holds its first bytes. */
