@@ -81,7 +81,8 @@ relay_read_more(struct bufferevent *bev, size_t cap)
 	struct evbuffer *in = bufferevent_get_input(bev);
 	size_t have = evbuffer_get_length(in);
 
-	if (!relay_is_plain(bev) || have < RELAY_LIBEVENT_READ ||
+	/* The cheap test first: it settles most callbacks. */
+	if (have < RELAY_LIBEVENT_READ || !relay_is_plain(bev) ||
 	    !(bufferevent_get_enabled(bev) & EV_READ))
 		return;
 	/* The bufferevent freezes its input's end between its own reads. */

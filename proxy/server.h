@@ -47,7 +47,8 @@ struct server {
 	SSL_CTX *tls_client;	/* towards the upstream */
 	struct store *store;	/* generations and session state */
 	char instance[128];	/* instance_id, or the host name */
-	int worker, workers;	/* this process's index among cfg.workers (workers.c) */
+	int worker, workers;	/* this process's index, and cfg.workers as started: a
+				   reload must not renumber sessions (workers.c) */
 	unsigned long long resync_mask;	/* resync_on, parsed */
 	char resync_extra[8][32];	/* resync_on names imapfresh has no kind for */
 	struct metrics metrics;		/* latency histograms */
