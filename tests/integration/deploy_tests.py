@@ -49,17 +49,23 @@ def proxy_with(ctx, name, *options, upstream=None):
     return ctx.proxy(name, options=[("require_tls", "no")] + list(options), upstream=upstream)
 
 
+def login_behind(ctx, p, header, what, ip):
+    """A balancer's header, then alice logs in: Dovecot must log ip as rip."""
+    mark = ctx.dovecot.log_size()
+    c = raw(ctx, p.port)
+    c.send(header)
+    check(c.readline().startswith(b"* OK"), "greeting after " + what)
+    c.login("alice", USERS["alice"])
+    wait_log(ctx, mark, r"Login: user=<alice>.*rip=" + re.escape(ip), "rip=" + ip)
+
+
 @test("deploy: PROXY v1 from a trusted balancer; Dovecot logs the real client address (ID)",
       proxy_only=True)
 def t_proxy_v1_id(ctx):
     p = proxy_with(ctx, "pp-v1", ("proxy_protocol_trusted", "127.0.0.1"),
                    ("upstream_client_address", "id"))
-    mark = ctx.dovecot.log_size()
-    c = raw(ctx, p.port)
-    c.send(b"PROXY TCP4 192.0.2.10 127.0.0.1 50123 143\r\n")
-    check(c.readline().startswith(b"* OK"), "greeting after the PROXY header")
-    c.login("alice", USERS["alice"])
-    wait_log(ctx, mark, r"Login: user=<alice>.*rip=192\.0\.2\.10", "rip=192.0.2.10")
+    login_behind(ctx, p, b"PROXY TCP4 192.0.2.10 127.0.0.1 50123 143\r\n", "the PROXY header",
+                 "192.0.2.10")
 
 
 @test("deploy: PROXY v2 from a trusted balancer, passed on as a PROXY header (proxy-v2)",
@@ -68,12 +74,8 @@ def t_proxy_v2_proxy(ctx):
     p = proxy_with(ctx, "pp-v2", ("proxy_protocol_trusted", "127.0.0.0/8"),
                    ("upstream_client_address", "proxy-v2"),
                    upstream="%s:%d" % (HOST, ctx.dovecot.haproxy_port))
-    mark = ctx.dovecot.log_size()
-    c = raw(ctx, p.port)
-    c.send(v2_header("198.51.100.7", 40000, "127.0.0.1", 143))
-    check(c.readline().startswith(b"* OK"), "greeting after the v2 header")
-    c.login("alice", USERS["alice"])
-    wait_log(ctx, mark, r"Login: user=<alice>.*rip=198\.51\.100\.7", "rip=198.51.100.7")
+    login_behind(ctx, p, v2_header("198.51.100.7", 40000, "127.0.0.1", 143), "the v2 header",
+                 "198.51.100.7")
 
 
 @test("deploy: a PROXY header from an untrusted address is refused; others unaffected",
