@@ -97,6 +97,8 @@ session_upstream_set_mode(struct session *s, enum resp_mode mode)
 void
 session_upstream_identify(struct session *s, const struct imap_tok *tok)
 {
+	if (tok->index >= 2 && tok->type != IMAP_TOK_TEXT)
+		return;	/* the common case: deep inside a response */
 	if (tok->index == 0 && tok->type == IMAP_TOK_ATOM && tok->len <= COMMAND_TAG_MAX) {
 		memcpy(s->resp_tag, tok->str, tok->len);
 		s->resp_tag[tok->len] = '\0';
@@ -478,41 +480,75 @@ session_upstream_cut(struct session *s)
 	return 1;
 }
 
+/*
+ * The input bytes after the deferred ones, as one contiguous run: kept from
+ * token to token while nothing is taken out of the input, so a thousand-line
+ * FETCH is not a chain walk per token.
+ */
+struct upstream_view {
+	const char *p;
+	size_t len;
+	size_t in_len;		/* input length the view was taken at */
+	size_t at;		/* ... and s->up_deferred */
+};
+
+static void
+session_upstream_view(struct session *s, struct evbuffer *in, struct upstream_view *view)
+{
+	struct evbuffer_iovec v;
+	struct evbuffer_ptr at;
+
+	size_t in_len = evbuffer_get_length(in);
+
+	if (view->len > 0 && view->in_len == in_len && view->at == s->up_deferred)
+		return;
+	view->in_len = in_len;
+	if (evbuffer_ptr_set(in, &at, s->up_deferred, EVBUFFER_PTR_SET) < 0 ||
+	    evbuffer_peek(in, -1, &at, &v, 1) < 1)
+		v.iov_base = NULL, v.iov_len = 0;
+	view->p = v.iov_base;
+	view->len = v.iov_len;
+}
+
 void
 session_upstream_process(struct session *s)
 {
+	struct upstream_view view = { NULL, 0, 0, 0 };
 	struct evbuffer *in;
 
 	while (session_upstream_may_process(s)) {
-		struct evbuffer_iovec v;
-		struct evbuffer_ptr at;
 		struct imap_tok tok;
 		size_t used = 0;
 		enum imap_lex_status st;
+		int moved = 0;	/* bytes went to the client: check its watermark */
 
 		in = bufferevent_get_input(s->up);
-		if (s->up_deferred == 0 && session_upstream_move_literal(s, in))
+		if (s->up_deferred == 0 && session_upstream_move_literal(s, in)) {
+			moved = 1;
 			goto next;
-		if (evbuffer_ptr_set(in, &at, s->up_deferred, EVBUFFER_PTR_SET) < 0 ||
-		    evbuffer_peek(in, -1, &at, &v, 1) < 1)
-			v.iov_base = NULL, v.iov_len = 0;
-		st = imap_lex_next(s->ulex, v.iov_base, v.iov_len, &used, &tok);
+		}
+		session_upstream_view(s, in, &view);
+		st = imap_lex_next(s->ulex, view.p, view.len, &used, &tok);
+		view.p += used;
+		view.len -= used;
 		if (st == IMAP_LEX_TOKEN)
 			session_upstream_observe(s, &tok);
 		if (s->resp_mode == RESP_PASS || s->resp_mode == RESP_UNDECIDED)
 			s->up_deferred += used;
 		else if (used > 0)
 			evbuffer_remove_buffer(in, s->uline, used);
+		view.at = s->up_deferred;
 		if (s->up_deferred >= SESSION_OUT_LOW) {
 			session_upstream_release_pending(s);
 			/* A long undecided line must not fill the input: it waits in uline. */
 			if (s->resp_mode == RESP_UNDECIDED)
 				session_upstream_spill(s);
+			moved = 1;
 		}
 		if (st != IMAP_LEX_TOKEN) {
 			if (used == 0 || evbuffer_get_length(in) <= s->up_deferred)
 				break;
-			continue;
+			goto next;
 		}
 		if (tok.type == IMAP_TOK_LITERAL || tok.type == IMAP_TOK_ERROR)
 			session_upstream_release_pending(s);
@@ -533,12 +569,18 @@ session_upstream_process(struct session *s)
 		if (tok.type == IMAP_TOK_EOL) {
 			if (session_upstream_eol(s))
 				return;
+			moved = 1;
 		} else if (s->resp_mode == RESP_SWALLOW)
 			session_upstream_flush(s);
+		if (tok.type == IMAP_TOK_LITERAL)
+			moved = 1;
 next:
-		if (s->client != NULL && session_out_full(bufferevent_get_output(s->client)))
+		if (moved && s->client != NULL && session_out_full(bufferevent_get_output(s->client)))
 			session_pause_reading(s, s->up);
 	}
-	if (s->up != NULL && s->client != NULL)
+	if (s->up != NULL && s->client != NULL) {
 		session_upstream_release_pending(s);
+		if (session_out_full(bufferevent_get_output(s->client)))
+			session_pause_reading(s, s->up);
+	}
 }

@@ -187,7 +187,7 @@ track_token(struct session *s, const struct imap_tok *tok)
 		t->esearch_all_next = 0;
 		return;
 	}
-	if (strcmp(s->resp_tag, "*") != 0)
+	if (s->resp_tag[0] != '*' || s->resp_tag[1] != '\0')
 		return;
 	if (tok->index == 1 && tok->depth == 0) {
 		if ((t->resp_num = track_number(tok->str, tok->len)) == 0) {
