@@ -112,6 +112,8 @@ static const char *config_check_instance(const char *value);
 	    .help = "client connections accepted at once, per worker") \
 	X(workers, INT, .def = "1", .min = 1, .max = 64, \
 	    .help = "processes serving clients; more than one needs state = redis://...") \
+	X(busy_poll, INT, .def = "0", .min = 0, .max = 100000, \
+	    .help = "microseconds to keep polling after traffic instead of sleeping; 0 = off") \
 	X(max_line, SIZE, .def = "64k", .min = 1024, .max = 16 << 20, \
 	    .help = "longest command or response line, literals excluded") \
 	X(max_literal, SIZE, .def = "100M", .min = 1, \

@@ -59,6 +59,7 @@ struct config {
 	/* limits */
 	int max_clients;	/* per worker */
 	int workers;		/* processes serving clients (workers.c) */
+	int busy_poll;		/* microseconds of polling after traffic (loop.c) */
 	size_t max_line;
 	uint64_t max_literal;
 

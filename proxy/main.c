@@ -13,6 +13,7 @@
 
 #include "config-auto.h"
 #include "log.h"
+#include "loop.h"
 #include "workers.h"
 #include "server.h"
 #include "tls.h"
@@ -263,7 +264,7 @@ main(int argc, char **argv)
 	    srv.cfg.upstream_tls == UPSTREAM_TLS_TLS ? "tls" :
 	    srv.cfg.upstream_tls == UPSTREAM_TLS_STARTTLS ? "starttls" : "plaintext");
 
-	event_base_dispatch(base);
+	loop_run(&srv);
 
 	server_free(&srv);
 	event_base_free(base);

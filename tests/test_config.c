@@ -120,7 +120,7 @@ test_table(void)
 			no_help++;
 	}
 	ok(n > 0 && names_match && config_keys[n] == NULL, "config_keys[] lists the %d table rows in order", n);
-	ok(n == 38, "38 keys (got %d); update the tests and docs when adding one", n);
+	ok(n == 39, "39 keys (got %d); update the tests and docs when adding one", n);
 	ok(dups == 0, "no key twice in the table");
 	ok(bad_defaults == 0, "every default parses");
 	ok(bad_ranges == 0, "every numeric range fits its field");
@@ -196,6 +196,8 @@ static const struct {
 	{ "max_clients", "", "max_clients: not an integer: " },
 	{ "workers", "0", "workers: 0 out of range 1..64" },
 	{ "workers", "65", "workers: 65 out of range 1..64" },
+	{ "busy_poll", "-1", "busy_poll: not an integer: -1" },
+	{ "busy_poll", "100001", "busy_poll: 100001 out of range 0..100000" },
 	{ "max_line", "12x", "max_line: not a size: 12x" },
 	{ "max_line", "1023", "max_line: 1023 out of range 1k..16M" },
 	{ "max_line", "16777217", "max_line: 16777217 out of range 1k..16M" },
@@ -257,7 +259,7 @@ static const struct {
 	{ "resync_on", "UID FETCH, GETQUOTAROOT, X-CUSTOM2" }, { "resync_after", "15m" },
 	{ "redis_prefix", "mail:imapfresh:" }, { "instance_id", "mx1.example.org" },
 	{ "instance_id", "" }, { "state_ttl", "60" }, { "state_ttl", "24h" },
-	{ "max_clients", "1" }, { "workers", "64" }, { "max_line", "16M" },
+	{ "max_clients", "1" }, { "workers", "64" }, { "busy_poll", "50" }, { "max_line", "16M" },
 	{ "max_literal", "1" }, { "timeout_connect", "1" }, { "timeout_tls_handshake", "1m" },
 	{ "timeout_preauth", "2h" }, { "timeout_idle", "2147483647" }, { "log_level", "DEBUG" },
 	{ "pid_file", "/run/imapfresh.pid" }, { "user", "nobody" },

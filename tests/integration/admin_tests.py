@@ -500,6 +500,54 @@ def t_workers(ctx):
         wait_for(lambda: not os.path.exists("/proc/%d" % pid), "worker %d to exit" % pid)
 
 
+def _cpu_ticks(pid):
+    """utime + stime of a process, in clock ticks (/proc/PID/stat fields 14, 15)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+@test("busy_poll: after traffic the loop keeps polling for busy_poll, then sleeps; a reload "
+      "sets it; sessions and SIGTERM work while it spins", proxy_only=True, timeout=60)
+def t_busy_poll(ctx):
+    p = ctx.proxy("busypoll")
+    pid = p.proc.pid
+    c = login(ctx, p.tls_port, "B")
+
+    def ticks_after_noop(tag):
+        c.expect_ok(tag, "NOOP")
+        t0 = _cpu_ticks(pid)
+        time.sleep(0.5)
+        t1 = _cpu_ticks(pid)
+        time.sleep(0.5)
+        return t1 - t0, _cpu_ticks(pid) - t1
+
+    # Off (the default): the process sleeps as soon as the answer is out.
+    after, quiet = ticks_after_noop("B0")
+    check(after <= 2 and quiet <= 2, "busy_poll = 0 used CPU after a NOOP: %d, %d ticks",
+          after, quiet)
+
+    with open(p.conf, "a") as f:
+        f.write("busy_poll = 100000\n")
+    p.signal(signal.SIGHUP)
+    wait_for(lambda: "reload complete" in open(p.log, errors="replace").read(), "the reload")
+    # 0.1 s of polling is 10 ticks of a free core; the machine may be busy, so
+    # take the best of three rounds, and look for at least 4.
+    rounds = [ticks_after_noop("B%d" % i) for i in range(1, 4)]
+    check(max(a for a, _ in rounds) >= 4,
+          "busy_poll = 100000 did not keep polling after a NOOP: %s ticks", rounds)
+    check(all(q <= 2 for _, q in rounds),
+          "the loop did not go back to sleep 0.5 s after the traffic: %s ticks", rounds)
+
+    # A second session, and a shutdown, while the loop spins.
+    d = login(ctx, p.tls_port, "D")
+    d.expect_ok("D1", "SELECT INBOX")
+    c.expect_ok("B9", "NOOP")
+    p.signal(signal.SIGTERM)
+    check(re.search(rb"^\* BYE", d.read_until_eof(), re.M), "no BYE while polling")
+    check(p.wait(15) == 0, "imapfresh did not exit 0 on SIGTERM while polling")
+
+
 # -------------------------------------------------------- imapfresh-ctl (Redis)
 
 @test("admin/redis: two instances in the registry; ctl sessions lists both, show/user/kick work",
