@@ -28,26 +28,27 @@
 #define CA 0x1	/* atom byte needing no attention */
 #define CQ 0x2	/* byte taken as is inside "..." */
 #define CT 0x4	/* byte taken as is in TEXT */
+#define CP 0x8	/* byte of a plain line needing no attention, outside "..." */
 
 static const unsigned char imap_lex_cls[256] = {
 	[0x01 ... 0x09] = CQ | CT,
 	[0x0b ... 0x0c] = CQ | CT,
 	[0x0e ... 0x1f] = CQ | CT,
-	[' '] = CQ | CT,
-	['!'] = CA | CQ | CT,
+	[' '] = CQ | CT | CP,
+	['!'] = CA | CQ | CT | CP,
 	['"'] = CT,
-	['#' ... '\''] = CA | CQ | CT,
+	['#' ... '\''] = CA | CQ | CT | CP,
 	['('] = CQ | CT,
 	[')'] = CQ | CT,
-	['*' ... 'Z'] = CA | CQ | CT,
+	['*' ... 'Z'] = CA | CQ | CT | CP,
 	['['] = CQ | CT,
-	['\\'] = CA | CT,
-	[']'] = CQ | CT,
-	['^' ... 'z'] = CA | CQ | CT,
+	['\\'] = CA | CT | CP,
+	[']'] = CQ | CT | CP,
+	['^' ... 'z'] = CA | CQ | CT | CP,
 	['{'] = CQ | CT,
-	['|' ... '~'] = CA | CQ | CT,
+	['|' ... '~'] = CA | CQ | CT | CP,
 	[0x7f] = CQ | CT,
-	[0x80 ... 0xff] = CA | CQ | CT,
+	[0x80 ... 0xff] = CA | CQ | CT | CP,
 };
 
 enum imap_lex_state {
@@ -912,4 +913,55 @@ int
 imap_lex_at_command_start(const struct imap_lex *lx)
 {
 	return lx->fresh && lx->st == LX_START;
+}
+
+size_t
+imap_lex_plain_line(const struct imap_lex *lx, const char *buf, size_t len)
+{
+	const unsigned char *p = (const unsigned char *)buf, *nl;
+	size_t n, i = 0, end;
+	long depth = 0;
+
+	if (!imap_lex_at_command_start(lx) || lx->text_next || len < 2 ||
+	    (nl = memchr(p, '\n', len)) == NULL)
+		return 0;
+	n = (size_t)(nl - p) + 1;
+	if (n < 2 || p[n - 2] != '\r' || n > lx->lim.max_token ||
+	    (lx->lim.max_line != 0 && n > lx->lim.max_line))
+		return 0;
+	for (end = n - 2;;) {
+		while (i < end && (imap_lex_cls[p[i]] & CP))
+			i++;
+		if (i == end)
+			return n;
+		switch (p[i++]) {
+		case '(':
+			depth++;
+			continue;
+		case ')':
+			if (--depth < 0)
+				return 0;
+			continue;
+		case '"':
+			for (;;) {
+				while (i < end && (imap_lex_cls[p[i]] & CQ))
+					i++;
+				if (i == end)
+					return 0;	/* not closed on this line */
+				if (p[i] == '"')
+					break;
+				/* A backslash escapes any byte but NUL and CR; NUL
+				   and CR are errors anyway. */
+				if (p[i] != '\\' || i + 1 == end || p[i + 1] == '\0' || p[i + 1] == '\r')
+					return 0;
+				i += 2;
+			}
+			i++;
+			continue;
+		default:
+			/* '{' (a literal, or an error), '[' (an atom whose brackets
+			   hide parens), CTLs, NUL, CR: the tokens decide. */
+			return 0;
+		}
+	}
 }

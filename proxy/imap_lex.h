@@ -143,4 +143,14 @@ void imap_lex_skip_literal(struct imap_lex *lx, uint64_t n);
 /* True between tokens at the very start of a command/response. */
 int imap_lex_at_command_start(const struct imap_lex *lx);
 
+/*
+ * At a line start, the length (CRLF included) of the complete line at the
+ * start of buf[0..len) when it is plain: no literal, no '[', no NUL, CTL or
+ * bare CR outside quoted strings, parens that never close below the top, and
+ * within the limits. Such a line lexes to tokens and one EOL with no error, so
+ * a consumer that needs none of its tokens may take it whole and leave the
+ * lexer where it is. 0 when that is not sure: lex it as usual.
+ */
+size_t imap_lex_plain_line(const struct imap_lex *lx, const char *buf, size_t len);
+
 #endif

@@ -510,6 +510,41 @@ session_upstream_view(struct session *s, struct evbuffer *in, struct upstream_vi
 	view->len = v.iov_len;
 }
 
+/*
+ * "* n FETCH (UID u ...)" whole, without its tokens: a sync of a big mailbox
+ * is thousands of these lines, and the tracker needs only n and u. Only a
+ * plain line (imap_lex_plain_line: complete, no literal, no error) on a
+ * session neither traced nor in the middle of a response qualifies; one
+ * that resync hides goes the token way. Returns the bytes taken, 0 for none.
+ */
+static size_t
+session_upstream_fetch_line(struct session *s, const struct upstream_view *view)
+{
+	uint32_t num, uid;
+	size_t n, d;
+
+	if (s->state != SESSION_RUNNING || s->trace != NULL || s->resp_mode != RESP_UNDECIDED ||
+	    view->len < 16 || view->p[0] != '*')
+		return 0;
+	if ((n = imap_lex_plain_line(s->ulex, view->p, view->len)) == 0 ||
+	    !track_fetch_line(view->p, n, &num, &uid))
+		return 0;
+	s->resp_tag[0] = '*';
+	s->resp_tag[1] = '\0';
+	for (d = 0; view->p[2 + d] != ' '; d++)	/* the digits of num */
+		s->resp_word[d] = view->p[2 + d];
+	s->resp_word[d] = '\0';
+	if (resync_response_hidden(s)) {
+		s->resp_tag[0] = s->resp_word[0] = '\0';
+		return 0;
+	}
+	track_fetch_seen(s, num, uid);
+	s->resp_mode = RESP_PASS;
+	s->up_deferred += n;
+	session_upstream_eol(s);
+	return n;
+}
+
 void
 session_upstream_process(struct session *s)
 {
@@ -528,6 +563,16 @@ session_upstream_process(struct session *s)
 			goto next;
 		}
 		session_upstream_view(s, in, &view);
+		if ((used = session_upstream_fetch_line(s, &view)) > 0) {
+			view.p += used;
+			view.len -= used;
+			view.at = s->up_deferred;
+			if (s->up_deferred >= SESSION_OUT_LOW) {
+				session_upstream_release_pending(s);
+				moved = 1;
+			}
+			goto next;
+		}
 		st = imap_lex_next(s->ulex, view.p, view.len, &used, &tok);
 		view.p += used;
 		view.len -= used;

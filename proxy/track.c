@@ -141,6 +141,48 @@ track_atom_is(const struct imap_tok *tok, const char *word)
 	    strncasecmp(tok->str, word, tok->len) == 0;
 }
 
+/* The digits at p[*at..len) as a number, and *at past them; 0 when none or too big. */
+static uint32_t
+track_digits(const char *p, size_t len, size_t *at)
+{
+	size_t i = *at;
+
+	while (i < len && p[i] >= '0' && p[i] <= '9')
+		i++;
+	len = i - *at;
+	p += *at;
+	*at = i;
+	return track_number(p, len);
+}
+
+int
+track_fetch_line(const char *p, size_t len, uint32_t *num, uint32_t *uid)
+{
+	size_t at = 2;
+
+	if (len < 2 || p[0] != '*' || p[1] != ' ' || (*num = track_digits(p, len, &at)) == 0)
+		return 0;
+	if (len - at < 12 || strncasecmp(p + at, " FETCH (UID ", 12) != 0)
+		return 0;
+	at += 12;
+	if ((*uid = track_digits(p, len, &at)) == 0 || at >= len)
+		return 0;
+	return p[at] == ' ' || p[at] == ')';
+}
+
+void
+track_fetch_seen(struct session *s, uint32_t num, uint32_t uid)
+{
+	struct track *t = &s->track;
+
+	t->resp = TRACK_RESP_FETCH;
+	t->resp_num = num;
+	t->fetch_uid_next = 0;
+	t->fetch_uid = uid;
+	t->vanished_earlier = 0;
+	t->esearch_all_next = 0;
+}
+
 /* [UIDVALIDITY n], [UIDNEXT n], [HIGHESTMODSEQ n] in resp-text. */
 static void
 track_resp_code(struct session *s, const char *text, size_t len)

@@ -71,6 +71,15 @@ void track_sasl_line(struct session *s, const char *line, size_t len);
 void track_token(struct session *s, const struct imap_tok *tok);
 void track_response_end(struct session *s, int to_client);
 
+/* The line p[0..len), a whole plain line (imap_lex_plain_line), read as
+ * "* num FETCH (UID uid ...": 1 with num and uid, else 0. A sync of a big
+ * mailbox is thousands of these; they need no tokens. */
+int track_fetch_line(const char *p, size_t len, uint32_t *num, uint32_t *uid);
+
+/* What the tokens of such a line would have told the tracker; its end is
+ * track_response_end() as usual. */
+void track_fetch_seen(struct session *s, uint32_t num, uint32_t uid);
+
 /* A tagged completion of a client command. */
 void track_completed(struct session *s, struct inflight *f, int ok, const char *text);
 

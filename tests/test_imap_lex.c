@@ -741,6 +741,128 @@ test_api(void)
 	imap_lex_free(lx);
 }
 
+/*
+ * How the tokens see buf: the bytes up to the first line's EOL, or 0 when an
+ * ERROR or a LITERAL comes first (or no EOL at all).
+ */
+static size_t
+lex_line_end(enum imap_lex_mode mode, const struct imap_lex_limits *lim, const char *buf,
+    size_t len)
+{
+	struct imap_lex *lx = imap_lex_new(mode, lim);
+	struct imap_tok tok;
+	size_t at = 0, used, end = 0;
+
+	for (;;) {
+		if (imap_lex_next(lx, buf + at, len - at, &used, &tok) != IMAP_LEX_TOKEN)
+			break;
+		at += used;
+		if (tok.type == IMAP_TOK_ERROR || tok.type == IMAP_TOK_LITERAL)
+			break;
+		if (tok.type == IMAP_TOK_EOL) {
+			end = at;
+			break;
+		}
+	}
+	imap_lex_free(lx);
+	return end;
+}
+
+static size_t
+plain_line(enum imap_lex_mode mode, const struct imap_lex_limits *lim, const char *buf,
+    size_t len)
+{
+	struct imap_lex *lx = imap_lex_new(mode, lim);
+	size_t n = imap_lex_plain_line(lx, buf, len);
+
+	imap_lex_free(lx);
+	return n;
+}
+
+/* imap_lex_plain_line says yes only where the tokens agree, byte for byte. */
+static void
+test_plain_line(void)
+{
+	static const struct {
+		const char *in;
+		size_t want;	/* 0: not plain */
+	} lines[] = {
+		{ "* 12 FETCH (UID 40 FLAGS (\\Seen \\Answered))\r\n", 45 },
+		{ "* 12 FETCH (UID 40 FLAGS ())\r\n* 13 FETCH", 30 },
+		{ "* 1 FETCH (UID 1 MODSEQ (9) X-GM-LABELS (\"a \\\" ( b\"))\r\n", 55 },
+		{ "a1 OK done\r\n", 12 },
+		{ "* OK [UIDNEXT 5] x\r\n", 0 },		/* '[' */
+		{ "* 1 FETCH (BODY[] {5}\r\n", 0 },		/* a literal */
+		{ "* 1 FETCH (X {5}\r\n", 0 },
+		{ "* 1 FETCH (UID 2))\r\n", 0 },		/* ')' below the top: an error */
+		{ "* 1 FETCH (X \"open\r\n", 0 },		/* unclosed quote */
+		{ "* 1 FETCH (X \"a\\\r\n", 0 },		/* escaped CR */
+		{ "* 1 X\rY\r\n", 0 },			/* bare CR */
+		{ "* 1 FETCH (X a\x01" "b)\r\n", 0 },	/* CTL in an atom */
+		{ "* 1 FETCH (X \"a\x01" "b\")\r\n", 21 },	/* ... allowed quoted */
+		{ "* 1 FETCH (X \"a\x00" "b\")\r\n", 0 },	/* NUL (len set below) */
+		{ "* 1 FETCH (UID 2)\n", 0 },			/* bare LF: the tokens judge */
+		{ "* 1 FETCH (UID 2)", 0 },			/* incomplete */
+		{ "* 3 EXISTS\r\n", 12 },
+		{ "\r\n", 2 },
+	};
+	struct imap_lex_limits lim = { .max_line = 64, .max_token = 64, .max_literal = 0 };
+	struct imap_lex *lx;
+	struct imap_tok tok;
+	size_t i, used, accepted = 0, tried = 0, bad = 0;
+	unsigned seed = 12345;
+
+	for (i = 0; i < sizeof(lines) / sizeof(lines[0]); i++) {
+		const char *in = lines[i].in;
+		size_t len = i == 13 ? 21 : strlen(in), got;	/* strlen stops at a NUL */
+
+		got = plain_line(IMAP_LEX_SERVER, &lim, in, len);
+		ok(got == lines[i].want && (got == 0 || lex_line_end(IMAP_LEX_SERVER, &lim, in, len) == got),
+		    "plain line %zu: %zu bytes (want %zu)", i, got, lines[i].want);
+	}
+	lim.max_line = 20;
+	ok(plain_line(IMAP_LEX_SERVER, &lim, lines[0].in, strlen(lines[0].in)) == 0,
+	    "plain line: not over max_line");
+	lim.max_line = 64;
+	lim.max_token = 10;
+	ok(plain_line(IMAP_LEX_SERVER, &lim, lines[0].in, strlen(lines[0].in)) == 0,
+	    "plain line: not over max_token");
+	lim.max_token = 64;
+
+	lx = imap_lex_new(IMAP_LEX_SERVER, &lim);
+	imap_lex_next(lx, "* ", 2, &used, &tok);
+	ok(imap_lex_plain_line(lx, "1 EXISTS\r\n", 10) == 0, "plain line: only at a line start");
+	imap_lex_free(lx);
+	lx = imap_lex_new(IMAP_LEX_CLIENT, &lim);
+	imap_lex_expect_text_line(lx);
+	ok(imap_lex_plain_line(lx, "dGVzdA==\r\n", 10) == 0, "plain line: not for a text line");
+	imap_lex_free(lx);
+
+	/* Random lines over the bytes that matter: whenever the fast answer is
+	   yes, the tokens end the line at the same byte with no error. */
+	for (tried = 0; tried < 200000; tried++) {
+		static const char alphabet[] = "a1 ()\"\\[]{}*+~%\r\n\x01\x7f\x80";
+		char buf[40];
+		size_t len = (seed = seed * 1103515245u + 12345u) % 24, n;
+		enum imap_lex_mode mode = tried % 2 ? IMAP_LEX_CLIENT : IMAP_LEX_SERVER;
+
+		for (i = 0; i < len; i++) {
+			seed = seed * 1103515245u + 12345u;
+			buf[i] = (seed >> 16) % 8 == 0 ? '\0' : alphabet[(seed >> 8) % (sizeof alphabet - 1)];
+		}
+		buf[len++] = '\r';
+		buf[len++] = '\n';
+		lim.max_line = lim.max_token = tried % 3 ? 64 : 12;
+		n = plain_line(mode, &lim, buf, len);
+		if (n > 0) {
+			accepted++;
+			bad += lex_line_end(mode, &lim, buf, len) != n;
+		}
+	}
+	ok(bad == 0 && accepted > 1000, "plain line: %zu random lines, %zu plain, %zu disagree "
+	    "with the tokens", tried, accepted, bad);
+}
+
 #if defined(__SANITIZE_ADDRESS__)
 #define LEX_ASAN 1
 #elif defined(__has_feature)
@@ -957,6 +1079,7 @@ main(void)
 	    "ERR(toolong) EOL A(*) A(3) A(EXISTS) EOL", 12, 38, 0);
 
 	test_api();
+	test_plain_line();
 	test_big_literal(IMAP_LEX_CLIENT, "a APPEND INBOX (\\Seen) {10485760+}\r\n", "\r\n",
 	    "a,APPEND,INBOX,(\\Seen,)LEEOL");
 	test_big_literal(IMAP_LEX_SERVER, "* 1 FETCH (BODY[] {10485760}\r\n", ")\r\n",

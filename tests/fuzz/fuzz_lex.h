@@ -25,7 +25,9 @@
  * the window, the whole window used on MORE, token strings within limits,
  * payload inside the window, list depths that add up, one EOL per command
  * (right after any ERROR), literal sizes matching their payload, and the
- * line limit held until the error that reports it.
+ * line limit held until the error that reports it. Whole, at each line
+ * start, a line imap_lex_plain_line() calls plain must lex to its EOL at
+ * exactly the length it gave, with no ERROR and no LITERAL.
  */
 
 #ifndef FUZZ_LEX_MODE
@@ -52,6 +54,8 @@ struct lex_run {
 	int auth_cmd;		/* this command is AUTHENTICATE */
 	int zero_streak;	/* tokens in a row that consumed nothing */
 	unsigned tokens;
+	int plain;		/* imap_lex_plain_line said this line ends at plain_end */
+	size_t plain_end;
 };
 
 static void
@@ -280,8 +284,24 @@ lex_window(struct lex_run *r, const uint8_t *data, size_t len)
 			r->zero_streak = 0;
 			continue;
 		}
+		if (r->way == WAY_WHOLE && !r->plain && imap_lex_at_command_start(r->lx)) {
+			size_t n = imap_lex_plain_line(r->lx, win + pos, avail);
+
+			FUZZ_CHECK(n <= avail, "plain line of %zu bytes in a %zu-byte window", n, avail);
+			r->plain = n > 0;
+			r->plain_end = pos + n;
+		}
 		st = imap_lex_next(r->lx, avail ? win + pos : NULL, avail, &used, &tok);
 		FUZZ_CHECK(used <= avail, "used %zu of a %zu-byte window", used, avail);
+		if (r->plain && st == IMAP_LEX_TOKEN) {
+			FUZZ_CHECK(tok.type != IMAP_TOK_ERROR && tok.type != IMAP_TOK_LITERAL,
+			    "token type %d in a line imap_lex_plain_line called plain", tok.type);
+			if (tok.type == IMAP_TOK_EOL) {
+				FUZZ_CHECK(pos + used == r->plain_end, "plain line ends at %zu, its EOL "
+				    "at %zu", r->plain_end, pos + used);
+				r->plain = 0;
+			}
+		}
 		if (st == IMAP_LEX_MORE) {
 			FUZZ_CHECK(used == avail, "MORE after using %zu of %zu bytes", used, avail);
 			if (used > 0)
