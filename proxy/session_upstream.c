@@ -497,7 +497,6 @@ session_upstream_view(struct session *s, struct evbuffer *in, struct upstream_vi
 {
 	struct evbuffer_iovec v;
 	struct evbuffer_ptr at;
-
 	size_t in_len = evbuffer_get_length(in);
 
 	if (view->len > 0 && view->in_len == in_len && view->at == s->up_deferred)
@@ -508,6 +507,19 @@ session_upstream_view(struct session *s, struct evbuffer *in, struct upstream_vi
 		v.iov_base = NULL, v.iov_len = 0;
 	view->p = v.iov_base;
 	view->len = v.iov_len;
+}
+
+/* Deferred bytes go out at 64 KiB; a long undecided line must not fill the
+ * input, so it waits in uline. 1 when bytes went to the client. */
+static int
+session_upstream_bound(struct session *s)
+{
+	if (s->up_deferred < SESSION_OUT_LOW)
+		return 0;
+	session_upstream_release_pending(s);
+	if (s->resp_mode == RESP_UNDECIDED)
+		session_upstream_spill(s);
+	return 1;
 }
 
 /*
@@ -524,14 +536,14 @@ session_upstream_fetch_line(struct session *s, const struct upstream_view *view)
 	size_t n, d;
 
 	if (s->state != SESSION_RUNNING || s->trace != NULL || s->resp_mode != RESP_UNDECIDED ||
-	    view->len < 16 || view->p[0] != '*')
+	    view->len == 0 || view->p[0] != '*')
 		return 0;
 	if ((n = imap_lex_plain_line(s->ulex, view->p, view->len)) == 0 ||
 	    !track_fetch_line(view->p, n, &num, &uid))
 		return 0;
 	s->resp_tag[0] = '*';
 	s->resp_tag[1] = '\0';
-	for (d = 0; view->p[2 + d] != ' '; d++)	/* the digits of num */
+	for (d = 0; view->p[2 + d] != ' '; d++)	/* num's digits: at most 10 */
 		s->resp_word[d] = view->p[2 + d];
 	s->resp_word[d] = '\0';
 	if (resync_response_hidden(s)) {
@@ -567,10 +579,7 @@ session_upstream_process(struct session *s)
 			view.p += used;
 			view.len -= used;
 			view.at = s->up_deferred;
-			if (s->up_deferred >= SESSION_OUT_LOW) {
-				session_upstream_release_pending(s);
-				moved = 1;
-			}
+			moved = session_upstream_bound(s);
 			goto next;
 		}
 		st = imap_lex_next(s->ulex, view.p, view.len, &used, &tok);
@@ -583,13 +592,7 @@ session_upstream_process(struct session *s)
 		else if (used > 0)
 			evbuffer_remove_buffer(in, s->uline, used);
 		view.at = s->up_deferred;
-		if (s->up_deferred >= SESSION_OUT_LOW) {
-			session_upstream_release_pending(s);
-			/* A long undecided line must not fill the input: it waits in uline. */
-			if (s->resp_mode == RESP_UNDECIDED)
-				session_upstream_spill(s);
-			moved = 1;
-		}
+		moved = session_upstream_bound(s);
 		if (st != IMAP_LEX_TOKEN) {
 			if (used == 0 || evbuffer_get_length(in) <= s->up_deferred)
 				break;
