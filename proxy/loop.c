@@ -46,14 +46,15 @@ void
 loop_run(struct server *srv)
 {
 	for (;;) {
-		uint64_t window = (uint64_t)srv->cfg.busy_poll, seen, until;
+		uint64_t seen = loop_traffic(srv), until;
 
 		if (loop_once(srv, EVLOOP_ONCE))
 			return;
-		if (window == 0)
+		/* A timer or a signal is no reason to stay awake. */
+		if (srv->cfg.busy_poll == 0 || loop_traffic(srv) == seen)
 			continue;
 		seen = loop_traffic(srv);
-		until = loop_now_us() + window;
+		until = loop_now_us() + (uint64_t)srv->cfg.busy_poll;
 		do {
 			uint64_t now;
 
@@ -62,7 +63,7 @@ loop_run(struct server *srv)
 			now = loop_now_us();
 			if (loop_traffic(srv) != seen) {
 				seen = loop_traffic(srv);
-				until = now + window;
+				until = now + (uint64_t)srv->cfg.busy_poll;
 			}
 			if (now >= until)
 				break;
