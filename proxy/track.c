@@ -170,17 +170,27 @@ track_fetch_line(const char *p, size_t len, uint32_t *num, uint32_t *uid)
 	return p[at] == ' ' || p[at] == ')';
 }
 
+/* A response starts: nothing known of it yet. */
+static void
+track_response_begin(struct track *t)
+{
+	t->resp = TRACK_RESP_OTHER;
+	t->resp_num = 0;
+	t->fetch_uid_next = 0;
+	t->fetch_uid = 0;
+	t->vanished_earlier = 0;
+	t->esearch_all_next = 0;
+}
+
 void
 track_fetch_seen(struct session *s, uint32_t num, uint32_t uid)
 {
 	struct track *t = &s->track;
 
+	track_response_begin(t);
 	t->resp = TRACK_RESP_FETCH;
 	t->resp_num = num;
-	t->fetch_uid_next = 0;
 	t->fetch_uid = uid;
-	t->vanished_earlier = 0;
-	t->esearch_all_next = 0;
 }
 
 /* [UIDVALIDITY n], [UIDNEXT n], [HIGHESTMODSEQ n] in resp-text. */
@@ -221,12 +231,7 @@ track_token(struct session *s, const struct imap_tok *tok)
 	struct track *t = &s->track;
 
 	if (tok->index == 0) {
-		t->resp = TRACK_RESP_OTHER;
-		t->resp_num = 0;
-		t->fetch_uid_next = 0;
-		t->fetch_uid = 0;
-		t->vanished_earlier = 0;
-		t->esearch_all_next = 0;
+		track_response_begin(t);
 		return;
 	}
 	if (s->resp_tag[0] != '*' || s->resp_tag[1] != '\0')
