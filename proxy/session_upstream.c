@@ -532,20 +532,22 @@ session_upstream_bound(struct session *s)
 static size_t
 session_upstream_fetch_line(struct session *s, const struct upstream_view *view)
 {
+	struct imap_tok tag = { .type = IMAP_TOK_ATOM, .len = 1, .index = 0 }, word = tag;
 	uint32_t num, uid;
-	size_t n, d;
+	size_t n;
 
+	/* The prefix first: it turns most other lines away in a few bytes. */
 	if (s->state != SESSION_RUNNING || s->trace != NULL || s->resp_mode != RESP_UNDECIDED ||
-	    view->len == 0 || view->p[0] != '*')
+	    !track_fetch_line(view->p, view->len, &num, &uid) ||
+	    (n = imap_lex_plain_line(s->ulex, view->p, view->len)) == 0)
 		return 0;
-	if ((n = imap_lex_plain_line(s->ulex, view->p, view->len)) == 0 ||
-	    !track_fetch_line(view->p, n, &num, &uid))
-		return 0;
-	s->resp_tag[0] = '*';
-	s->resp_tag[1] = '\0';
-	for (d = 0; view->p[2 + d] != ' '; d++)	/* num's digits: at most 10 */
-		s->resp_word[d] = view->p[2 + d];
-	s->resp_word[d] = '\0';
+	/* What its first two tokens would have told. */
+	tag.str = view->p;
+	word.str = view->p + 2;
+	word.len = (size_t)((const char *)memchr(word.str, ' ', n - 2) - word.str);
+	word.index = 1;
+	session_upstream_identify(s, &tag);
+	session_upstream_identify(s, &word);
 	if (resync_response_hidden(s)) {
 		s->resp_tag[0] = s->resp_word[0] = '\0';
 		return 0;

@@ -71,9 +71,10 @@ void track_sasl_line(struct session *s, const char *line, size_t len);
 void track_token(struct session *s, const struct imap_tok *tok);
 void track_response_end(struct session *s, int to_client);
 
-/* The line p[0..len), a whole plain line (imap_lex_plain_line), read as
- * "* num FETCH (UID uid ...": 1 with num and uid, else 0. A sync of a big
- * mailbox is thousands of these; they need no tokens. */
+/* The line at the start of p[0..len) read as "* num FETCH (UID uid ...":
+ * 1 with num and uid, else 0. Only its prefix is read: whether the line is
+ * whole and plain is imap_lex_plain_line()'s to say. A sync of a big mailbox
+ * is thousands of these; they need no tokens. */
 int track_fetch_line(const char *p, size_t len, uint32_t *num, uint32_t *uid);
 
 /* What the tokens of such a line would have told the tracker; its end is
