@@ -248,7 +248,8 @@ stream_watchdog_cb(evutil_socket_t fd, short what, void *arg)
  * into the socket (and the writer closes, if that is all) before the loop
  * runs. reset: the reader's end first sends the writer a byte it never reads,
  * so the writer's close resets the reader (ECONNRESET). with_relay: 0 runs
- * the same without relay_read_more(), for comparison.
+ * the same without relay_read_more(), for comparison. Returns when the
+ * reader is done (EOF, error, or the watchdog); stream_free() after.
  */
 static void
 stream_run(struct stream *st, uint64_t seed, size_t len, enum consume policy, int prewrite, int reset,
@@ -280,6 +281,8 @@ stream_run(struct stream *st, uint64_t seed, size_t len, enum consume policy, in
 	if (!prewrite || stream_write(st) == 0)
 		event_add(st->wev, NULL);
 	st->prewritten = st->writer_done;
+	bufferevent_enable(st->bev, EV_READ);
+	event_base_dispatch(st->base);
 }
 
 static void
@@ -302,8 +305,6 @@ test_stream(uint64_t seed)
 	struct stream st;
 
 	stream_run(&st, seed, STREAM_LEN, CONSUME_RANDOM, 0, 0, 1);
-	bufferevent_enable(st.bev, EV_READ);
-	event_base_dispatch(st.base);
 	ok(!st.timeout && !st.mismatch && st.roff == st.len && st.what == (BEV_EVENT_READING | BEV_EVENT_EOF),
 	    "stream seed %llu: %zu of %zu bytes consumed, identical and in order, then EOF (event 0x%x)",
 	    (unsigned long long)seed, st.roff, st.len, (unsigned)st.what);
@@ -324,8 +325,6 @@ test_eof(size_t len)
 	struct stream st;
 
 	stream_run(&st, len, len, CONSUME_ALL, 1, 0, 1);
-	bufferevent_enable(st.bev, EV_READ);
-	event_base_dispatch(st.base);
 	ok(!st.timeout && !st.mismatch && st.roff == len && st.what == (BEV_EVENT_READING | BEV_EVENT_EOF) &&
 	    st.events_after_end == 0,
 	    "EOF after %zu bytes: %zu arrive identical, then EOF is reported (event 0x%x, %lu callbacks, "
@@ -348,8 +347,6 @@ test_reset(size_t len)
 	int plain_err;
 
 	stream_run(&st, len, len, CONSUME_ALL, 1, 1, 0);
-	bufferevent_enable(st.bev, EV_READ);
-	event_base_dispatch(st.base);
 	plain_what = st.what;
 	plain_err = st.err;
 	ok(!st.timeout && !st.mismatch && st.roff == len && st.what == (BEV_EVENT_READING | BEV_EVENT_ERROR) &&
@@ -359,8 +356,6 @@ test_reset(size_t len)
 	stream_free(&st);
 
 	stream_run(&st, len, len, CONSUME_ALL, 1, 1, 1);
-	bufferevent_enable(st.bev, EV_READ);
-	event_base_dispatch(st.base);
 	ok(!st.timeout && !st.mismatch && st.roff == len && st.what == plain_what && st.err == plain_err,
 	    "reset after %zu bytes, with relay_read_more: all bytes, then the same report "
 	    "(event 0x%x, %s; libevent alone: 0x%x, %s)",
