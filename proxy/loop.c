@@ -46,23 +46,22 @@ void
 loop_run(struct server *srv)
 {
 	for (;;) {
-		uint64_t seen = loop_traffic(srv), until;
+		uint64_t before = loop_traffic(srv), seen, until;
 
 		if (loop_once(srv, EVLOOP_ONCE))
 			return;
 		/* A timer or a signal is no reason to stay awake. */
-		if (srv->cfg.busy_poll == 0 || loop_traffic(srv) == seen)
+		if (srv->cfg.busy_poll == 0 || (seen = loop_traffic(srv)) == before)
 			continue;
-		seen = loop_traffic(srv);
 		until = loop_now_us() + (uint64_t)srv->cfg.busy_poll;
 		do {
-			uint64_t now;
+			uint64_t now, traffic;
 
 			if (loop_once(srv, EVLOOP_NONBLOCK))
 				return;
 			now = loop_now_us();
-			if (loop_traffic(srv) != seen) {
-				seen = loop_traffic(srv);
+			if ((traffic = loop_traffic(srv)) != seen) {
+				seen = traffic;
 				until = now + (uint64_t)srv->cfg.busy_poll;
 			}
 			if (now >= until)
