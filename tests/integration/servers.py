@@ -59,11 +59,22 @@ class FixtureError(Exception):
 
 # ---------------------------------------------------------------- helpers
 
+_ports_given = set()
+
+
 def free_port():
-    """A port that was free a moment ago (bind port 0 on loopback)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A port that was free a moment ago (bind port 0 on loopback), and not
+    given out before in this run: the kernel may hand the same port to two
+    binds in a row once the first socket is closed, and two listeners of one
+    fixture then collide ("Address already in use")."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
+    raise RuntimeError("free_port: no port not given out before")
 
 
 def port_open(port, host=HOST, timeout=0.5):
