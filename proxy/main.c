@@ -12,6 +12,9 @@
 #include <event2/event.h>
 
 #include "config-auto.h"
+#if defined(HAVE_MALLOC_H) && defined(HAVE_MALLOPT)
+#include <malloc.h>
+#endif
 #include "log.h"
 #include "loop.h"
 #include "workers.h"
@@ -60,6 +63,22 @@ main_raise_nofile(void)
 		rl.rlim_cur = rl.rlim_max;
 		setrlimit(RLIMIT_NOFILE, &rl);
 	}
+}
+
+/*
+ * Bulk transfers allocate and free 128 KiB buffer chains all the time.
+ * glibc's defaults give that memory back to the kernel when the top of the
+ * heap frees up and take it again on the next chain: under TLS FETCH that
+ * was a page fault per 48 KB relayed and a brk() per 350 KB. Keep up to
+ * 4 MiB of free heap instead.
+ */
+static void
+main_tune_malloc(void)
+{
+#if defined(HAVE_MALLOC_H) && defined(HAVE_MALLOPT) && defined(M_TRIM_THRESHOLD)
+	mallopt(M_MMAP_THRESHOLD, 1024 * 1024);
+	mallopt(M_TRIM_THRESHOLD, 4 * 1024 * 1024);
+#endif
 }
 
 static int
@@ -217,6 +236,7 @@ main(int argc, char **argv)
 
 	signal(SIGPIPE, SIG_IGN);
 	main_raise_nofile();
+	main_tune_malloc();
 	srv.workers = srv.cfg.workers;
 	if (srv.workers > 1) {
 		int rc;
