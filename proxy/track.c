@@ -193,24 +193,44 @@ track_fetch_seen(struct session *s, uint32_t num, uint32_t uid)
 	t->fetch_uid = uid;
 }
 
-/* [UIDVALIDITY n], [UIDNEXT n], [HIGHESTMODSEQ n] in resp-text. */
+int
+track_code_value(const char *text, size_t len, const char *name, uint64_t *v)
+{
+	size_t n = strlen(name), i;
+	uint64_t x = 0;
+
+	if (len < n + 4 || text[0] != '[' || strncasecmp(text + 1, name, n) != 0 ||
+	    text[n + 1] != ' ')
+		return 0;
+	for (i = n + 2; i < len && text[i] >= '0' && text[i] <= '9'; i++) {
+		unsigned d = (unsigned)(text[i] - '0');
+
+		if (x > (UINT64_MAX - d) / 10)
+			return 0;
+		x = x * 10 + d;
+	}
+	if (i == n + 2 || i >= len || text[i] != ']')
+		return 0;
+	*v = x;
+	return 1;
+}
+
+/* [UIDVALIDITY n], [UIDNEXT n], [HIGHESTMODSEQ n], [READ-ONLY] in resp-text. */
 static void
 track_resp_code(struct session *s, const char *text, size_t len)
 {
 	struct track *t = &s->track;
-	char code[64];
-	unsigned long long v;
+	uint64_t v;
 
 	if (len < 3 || text[0] != '[')
 		return;
-	snprintf(code, sizeof(code), "%.*s", (int)(len < sizeof(code) - 1 ? len : sizeof(code) - 1), text);
-	if (sscanf(code, "[UIDVALIDITY %llu]", &v) == 1 && v <= UINT32_MAX)
+	if (track_code_value(text, len, "UIDVALIDITY", &v) && v <= UINT32_MAX)
 		t->uidvalidity = (uint32_t)v;
-	else if (sscanf(code, "[UIDNEXT %llu]", &v) == 1 && v <= UINT32_MAX)
+	else if (track_code_value(text, len, "UIDNEXT", &v) && v <= UINT32_MAX)
 		t->uidnext = (uint32_t)v;
-	else if (sscanf(code, "[HIGHESTMODSEQ %llu]", &v) == 1)
+	else if (track_code_value(text, len, "HIGHESTMODSEQ", &v))
 		t->highestmodseq = v;
-	else if (strncasecmp(code, "[READ-ONLY]", 11) == 0)
+	else if (len >= 11 && strncasecmp(text, "[READ-ONLY]", 11) == 0)
 		t->readonly = 1;
 	else
 		return;

@@ -1,4 +1,4 @@
-/* test_track: track_fetch_line, the tracker's reading of a whole "* n FETCH (UID u ...)" line. */
+/* test_track: the tracker's readers of whole lines ("* n FETCH (UID u ...)") and of response codes. */
 #include <stdint.h>
 #include <string.h>
 
@@ -44,6 +44,43 @@ main(void)
 
 		ok(!track_fetch_line(l, 16, &num, &uid), "the UID's end is within the length given");
 		ok(track_fetch_line(l, 17, &num, &uid) && uid == 8, "... and ')' at its last byte");
+	}
+	/* Response codes: the number after the name, strictly. */
+	{
+		static const struct {
+			const char *text, *name;
+			int want;
+			uint64_t v;
+		} codes[] = {
+			{ "[UIDNEXT 41]", "UIDNEXT", 1, 41 },
+			{ "[uidnext 41] Predicted next UID", "UIDNEXT", 1, 41 },
+			{ "[UIDVALIDITY 4294967296]", "UIDVALIDITY", 1, 4294967296ull },
+			{ "[HIGHESTMODSEQ 18446744073709551615]", "HIGHESTMODSEQ", 1, UINT64_MAX },
+			{ "[HIGHESTMODSEQ 18446744073709551616]", "HIGHESTMODSEQ", 0, 0 },
+			{ "[UIDNEXT -1]", "UIDNEXT", 0, 0 },
+			{ "[UIDNEXT  41]", "UIDNEXT", 0, 0 },
+			{ "[UIDNEXT 41x]", "UIDNEXT", 0, 0 },
+			{ "[UIDNEXT 41", "UIDNEXT", 0, 0 },
+			{ "[UIDNEXT ]", "UIDNEXT", 0, 0 },
+			{ "[UIDNEXTX 41]", "UIDNEXT", 0, 0 },
+			{ "[UIDVALIDITY 3]", "UIDNEXT", 0, 0 },
+			{ "UIDNEXT 41]", "UIDNEXT", 0, 0 },
+		};
+
+		for (size_t i = 0; i < sizeof(codes) / sizeof(codes[0]); i++) {
+			uint64_t v = 0;
+			int got = track_code_value(codes[i].text, strlen(codes[i].text),
+			    codes[i].name, &v);
+
+			ok(got == codes[i].want && (!got || v == codes[i].v),
+			    "track_code_value %s: %d %llu", codes[i].text, got, (unsigned long long)v);
+		}
+		{
+			uint64_t v;
+
+			ok(!track_code_value("[UIDNEXT 41]", 11, "UIDNEXT", &v),
+			    "a code's ']' past the length given is not read");
+		}
 	}
 	return tap_done();
 }
