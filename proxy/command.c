@@ -75,8 +75,11 @@ command_kind_name(enum command_kind kind)
 enum command_kind
 command_kind_from_name(const char *name)
 {
+	/* Every command is looked up: the first letter settles most rows. */
+	int c = toupper((unsigned char)name[0]);
+
 	for (size_t i = 0; i < sizeof(command_table) / sizeof(command_table[0]); i++)
-		if (strcasecmp(command_table[i].name, name) == 0)
+		if (command_table[i].name[0] == c && strcasecmp(command_table[i].name, name) == 0)
 			return command_table[i].kind;
 	return CMD_UNKNOWN;
 }
