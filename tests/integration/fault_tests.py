@@ -968,6 +968,39 @@ def t_slowloris(ctx):
     alive(p)
 
 
+@test("fault: a logged-in client silent for timeout_idle=1s gets * BYE and is closed; a TLS "
+      "client that never starts its handshake is closed after timeout_tls_handshake=1s",
+      timeout=40, proxy_only=True)
+def t_idle_and_handshake_timeouts(ctx):
+    p = ctx.proxy("timeouts", [("timeout_idle", "1s"), ("timeout_tls_handshake", "1s")])
+    c, _ = ctx.session("alice", p.tls_port)
+    c.settimeout(10)
+    t0 = time.monotonic()
+    lines = []
+    try:
+        while True:
+            lines.append(c.readline())
+    except (EOFError, OSError):
+        pass
+    dt = time.monotonic() - t0
+    check(any(l.startswith(b"* BYE") for l in lines) and dt >= 0.5,
+          "an idle logged-in session with timeout_idle=1s: after %.1fs got %r (want * BYE after "
+          "about a second, then the connection closed)", dt, lines)
+    raw = socket.create_connection(("127.0.0.1", p.tls_port))
+    raw.settimeout(10)
+    t0 = time.monotonic()
+    try:
+        got = raw.recv(4096)
+    except OSError:
+        got = b""
+    dt = time.monotonic() - t0
+    raw.close()
+    check(got == b"" and dt >= 0.5,
+          "a TLS client that sent nothing: after %.1fs recv gave %r (want the proxy to close the "
+          "connection after timeout_tls_handshake=1s)", dt, got)
+    alive(p)
+
+
 @test("fault: a 100 MB line without CRLF is refused at max_line (BAD [TOOBIG]) with memory "
       "bounded; the session goes on", timeout=120, proxy_only=True)
 def t_100mb_line(ctx):
