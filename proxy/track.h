@@ -71,8 +71,8 @@ void track_sasl_line(struct session *s, const char *line, size_t len);
 void track_token(struct session *s, const struct imap_tok *tok);
 void track_response_end(struct session *s, int to_client);
 
-/* A response code's number: 1 when text[0..len) starts "[name n]" (name in any case, n decimal, 64 bits),
- * with n in *v. */
+/* A response code's number: 1 when text[0..len) starts "[name n]" (name in
+ * any case, n decimal digits that fit 64 bits), with n in *v. */
 int track_code_value(const char *text, size_t len, const char *name, uint64_t *v);
 
 /* The line at the start of p[0..len) read as "* num FETCH (UID uid ...":
