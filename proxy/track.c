@@ -119,19 +119,35 @@ track_select_begins(struct session *s)
 	t->select_exists = 0;
 }
 
+/* s[0..len) as a number: 1 with *v when it is 1+ digits that fit 64 bits. */
+static int
+track_decimal(const char *s, size_t len, uint64_t *v)
+{
+	uint64_t x = 0;
+
+	if (len == 0)
+		return 0;
+	for (size_t i = 0; i < len; i++) {
+		unsigned d = (unsigned)(s[i] - '0');
+
+		/* Below 20 digits nothing can overflow: no test on the hot path. */
+		if (s[i] < '0' || s[i] > '9' || (i >= 19 && x > (UINT64_MAX - d) / 10))
+			return 0;
+		x = x * 10 + d;
+	}
+	*v = x;
+	return 1;
+}
+
+/* s[0..len) as a 32-bit number, 0 when it is not one. */
 static uint32_t
 track_number(const char *s, size_t len)
 {
-	uint64_t v = 0;
+	uint64_t v;
 
-	if (len == 0 || len > 10)
+	if (len > 10 || !track_decimal(s, len, &v) || v > UINT32_MAX)
 		return 0;
-	for (size_t i = 0; i < len; i++) {
-		if (s[i] < '0' || s[i] > '9')
-			return 0;
-		v = v * 10 + (uint64_t)(s[i] - '0');
-	}
-	return v > UINT32_MAX ? 0 : (uint32_t)v;
+	return (uint32_t)v;
 }
 
 static int
@@ -197,22 +213,13 @@ int
 track_code_value(const char *text, size_t len, const char *name, uint64_t *v)
 {
 	size_t n = strlen(name), i;
-	uint64_t x = 0;
 
 	if (len < n + 4 || text[0] != '[' || strncasecmp(text + 1, name, n) != 0 ||
 	    text[n + 1] != ' ')
 		return 0;
-	for (i = n + 2; i < len && text[i] >= '0' && text[i] <= '9'; i++) {
-		unsigned d = (unsigned)(text[i] - '0');
-
-		if (x > (UINT64_MAX - d) / 10)
-			return 0;
-		x = x * 10 + d;
-	}
-	if (i == n + 2 || i >= len || text[i] != ']')
-		return 0;
-	*v = x;
-	return 1;
+	for (i = n + 2; i < len && text[i] >= '0' && text[i] <= '9'; i++)
+		;
+	return i < len && text[i] == ']' && track_decimal(text + n + 2, i - (n + 2), v);
 }
 
 /* [UIDVALIDITY n], [UIDNEXT n], [HIGHESTMODSEQ n], [READ-ONLY] in resp-text. */
