@@ -527,7 +527,8 @@ session_upstream_bound(struct session *s)
  * is thousands of these lines, and the tracker needs only n and u. Only a
  * plain line (imap_lex_plain_line: complete, no literal, no error) on a
  * session neither traced nor in the middle of a response qualifies; one
- * that resync hides goes the token way. Returns the bytes taken, 0 for none.
+ * that resync hides goes the token way. Returns the bytes taken, 0 for none;
+ * the line's end may have ended the session (state no longer RUNNING).
  */
 static size_t
 session_upstream_fetch_line(struct session *s, const struct upstream_view *view)
@@ -578,6 +579,8 @@ session_upstream_process(struct session *s)
 		}
 		session_upstream_view(s, in, &view);
 		if ((used = session_upstream_fetch_line(s, &view)) > 0) {
+			if (s->state != SESSION_RUNNING)
+				return;	/* as session_upstream_eol() tells the token path */
 			view.p += used;
 			view.len -= used;
 			view.at = s->up_deferred;
