@@ -909,12 +909,12 @@ def t_concurrent(ctx):
 # ======================================================= k. upstream down
 
 class Forwarder:
-    """A TCP relay 127.0.0.1:port -> 127.0.0.1:target (a stand-in upstream)."""
+    """A TCP relay host:port -> 127.0.0.1:target (a stand-in upstream)."""
 
-    def __init__(self, port, target):
-        self.srv = socket.socket()
+    def __init__(self, port, target, host=HOST):
+        self.srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.srv.bind((HOST, port))
+        self.srv.bind((host, port))
         self.srv.listen(16)
         self.target = target
         self.socks = []
@@ -992,6 +992,30 @@ def t_upstream_back(ctx):
     c2, _ = ctx.session("alice", p.tls_port)
     c2.expect_ok("s", "SELECT INBOX")
     check(p.alive(), "imapfresh exited")
+
+
+@test("k: upstream given as a host name (localhost) is resolved for each session",
+      proxy_only=True)
+def t_upstream_by_name(ctx):
+    # Address literals skip the resolver (upstream.c); names must still use it.
+    p = ctx.proxy("upname", upstream="localhost:%d" % ctx.dovecot.port)
+    for i in range(2):
+        c, _ = ctx.session("alice", p.tls_port)
+        c.expect_ok("n%d" % i, "SELECT INBOX")
+    check(p.alive(), "imapfresh exited")
+
+
+@test("k: upstream given as an IPv6 literal ([::1]:port) is connected to", proxy_only=True)
+def t_upstream_ipv6_literal(ctx):
+    try:
+        fwd = Forwarder(0, ctx.dovecot.port, host="::1")
+    except OSError as e:
+        raise Skip("no IPv6 loopback here: %s" % e)
+    ctx.closers.append(fwd.close)
+    p = ctx.proxy("upv6", upstream="[::1]:%d" % fwd.srv.getsockname()[1])
+    c, _ = ctx.session("alice", p.tls_port)
+    c.expect_ok("v1", "SELECT INBOX")
+    check(len(fwd.socks) >= 2, "the forwarder on ::1 relayed %d sockets", len(fwd.socks))
 
 
 # ======================================================== l. max_line
