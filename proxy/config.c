@@ -198,8 +198,7 @@ config_find(const char *name)
 	return NULL;
 }
 
-/* host:port for messages, bracketing IPv6 as a user would write it. */
-static const char *
+const char *
 config_fmt_addr(const struct config_addr *a, char *buf, size_t len)
 {
 	snprintf(buf, len, strchr(a->host, ':') ? "[%s]:%s" : "%s:%s", a->host, a->port);

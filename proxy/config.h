@@ -158,6 +158,9 @@ int config_warnings(const struct config *cfg, void (*warn)(void *arg, const char
  * (may be NULL: then a missing port is an error). Port must be 1..65535. */
 int config_parse_addr(const char *s, const char *default_port, struct config_addr *out);
 
+/* host:port for messages, bracketing IPv6 as a user would write it; returns buf. */
+const char *config_fmt_addr(const struct config_addr *a, char *buf, size_t len);
+
 /* A parsed "state" value other than "memory". */
 struct config_redis {
 	char host[256];		/* "" for a unix socket */

@@ -176,7 +176,7 @@ main(int argc, char **argv)
 	const char *config_file = NULL;
 	int n_overrides = 0, foreground = 0, check_only = 0, has_master = 0, ch;
 	struct event_base *base;
-	char err[1024];
+	char err[1024], upstream[300];
 
 	while ((ch = getopt(argc, argv, "c:o:ftvh")) != -1) {
 		switch (ch) {
@@ -279,8 +279,8 @@ main(int argc, char **argv)
 	}
 	if (!has_master)
 		main_write_pid(srv.cfg.pid_file);
-	log_notice("imapfresh %s started, upstream %s:%s (%s)", PACKAGE_VERSION,
-	    srv.cfg.upstream.host, srv.cfg.upstream.port,
+	log_notice("imapfresh %s started, upstream %s (%s)", PACKAGE_VERSION,
+	    config_fmt_addr(&srv.cfg.upstream, upstream, sizeof(upstream)),
 	    srv.cfg.upstream_tls == UPSTREAM_TLS_TLS ? "tls" :
 	    srv.cfg.upstream_tls == UPSTREAM_TLS_STARTTLS ? "starttls" : "plaintext");
 

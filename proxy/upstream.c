@@ -43,11 +43,11 @@ static void
 upstream_fail(struct session *s, const char *what, const char *detail)
 {
 	const struct config *cfg = &s->srv->cfg;
-	char bye[600], why[700];
+	char bye[600], why[700], addr[300];
 
 	s->srv->stats.upstream_connect_failures++;
-	snprintf(why, sizeof(why), "upstream %s:%s %s: %s", cfg->upstream.host,
-	    cfg->upstream.port, what, detail);
+	snprintf(why, sizeof(why), "upstream %s %s: %s",
+	    config_fmt_addr(&cfg->upstream, addr, sizeof(addr)), what, detail);
 	snprintf(bye, sizeof(bye), "[UNAVAILABLE] Backend server unavailable (%s)", what);
 	log_msg(LOG_LEVEL_WARNING, s->sid, "%s", why);
 	session_close(s, bye, why);
