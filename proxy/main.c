@@ -156,8 +156,8 @@ main_worker_instance(struct server *srv, char **overrides, int *n_overrides)
 		snprintf(base, sizeof(base), "imapfresh");
 	snprintf(setting, sizeof(setting), "instance_id=%.*s-w%d",
 	    (int)sizeof(srv->cfg.instance_id) - 8, base, srv->worker);
-	snprintf(srv->cfg.instance_id, sizeof(srv->cfg.instance_id), "%s",
-	    setting + strlen("instance_id="));
+	snprintf(srv->cfg.instance_id, sizeof(srv->cfg.instance_id), "%.*s",
+	    (int)sizeof(srv->cfg.instance_id) - 1, setting + strlen("instance_id="));
 	overrides[(*n_overrides)++] = setting;
 	srv->n_overrides = *n_overrides;
 }

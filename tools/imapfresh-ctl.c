@@ -390,7 +390,7 @@ ctl_duration(char *buf, size_t len, int64_t secs)
 static void
 ctl_ago(char *buf, size_t len, int64_t when)
 {
-	char d[32];
+	char d[24];	/* "106751991167300d15h" at most: room for " ago" in 32 */
 
 	if (when <= 0) {
 		snprintf(buf, len, "never");
