@@ -37,8 +37,9 @@ main_usage(FILE *f)
 }
 
 /* With epoll's changelist, the add and delete of an event in one loop pass
- * (a write queued then done) cost no epoll_ctl. Its caveat, descriptors
- * shared through dup(), does not apply: imapfresh never dups a socket. */
+ * (a write queued then done) cost no epoll_ctl. Its caveat: a socket must
+ * never be dup()ed, or the kernel keeps a registration libevent has deleted
+ * (tls_upgrade() hands the socket itself over for that reason). */
 static struct event_base *
 main_event_base(void)
 {

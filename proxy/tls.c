@@ -174,12 +174,20 @@ tls_describe(struct bufferevent *bev, char *buf, size_t len)
 		snprintf(buf, len, "%s %s", SSL_get_version(ssl), SSL_get_cipher_name(ssl));
 }
 
+/*
+ * The socket itself moves to the TLS bufferevent, never a dup() of it: with
+ * epoll's changelist the plain bufferevent's delete reaches the kernel after
+ * the close, which then still knows the open socket under the old number, so
+ * that registration stayed behind and, the socket being writable, woke the
+ * loop on every pass: a core spent per session that had used STARTTLS.
+ */
 struct bufferevent *
 tls_upgrade(struct bufferevent *plain, SSL *ssl, int accepting)
 {
 	struct event_base *base = bufferevent_get_base(plain);
-	int fd = dup(bufferevent_getfd(plain));
+	evutil_socket_t fd = bufferevent_getfd(plain);
 
+	bufferevent_setfd(plain, -1);	/* so that freeing it does not close fd */
 	bufferevent_free(plain);
 	if (fd < 0) {
 		SSL_free(ssl);

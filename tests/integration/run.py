@@ -567,6 +567,35 @@ def t_upstream_starttls(ctx):
     _upstream_tls_login(ctx, "starttls", ctx.dovecot.port)
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a process, from /proc."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@test("d: sessions that used STARTTLS, client side and upstream side, leave imapfresh idle "
+      "when they are", proxy_only=True)
+def t_starttls_idle_cpu(ctx):
+    # A dup()ed socket left an epoll registration behind that woke the loop on
+    # every pass: a core per such session. A busy loop takes the whole second
+    # of CPU; an idle proxy takes a few ticks at most.
+    p = ctx.proxy("stidle", [("upstream_ca", ctx.env.ca), ("upstream_sni", "localhost"),
+                             ("upstream_tls_verify", "yes")],
+                  upstream="%s:%d" % (HOST, ctx.dovecot.port), upstream_tls="starttls")
+    c = ctx.raw_plain(p.port)
+    c.readline()
+    c.expect_ok("a", "STARTTLS")
+    c.starttls(ctx.sslctx(), HOST)
+    c.login("alice", USERS["alice"])
+    c.expect_ok("s", "SELECT INBOX")
+    before = cpu_seconds(p.proc.pid)
+    time.sleep(2)
+    spent = cpu_seconds(p.proc.pid) - before
+    check(spent < 0.5, "imapfresh used %.2f s of CPU in 2 s with one idle session", spent)
+    c.expect_ok("n", "NOOP")
+
+
 @test("d: upstream_tls=tls (verify, CA, SNI): login works; Dovecot logs TLS", proxy_only=True)
 def t_upstream_tls(ctx):
     _upstream_tls_login(ctx, "tls", ctx.dovecot.tls_port)
