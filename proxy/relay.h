@@ -1,4 +1,4 @@
-/* relay: moving a session's bytes between its two sockets with fewer syscalls than libevent 2.1 makes. */
+/* relay: moving a session's bytes between its two sockets, and capping their unread input, with less work than libevent 2.1 does. */
 #ifndef RELAY_H
 #define RELAY_H
 
@@ -13,6 +13,10 @@ void relay_io_sizes(struct bufferevent *bev);
 /* In a read callback of a plain socket bufferevent: read on past libevent's
  * 4 KiB, up to cap bytes of input. */
 void relay_read_more(struct bufferevent *bev, size_t cap);
+/* Bound bev's unread input to about cap bytes: for good on a TLS bufferevent,
+ * and on a plain one through relay_input_cap_check() after each read. */
+void relay_input_cap(struct bufferevent *bev, size_t cap);
+void relay_input_cap_check(struct bufferevent *bev, size_t cap);
 /* Move n bytes from the front of `from` to the peer `to`: into its socket
  * directly when its output is empty, the rest into its output buffer. */
 void relay_move(struct bufferevent *to, struct evbuffer *from, size_t n);

@@ -96,7 +96,7 @@ session_set_client_callbacks(struct session *s)
 {
 	bufferevent_setcb(s->client, session_client_read_cb, session_client_write_cb,
 	    session_client_event_cb, s);
-	bufferevent_setwatermark(s->client, EV_READ, 0, SESSION_READ_HIGH);
+	relay_input_cap(s->client, SESSION_READ_HIGH);
 	relay_io_sizes(s->client);
 	bufferevent_enable(s->client, EV_READ | EV_WRITE);
 }
@@ -480,8 +480,13 @@ session_resume_reading(struct session *s, struct bufferevent *from)
 static void
 session_client_read_cb(struct bufferevent *bev, void *arg)
 {
+	struct session *s = arg;
+
 	relay_read_more(bev, SESSION_READ_HIGH);
-	session_client_process(arg);
+	session_client_process(s);
+	/* s->client, not bev: STARTTLS replaces the bufferevent. */
+	if (s->client != NULL)
+		relay_input_cap_check(s->client, SESSION_READ_HIGH);
 }
 
 static void

@@ -25,7 +25,7 @@ static void
 upstream_set_callbacks(struct session *s)
 {
 	bufferevent_setcb(s->up, upstream_read_cb, upstream_write_cb, upstream_event_cb, s);
-	bufferevent_setwatermark(s->up, EV_READ, 0, SESSION_READ_HIGH);
+	relay_input_cap(s->up, SESSION_READ_HIGH);
 	relay_io_sizes(s->up);
 	bufferevent_enable(s->up, EV_READ | EV_WRITE);
 }
@@ -153,8 +153,13 @@ upstream_send_proxy_header(struct session *s)
 static void
 upstream_read_cb(struct bufferevent *bev, void *arg)
 {
+	struct session *s = arg;
+
 	relay_read_more(bev, SESSION_READ_HIGH);
-	session_upstream_process(arg);
+	session_upstream_process(s);
+	/* s->up, not bev: a failure frees it, STARTTLS replaces it. */
+	if (s->up != NULL)
+		relay_input_cap_check(s->up, SESSION_READ_HIGH);
 }
 
 static void

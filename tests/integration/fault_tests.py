@@ -608,6 +608,40 @@ def t_upstream_never_greets(ctx):
     alive(p)
 
 
+@test("fault: clients sending 64 MB before the upstream has greeted are read only up to the "
+      "input cap: memory bounded, their writes block", timeout=60, proxy_only=True)
+def t_client_floods_before_greeting(ctx):
+    # Nothing takes the client's input before the greeting: only the input
+    # cap (relay_input_cap) stops the proxy reading it.
+    silent = threading.Event()
+
+    def greet(fc):
+        silent.wait(30)
+        return False
+    fake = FakeUpstream(greet=greet)
+    ctx.closers.append(silent.set)
+    p = fake_proxy(ctx, "flood-early", fake, [("timeout_connect", "30s")])
+    watch = RssWatch(p.proc.pid)
+    block = b"a NOOP\r\n" * (MB // 8)
+    done = {}
+
+    def flood(name, conn):
+        conn.sock.settimeout(None)  # block until the proxy reads, or the test closes it
+        try:
+            for _ in range(64):
+                conn.sock.sendall(block)
+            done[name] = "all 64 MB"
+        except OSError as e:
+            done[name] = str(e)
+    for name, conn in (("plain", ctx.raw_plain(p.port)), ("tls", ctx.raw_tls(p.tls_port))):
+        threading.Thread(target=flood, args=(name, conn), daemon=True).start()
+    time.sleep(3)
+    grew = watch.stop()
+    check(grew < rss_limit_kb(p.proc), "imapfresh RSS grew by %d KiB", grew)
+    check(not done, "a client's 64 MB went through before any greeting: %s", done)
+    alive(p)
+
+
 @test("fault: upstream sends garbage (NUL, TLS bytes, bare CR) at the greeting and after login: "
       "* BYE", timeout=60, proxy_only=True)
 def t_upstream_garbage(ctx):
