@@ -690,6 +690,27 @@ config_apply(struct config *cfg, const struct config_key *k, const char *value,
 	return config_err(err, errlen, "%s: unhandled key type", k->name);
 }
 
+/* upstream_sa from upstream's host and port, if the host is an address. */
+static void
+config_derive_upstream_sa(struct config *cfg)
+{
+	struct sockaddr_in *in4 = (struct sockaddr_in *)&cfg->upstream_sa;
+	struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&cfg->upstream_sa;
+	uint16_t port = htons((uint16_t)atoi(cfg->upstream.port));
+
+	memset(&cfg->upstream_sa, 0, sizeof cfg->upstream_sa);
+	cfg->upstream_salen = 0;
+	if (inet_pton(AF_INET, cfg->upstream.host, &in4->sin_addr) == 1) {
+		in4->sin_family = AF_INET;
+		in4->sin_port = port;
+		cfg->upstream_salen = sizeof *in4;
+	} else if (inet_pton(AF_INET6, cfg->upstream.host, &in6->sin6_addr) == 1) {
+		in6->sin6_family = AF_INET6;
+		in6->sin6_port = port;
+		cfg->upstream_salen = sizeof *in6;
+	}
+}
+
 /*
  * Keys whose default depends on another key. Setting the key itself pins
  * it (or, when empty, hands it back to the default); after any key, the
@@ -707,6 +728,7 @@ config_derive(struct config *cfg, const struct config_key *k)
 		    cfg->upstream_tls == UPSTREAM_TLS_TLS ? "993" : "143");
 	if (cfg->tls_key_auto)
 		snprintf(cfg->tls_key, sizeof cfg->tls_key, "%s", cfg->tls_cert);
+	config_derive_upstream_sa(cfg);
 }
 
 int

@@ -4,6 +4,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
 #define CONFIG_MAX_LISTEN 16
 
@@ -97,6 +98,10 @@ struct config {
 	 * field follows the key it depends on, whatever order keys come in. */
 	int upstream_port_auto;	/* upstream.port is 143, or 993 with upstream_tls = tls */
 	int tls_key_auto;	/* tls_key is a copy of tls_cert (one combined PEM) */
+	/* upstream as a socket address when its host is an address literal (it
+	 * then needs no resolver); upstream_salen 0 when the host is a name. */
+	struct sockaddr_storage upstream_sa;
+	socklen_t upstream_salen;
 };
 
 /* How config_set() reads a value; one per row of config_table. */

@@ -1,6 +1,8 @@
 /* test_config: checks config parsing, defaults, validation, warnings, and that every key is documented. */
 #include "config.h"
 #include "tap.h"
+#include <arpa/inet.h>
+#include <netinet/in.h>
 
 #include <limits.h>
 #include <stdint.h>
@@ -398,6 +400,24 @@ test_good_values(void)
 	    && strcmp(c.upstream.port, "993") == 0 && strcmp(c.upstream.host, "2001:db8::1") == 0,
 	    "upstream_tls before upstream: 993 too");
 	ok(set(&c, "upstream", "") == 0 && c.upstream.host[0] == '\0', "upstream = \"\" clears it");
+
+	/* An address literal is also kept as a socket address, following the port. */
+	config_defaults(&c);
+	{
+		const struct sockaddr_in *in4 = (const struct sockaddr_in *)&c.upstream_sa;
+		const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)&c.upstream_sa;
+
+		ok(set(&c, "upstream", "127.0.0.1") == 0 && c.upstream_salen == sizeof *in4
+		    && in4->sin_family == AF_INET && ntohs(in4->sin_port) == 143
+		    && ntohl(in4->sin_addr.s_addr) == 0x7f000001, "IPv4 literal: socket address, port 143");
+		ok(set(&c, "upstream_tls", "tls") == 0 && ntohs(in4->sin_port) == 993,
+		    "its port follows upstream_tls = tls");
+		ok(set(&c, "upstream", "[::1]:1143") == 0 && c.upstream_salen == sizeof *in6
+		    && in6->sin6_family == AF_INET6 && ntohs(in6->sin6_port) == 1143
+		    && IN6_IS_ADDR_LOOPBACK(&in6->sin6_addr), "IPv6 literal: socket address, port 1143");
+		ok(set(&c, "upstream", "mail.example.org") == 0 && c.upstream_salen == 0,
+		    "a name: no socket address (resolved per session)");
+	}
 
 	/* tls_key follows tls_cert until given; "" gives it back. */
 	config_defaults(&c);
