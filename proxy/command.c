@@ -20,6 +20,7 @@ static const struct {
 	{ "EXPUNGE", CMD_EXPUNGE }, { "APPEND", CMD_APPEND }, { "NOOP", CMD_NOOP },
 	{ "CHECK", CMD_CHECK }, { "GETQUOTAROOT", CMD_GETQUOTAROOT },
 	{ "UNAUTHENTICATE", CMD_UNAUTHENTICATE }, { "ID", CMD_ID },
+	{ "SORT", CMD_SORT }, { "THREAD", CMD_THREAD },
 };
 
 void

@@ -31,6 +31,8 @@ enum command_kind {
 	CMD_GETQUOTAROOT,
 	CMD_UNAUTHENTICATE,
 	CMD_ID,
+	CMD_SORT,
+	CMD_THREAD,
 };
 
 #define COMMAND_TAG_MAX 128

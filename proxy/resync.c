@@ -8,6 +8,8 @@
 #include "events.h"
 #include "log.h"
 #include "metrics.h"
+#include "renumber.h"
+#include "repair.h"
 #include "resync.h"
 #include "session.h"
 #include "store.h"
@@ -336,6 +338,8 @@ resync_disconnect(struct session *s, const char *why)
 	session_close(s, "[UNAVAILABLE] Mailbox state changed; please reconnect", why);
 }
 
+static int resync_view_matches(struct session *s, const struct uidset *truth);
+
 static void
 resync_escalate(struct session *s)
 {
@@ -373,70 +377,102 @@ resync_escalate(struct session *s)
 }
 
 /* After the re-SELECT: tell the client exactly what changed, as EXPUNGEs and
- * an EXISTS, so its sequence numbers match the server's again. */
+ * an EXISTS, so its sequence numbers match the server's again. Where the
+ * client may not hear an EXPUNGE now (its held command is a FETCH, STORE or
+ * SEARCH), the expunges are held and its numbers renumbered until it may. */
 static void
 resync_apply(struct session *s)
 {
 	struct resync *r = &s->resync;
 	struct track *t = &s->track;
-	struct uidset client;
-	uint32_t count = t->view.count, kept = 0, expunged = 0;
+	struct repair_plan plan;
+	uint32_t count = t->view.count, expunged, added;
+	char sent[512] = "";
+	size_t o = 0;
 
 	if (t->uidvalidity != r->old_uidvalidity) {
 		resync_disconnect(s, "UIDVALIDITY changed");
 		return;
 	}
-	uidset_init(&client);
-	if (seqmap_known(&t->view) == count)
-		seqmap_known_uids(&t->view, &client);
-	else if (r->server_view.count >= count)
-		for (uint32_t k = 1; k <= count; k++)
-			uidset_add(&client, uidset_nth(&r->server_view, k));
-	if (client.count != count) {
-		uidset_free(&client);
-		resync_disconnect(s, "the client's view could not be read back");
+	repair_plan_init(&plan);
+	if (repair_make_plan(&t->view, &t->pending, &r->server_view, &r->truth, &plan) < 0)
+		plan.disconnect = "out of memory";
+	if (plan.disconnect != NULL) {
+		resync_disconnect(s, plan.disconnect);
+		repair_plan_free(&plan);
 		return;
 	}
-	/* New messages can only be shown after the ones the client has: below
-	 * the client's highest UID, the truth may hold nothing the client lacks. */
-	for (size_t i = 0; i < r->truth.n && client.count > 0; i++) {
-		uint32_t lo = r->truth.r[i].lo, top = uidset_max(&client) - 1;
-		uint32_t hi = r->truth.r[i].hi < top ? r->truth.r[i].hi : top;
+	expunged = (uint32_t)plan.expunge.count;
+	added = (uint32_t)plan.added.count;
+	/* The kept positions' UIDs are known now (the unknown ones learnt from
+	 * the server's list); the new messages follow them, range by range. */
+	if (seqmap_known(&t->view) < count) {
+		uint32_t nth = 0;
 
-		if (lo <= hi && uidset_max(&client) > 1 && !uidset_covers(&client, lo, hi)) {
-			uidset_free(&client);
-			resync_disconnect(s, "a message appeared below UIDs the client has");
-			return;
+		for (uint32_t pos = 1; pos <= count; pos++)
+			if (!uidset_contains(&plan.expunge, pos))
+				seqmap_learn(&t->view, pos, uidset_nth(&plan.kept, ++nth));
+	}
+	seqmap_append(&t->view, &plan.added);
+	pending_clear(&t->pending);
+	for (size_t i = 0; i < plan.expunge.n; i++)
+		uidset_add_range(&t->pending.pos, plan.expunge.r[i].lo, plan.expunge.r[i].hi);
+	if (renumber_expunge_allowed(s)) {
+		for (size_t i = plan.expunge.n; i > 0; i--)
+			for (uint64_t k = plan.expunge.r[i - 1].hi; k >= plan.expunge.r[i - 1].lo; k--)
+				if (o + 24 < sizeof(sent))
+					o += (size_t)snprintf(sent + o, sizeof(sent) - o, "%s* %llu EXPUNGE",
+					    o ? "; " : "", (unsigned long long)k);
+		renumber_flush(s);
+		seqmap_assign(&t->view, &r->truth);
+		if (added > 0) {
+			session_reply(s, "* %u EXISTS", count - expunged + added);
+			if (o + 24 < sizeof(sent))
+				snprintf(sent + o, sizeof(sent) - o, "%s* %u EXISTS", o ? "; " : "",
+				    count - expunged + added);
 		}
-	}
-	char sent[512] = "";
-	size_t o = 0;
-
-	for (uint32_t k = count; k >= 1; k--) {
-		if (uidset_contains(&r->truth, uidset_nth(&client, k)))
-			continue;
-		session_reply(s, "* %u EXPUNGE", k);
-		if (o + 24 < sizeof(sent))
-			o += (size_t)snprintf(sent + o, sizeof(sent) - o, "%s* %u EXPUNGE", o ? "; " : "", k);
-		expunged++;
-	}
-	kept = count - expunged;
-	if (r->truth.count > kept) {
-		session_reply(s, "* %llu EXISTS", (unsigned long long)r->truth.count);
-		if (o + 24 < sizeof(sent))
-			snprintf(sent + o, sizeof(sent) - o, "%s* %llu EXISTS", o ? "; " : "",
-			    (unsigned long long)r->truth.count);
+	} else {
+		if (added > 0) {
+			session_reply(s, "* %u EXISTS", count + added);
+			o += (size_t)snprintf(sent + o, sizeof(sent) - o, "* %u EXISTS", count + added);
+		}
+		if (expunged > 0)
+			snprintf(sent + o, sizeof(sent) - o, "%s(%u EXPUNGEs held until the client "
+			    "may hear them)", o ? "; " : "", expunged);
 	}
 	resync_event(s, "repaired", sent);
-	seqmap_assign(&t->view, &r->truth);
 	t->dirty = 1;
-	uidset_free(&client);
+	repair_plan_free(&plan);
 	{
 		char outcome[160];
-		snprintf(outcome, sizeof(outcome), "re-selected; client told of %u expunged and %llu new "
-		    "messages", expunged, (unsigned long long)(r->truth.count - kept));
+		snprintf(outcome, sizeof(outcome), "re-selected; client told of %u expunged and %u new "
+		    "messages", expunged, added);
 		resync_finish(s, 1, outcome);
 	}
+}
+
+/* Does the server's view (the client's, less the expunges it was not told
+ * yet) hold exactly the mailbox's UIDs? */
+static int
+resync_view_matches(struct session *s, const struct uidset *truth)
+{
+	struct track *t = &s->track;
+	struct seqmap server;
+	int same;
+
+	if (!pending_any(&t->pending))
+		return seqmap_consistent(&t->view, truth);
+	seqmap_init(&server);
+	if (seqmap_copy(&server, &t->view) < 0) {
+		seqmap_free(&server);
+		return 0;
+	}
+	for (size_t i = t->pending.pos.n; i > 0; i--)
+		for (uint64_t k = t->pending.pos.r[i - 1].hi; k >= t->pending.pos.r[i - 1].lo; k--)
+			seqmap_expunge(&server, (uint32_t)k);
+	same = seqmap_consistent(&server, truth);
+	seqmap_free(&server);
+	return same;
 }
 
 /* Servers that run pipelined commands side by side (Dovecot) answer the
@@ -446,7 +482,7 @@ void
 resync_search_result(struct session *s)
 {
 	if (s->resync.phase == RESYNC_CHECK)
-		s->resync.matched_at_search = seqmap_consistent(&s->track.view, &s->resync.truth);
+		s->resync.matched_at_search = resync_view_matches(s, &s->resync.truth);
 }
 
 void
@@ -474,7 +510,7 @@ resync_completed(struct session *s, struct inflight *f, int ok, const char *text
 		if (r->failed) {
 			resync_event(s, "refused", NULL);
 			resync_finish(s, 0, "check refused by the server; going on unchecked");
-		} else if (r->matched_at_search || seqmap_consistent(&t->view, &r->truth)) {
+		} else if (r->matched_at_search || resync_view_matches(s, &r->truth)) {
 			resync_event(s, "in-sync", NULL);
 			resync_finish(s, 1, "in sync");
 		} else

@@ -304,3 +304,29 @@ seqmap_assign(struct seqmap *m, const struct uidset *uids)
 	m->count = (uint32_t)uids->count;
 	return 0;
 }
+
+int
+seqmap_copy(struct seqmap *dst, const struct seqmap *src)
+{
+	dst->n = 0;
+	dst->count = src->count;
+	for (size_t i = 0; i < src->n; i++)
+		if (seqmap_insert(dst, dst->n, src->runs[i]) < 0)
+			return -1;
+	return 0;
+}
+
+int
+seqmap_append(struct seqmap *m, const struct uidset *uids)
+{
+	for (size_t i = 0; i < uids->n; i++) {
+		struct seqmap_run run = { m->count + 1, uids->r[i].lo, uids->r[i].hi - uids->r[i].lo + 1 };
+
+		if (seqmap_insert(m, m->n, run) < 0)
+			return -1;
+		m->count += run.len;
+		if (m->n > 1)
+			seqmap_merge_next(m, m->n - 2);
+	}
+	return 0;
+}

@@ -45,6 +45,12 @@ int seqmap_consistent(const struct seqmap *m, const struct uidset *truth);
 /* The known UIDs as a set. */
 int seqmap_known_uids(const struct seqmap *m, struct uidset *out);
 
+/* Messages with these UIDs follow the last one. */
+int seqmap_append(struct seqmap *m, const struct uidset *uids);
+
+/* dst becomes a copy of src. */
+int seqmap_copy(struct seqmap *dst, const struct seqmap *src);
+
 /* Replace the view by a fully known one. */
 int seqmap_assign(struct seqmap *m, const struct uidset *uids);
 

@@ -11,6 +11,7 @@
 
 #include "command.h"
 #include "imap_lex.h"
+#include "renumber.h"
 #include "resync.h"
 #include "server.h"
 #include "track.h"
@@ -48,6 +49,7 @@ struct inflight {
 	char *mailbox;		/* SELECT/EXAMINE/APPEND/COPY/MOVE target, canonical */
 	char *user;		/* LOGIN / AUTHENTICATE PLAIN identity, until the OK */
 	uint64_t sent_usec;	/* when it went upstream, for the latency histogram */
+	int expunge_issued;	/* it named messages expunged but not yet told: OK becomes NO */
 };
 
 /* How the current upstream response travels to the client. */
@@ -56,6 +58,7 @@ enum resp_mode {
 	RESP_PASS,	/* bytes stream through as they are lexed */
 	RESP_REWRITE,	/* held to the end of the line, then rewritten */
 	RESP_SWALLOW,	/* consumed by imapfresh, never shown to the client */
+	RESP_RENUMBER,	/* held to the end of the line, its message numbers renumbered */
 };
 
 struct session {
@@ -91,6 +94,8 @@ struct session {
 	int cmd_forwarded;		/* some segment already went upstream */
 	int cmd_local;			/* handled by imapfresh (STARTTLS) */
 	int line_is_continuation;	/* a DONE or SASL line, not a command */
+	struct renumber_cmd rn;		/* its sequence sets, for renumbering */
+	char reject_buf[160];		/* cmd_reject_resp when it is built here */
 	enum session_wait wait;
 	struct inflight *inflight;	/* FIFO, oldest first */
 	unsigned n_inflight, cap_inflight;
@@ -106,6 +111,8 @@ struct session {
 	char resp_word[16];		/* OK, NO, CAPABILITY, EXISTS, ... (index 1) */
 	struct evbuffer *resp_text;	/* rewritten line under construction */
 	int upstream_bye;		/* the upstream said BYE itself */
+	uint32_t resp_held_expunge;	/* "* n EXPUNGE" the client may not hear yet */
+	int resp_expunge_issued;	/* a tagged OK that becomes NO [EXPUNGEISSUED] */
 	int up_paused, client_paused;	/* reading stopped for backpressure */
 	char up_tag[24];		/* tag of imapfresh's own upstream command */
 	uint64_t up_tag_seq;

@@ -21,6 +21,7 @@ session_client_reset(struct session *s)
 	s->cmd_forwarded = 0;
 	s->cmd_local = 0;
 	s->line_is_continuation = 0;
+	renumber_cmd_reset(&s->rn);
 }
 
 static void
@@ -102,6 +103,12 @@ session_client_decide(struct session *s, int whole_line)
 	default:
 		break;
 	}
+	if (!s->cmd_reject && !s->cmd_local) {
+		/* Numbers the client may use but the server no longer has. */
+		const char *why = renumber_client_refusal(s);
+		if (why != NULL)
+			session_client_reject(s, why);
+	}
 	if (s->cmd_reject)
 		log_msg(LOG_LEVEL_DEBUG, s->sid, "refusing %s: %s", s->cmd.name, s->cmd_reject_resp);
 }
@@ -125,6 +132,10 @@ session_client_send_id(struct session *s)
 static void
 session_client_forward(struct session *s)
 {
+	int held = 0;
+
+	if (!s->line_is_continuation)
+		held = renumber_client_rewrite(s);
 	if (s->id_pending && !s->cmd_forwarded)
 		session_client_send_id(s);
 
@@ -135,8 +146,12 @@ session_client_forward(struct session *s)
 		evbuffer_add_buffer(bufferevent_get_output(s->up), s->cline);
 	else
 		relay_move(s->up, s->cline, evbuffer_get_length(s->cline));
-	if (!s->cmd_forwarded && s->cmd.tag_ok && !s->line_is_continuation)
-		session_inflight_push(s, &s->cmd);
+	if (!s->cmd_forwarded && s->cmd.tag_ok && !s->line_is_continuation) {
+		struct inflight *f = session_inflight_push(s, &s->cmd);
+		if (f != NULL)
+			f->expunge_issued = held;
+	} else if (held && s->n_inflight > 0)
+		s->inflight[s->n_inflight - 1].expunge_issued = 1;
 	s->cmd_forwarded = 1;
 }
 
@@ -249,8 +264,6 @@ session_client_release(struct session *s)
 static void
 session_client_act(struct session *s, const struct imap_tok *tok)
 {
-	static char errbuf[160];
-
 	switch (tok->type) {
 	case IMAP_TOK_ERROR:
 		if (s->cmd_forwarded || s->line_is_continuation) {
@@ -259,7 +272,7 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 			    tok->errmsg ? tok->errmsg : "client protocol error");
 			return;
 		}
-		session_client_reject(s, session_client_error_resp(tok, errbuf, sizeof(errbuf),
+		session_client_reject(s, session_client_error_resp(tok, s->reject_buf, sizeof(s->reject_buf),
 		    &s->srv->cfg));
 		log_msg(LOG_LEVEL_INFO, s->sid, "client command refused: %s",
 		    tok->errmsg ? tok->errmsg : "error");
@@ -416,6 +429,8 @@ session_client_process(struct session *s)
 				evbuffer_drain(in, used);
 			else if (used > 0)
 				evbuffer_remove_buffer(in, s->cline, used);
+			if (st == IMAP_LEX_TOKEN && !s->line_is_continuation && !s->cmd_reject)
+				renumber_client_token(s, &tok, evbuffer_get_length(s->cline));
 			if (st == IMAP_LEX_TOKEN)
 				session_client_act(s, &tok);
 			else if (used == 0 || evbuffer_get_length(in) == 0)

@@ -1,12 +1,14 @@
 /* session_upstream: the upstream's bytes, response by response: streamed, rewritten or consumed here. */
 #include <ctype.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
 #include "capability.h"
 #include "log.h"
 #include "relay.h"
+#include "renumber.h"
 #include "metrics.h"
 #include "trace.h"
 #include "session.h"
@@ -47,6 +49,8 @@ session_upstream_reset(struct session *s)
 	s->resp_word[0] = '\0';
 	s->resp_status_text[0] = '\0';
 	s->resp_passed = 0;
+	s->resp_held_expunge = 0;
+	s->resp_expunge_issued = 0;
 	s->up_resp_start = s->up_deferred;
 	evbuffer_drain(s->resp_text, evbuffer_get_length(s->resp_text));
 }
@@ -168,6 +172,82 @@ session_upstream_ours(struct session *s)
 	return (f = session_inflight_find(s, s->resp_tag)) != NULL && f->injected;
 }
 
+/* "* n WORD" goes on as "* k WORD": the bytes read so far are replaced,
+ * the rest of the response streams as it is. */
+static void
+session_upstream_renumber_prefix(struct session *s, uint32_t k, const struct imap_tok *word)
+{
+	session_upstream_spill(s);
+	evbuffer_drain(s->uline, evbuffer_get_length(s->uline));
+	evbuffer_add_printf(s->uline, "* %u %.*s", k, (int)word->len, word->str);
+	s->track.resp_num = k;
+	session_upstream_set_mode(s, RESP_PASS);
+}
+
+/*
+ * Message numbers, while the client's differ from the server's (pending.h):
+ * an EXPUNGE the client may not hear yet is held, EXISTS and FETCH numbers
+ * are renumbered, a search's answer is rewritten, and a tagged OK to a
+ * command that named a held message becomes NO [EXPUNGEISSUED]. Returns 1
+ * when the response is decided (or must wait for its next token).
+ */
+static int
+session_upstream_renumber(struct session *s, const struct imap_tok *tok)
+{
+	struct pending *p = &s->track.pending;
+	struct inflight *f;
+
+	if (s->n_inflight > 0 && !s->inflight[0].injected && !s->inflight[0].started &&
+	    (s->inflight[0].kind == CMD_SELECT || s->inflight[0].kind == CMD_EXAMINE))
+		pending_clear(p);	/* what arrives now describes the new mailbox */
+	if (strcmp(s->resp_tag, "*") != 0) {
+		if (strcmp(s->resp_tag, "+") == 0 || (f = session_inflight_find(s, s->resp_tag)) == NULL ||
+		    f->injected)
+			return 0;
+		renumber_flush(s);	/* before the completion: the client may hear them now */
+		if (f->expunge_issued && (f->kind == CMD_FETCH || f->kind == CMD_STORE) &&
+		    strcmp(s->resp_word, "OK") == 0) {
+			s->resp_expunge_issued = 1;
+			session_upstream_set_mode(s, RESP_SWALLOW);
+			return 1;
+		}
+		return 0;
+	}
+	if (s->resp_word[0] >= '0' && s->resp_word[0] <= '9') {
+		uint32_t n = (uint32_t)strtoul(s->resp_word, NULL, 10);
+
+		if (tok->index < 2)
+			return tok->type != IMAP_TOK_EOL;	/* the word after the number decides */
+		if (tok->index != 2 || tok->type != IMAP_TOK_ATOM || n == 0)
+			return 0;
+		if (tok->len == 7 && strncasecmp(tok->str, "EXPUNGE", 7) == 0) {
+			if (renumber_expunge_allowed(s)) {
+				renumber_flush(s);	/* now both number alike */
+				return 0;
+			}
+			s->resp_held_expunge = n;
+			session_upstream_set_mode(s, RESP_SWALLOW);
+			return 1;
+		}
+		if (!pending_any(p))
+			return 0;
+		if (tok->len == 6 && strncasecmp(tok->str, "EXISTS", 6) == 0) {
+			session_upstream_renumber_prefix(s, n + pending_count(p), tok);
+			return 1;
+		}
+		if (tok->len == 5 && strncasecmp(tok->str, "FETCH", 5) == 0) {
+			session_upstream_renumber_prefix(s, pending_to_client(p, n), tok);
+			return 1;
+		}
+		return 0;
+	}
+	if (renumber_search_response(s)) {
+		session_upstream_set_mode(s, RESP_RENUMBER);
+		return 1;
+	}
+	return 0;
+}
+
 static void
 session_upstream_decide(struct session *s, const struct imap_tok *tok)
 {
@@ -184,6 +264,8 @@ session_upstream_decide(struct session *s, const struct imap_tok *tok)
 		session_upstream_set_mode(s, RESP_SWALLOW);
 		return;
 	}
+	if (s->state == SESSION_RUNNING && session_upstream_renumber(s, tok))
+		return;
 	if (s->id_responses_hidden > 0 && strcmp(s->resp_tag, "*") == 0 &&
 	    strcmp(s->resp_word, "ID") == 0) {
 		s->id_responses_hidden--;	/* the answer to our own ID comes first */
@@ -239,6 +321,47 @@ session_upstream_write_rewritten(struct session *s)
 		evbuffer_add(out, "\r\n", 2);
 	}
 	relay_move(s->client, out, evbuffer_get_length(out));
+}
+
+/* A search's answer, its message numbers in the client's numbering. */
+static void
+session_upstream_write_renumbered(struct session *s)
+{
+	size_t len = evbuffer_get_length(s->uline), outlen = 0;
+	const char *line = (const char *)evbuffer_pullup(s->uline, -1);
+	char *out;
+
+	while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+		len--;
+	if ((out = pending_renumber_search(&s->track.pending, line, len, &outlen)) == NULL) {
+		session_upstream_flush(s);	/* out of memory: as it came */
+		return;
+	}
+	if (s->trace != NULL)
+		trace_line(s, TRACE_P2C, out, outlen, 0);
+	evbuffer_drain(s->uline, evbuffer_get_length(s->uline));
+	evbuffer_add(s->uline, out, outlen);
+	evbuffer_add(s->uline, "\r\n", 2);
+	free(out);
+	s->srv->stats.bytes_upstream_to_client += evbuffer_get_length(s->uline);
+	relay_move(s->client, s->uline, evbuffer_get_length(s->uline));
+}
+
+/* The server expunged message n while the client may not hear of it. */
+static void
+session_upstream_hold_expunge(struct session *s, uint32_t n)
+{
+	struct track *t = &s->track;
+
+	if (pending_to_client(&t->pending, n) > t->view.count) {
+		log_msg(LOG_LEVEL_WARNING, s->sid, "upstream expunged message %u of %u", n,
+		    t->view.count - pending_count(&t->pending));
+		return;
+	}
+	pending_hold(&t->pending, n);
+	t->dirty = 1;
+	log_msg(LOG_LEVEL_DEBUG, s->sid, "expunge of message %u held: %u held in all", n,
+	    pending_count(&t->pending));
 }
 
 /* The greeting is through: start STARTTLS upstream, or start relaying. */
@@ -339,9 +462,10 @@ session_upstream_continuation(struct session *s)
 		resync_continuation(s);	/* the "+" to the IDLE we re-entered */
 		return;
 	}
-	if (s->wait == WAIT_IDLE)
+	if (s->wait == WAIT_IDLE) {
 		s->idling = 1;
-	else if (s->wait == WAIT_LITERAL)
+		renumber_flush(s);	/* RFC 2177: the server may send EXPUNGE while idling */
+	} else if (s->wait == WAIT_LITERAL)
 		s->wait = WAIT_NONE;
 	else if (s->wait == WAIT_AUTH && imap_lex_at_command_start(s->clex))
 		imap_lex_expect_text_line(s->clex);
@@ -373,12 +497,18 @@ session_upstream_eol(struct session *s)
 	if (st != SESSION_RUNNING)
 		session_upstream_release_pending(s);
 	if (s->trace != NULL)
-		trace_fate(s, TRACE_U2P, s->resp_mode == RESP_REWRITE ? TRACE_REWRITTEN :
+		trace_fate(s, TRACE_U2P, s->resp_mode == RESP_REWRITE || s->resp_mode == RESP_RENUMBER ?
+		    TRACE_REWRITTEN :
 		    s->resp_mode == RESP_SWALLOW ? TRACE_HIDDEN : TRACE_FORWARDED);
 	if (s->resp_mode == RESP_REWRITE)
 		session_upstream_write_rewritten(s);
+	else if (s->resp_mode == RESP_RENUMBER)
+		session_upstream_write_renumbered(s);
 	else
 		session_upstream_flush(s);
+	if (s->resp_expunge_issued)
+		session_reply(s, "%s NO [EXPUNGEISSUED] Some of the requested messages no longer exist.",
+		    s->resp_tag);
 
 	if (st == SESSION_UPSTREAM_STARTTLS) {
 		int replaced = session_upstream_starttls_done(s);
@@ -392,6 +522,8 @@ session_upstream_eol(struct session *s)
 			s->upstream_bye = 1;
 		if (st == SESSION_RUNNING)
 			track_response_end(s, s->resp_mode != RESP_SWALLOW);
+		if (s->resp_held_expunge > 0)
+			session_upstream_hold_expunge(s, s->resp_held_expunge);
 	} else if (st == SESSION_RUNNING)
 		session_upstream_completed(s);
 	if (st == SESSION_GREETING)
@@ -539,7 +671,7 @@ session_upstream_fetch_line(struct session *s, const struct upstream_view *view)
 
 	/* The prefix first: it turns most other lines away in a few bytes. */
 	if (s->state != SESSION_RUNNING || s->trace != NULL || s->resp_mode != RESP_UNDECIDED ||
-	    !track_fetch_line(view->p, view->len, &num, &uid) ||
+	    pending_any(&s->track.pending) || !track_fetch_line(view->p, view->len, &num, &uid) ||
 	    (n = imap_lex_plain_line(s->ulex, view->p, view->len)) == 0)
 		return 0;
 	/* What its first two tokens would have told. */
@@ -614,7 +746,8 @@ session_upstream_process(struct session *s)
 		}
 		if (s->resp_mode == RESP_UNDECIDED)
 			session_upstream_decide(s, &tok);
-		if (tok.type == IMAP_TOK_LITERAL && s->resp_mode == RESP_REWRITE)
+		if (tok.type == IMAP_TOK_LITERAL &&
+		    (s->resp_mode == RESP_REWRITE || s->resp_mode == RESP_RENUMBER))
 			session_upstream_set_mode(s, RESP_PASS);	/* not a list we rewrite */
 		if (tok.type == IMAP_TOK_LITERAL && s->trace != NULL)
 			trace_fate(s, TRACE_U2P, s->resp_mode == RESP_SWALLOW ? TRACE_HIDDEN :

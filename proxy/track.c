@@ -18,12 +18,14 @@ track_init(struct track *t)
 {
 	memset(t, 0, sizeof(*t));
 	seqmap_init(&t->view);
+	pending_init(&t->pending);
 }
 
 void
 track_free(struct track *t)
 {
 	seqmap_free(&t->view);
+	pending_free(&t->pending);
 }
 
 void
@@ -57,6 +59,7 @@ track_deselect(struct session *s, const char *why)
 	t->uidvalidity = t->uidnext = 0;
 	t->highestmodseq = 0;
 	seqmap_reset(&t->view, 0);
+	pending_clear(&t->pending);	/* a new view: nothing of the old one is owed */
 	t->dirty = 1;
 }
 

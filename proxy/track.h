@@ -7,6 +7,7 @@
 
 #include "command.h"
 #include "imap_lex.h"
+#include "pending.h"
 #include "seqmap.h"
 #include "uidset.h"
 
@@ -35,6 +36,7 @@ struct track {
 	uint32_t uidvalidity, uidnext;
 	uint64_t highestmodseq;
 	struct seqmap view;		/* the client's count and seq -> UID */
+	struct pending pending;		/* expunges made upstream, not told to the client yet */
 	uint64_t synced_gen;		/* generation the session last matched */
 	uint64_t synced_epoch;		/* store epoch at that time */
 	time_t last_sync;

@@ -1285,6 +1285,7 @@ import fault_tests  # noqa: E402,F401  (issue 6: faults, hostile input; runs las
 import admin_tests  # noqa: E402,F401
 import trace_tests  # noqa: E402,F401
 import deploy_tests  # noqa: E402,F401
+import seqnum_tests  # noqa: E402,F401  (issue 13: message numbers keep their meaning)
 
 
 def main():

@@ -212,6 +212,47 @@ def thunderbird_uids(c):
     return c.uid_fetch_all("TU")
 
 
+def _expunge_then_fetch(ctx, position):
+    """A expunges the message at position of B's stale Archive; B's plain
+    FETCH (a trigger) must not hear of it and must mean B's numbers. The
+    fixture never notifies within the test, so only the re-SELECT repairs."""
+    fx = Fixture(ctx, options={"debounce_ms": 60000})
+    a, b, uids, _ = prepare(ctx, fx)
+    a.expect_ok("M1", "UID MOVE %d:%d Archive" % (uids[0], uids[2]))
+    seen = b.uid_fetch_all("F1")
+    check(len(seen) == 3, "B sees the three moved messages: %s", seen)
+    a.expect_ok("S3", "SELECT Archive")
+    a.expect_ok("E1", "UID STORE %d +FLAGS.SILENT (\\Deleted)" % seen[position - 1])
+    a.expect_ok("E2", "EXPUNGE")
+    tagged, lines, _ = b.command("F2", "FETCH 1:3 (UID)")
+    check(not any(re.match(rb"\* \d+ EXPUNGE", l) for l in lines), "EXPUNGE during FETCH: %r",
+          lines)
+    got = {int(m.group(1)): int(m.group(2)) for l in lines
+           for m in [re.match(rb"\* (\d+) FETCH \(UID (\d+)", l)] if m}
+    want = {i + 1: u for i, u in enumerate(seen) if i != position - 1}
+    check(got == want, "FETCH 1:3 in B's numbers: got %r, want %r", got, want)
+    check(re.match(rb"F2 (OK|NO)", tagged), "F2: %r", tagged)
+    _, lines, _ = b.expect_ok("N1", "NOOP")
+    check([l for l in lines if b"EXPUNGE" in l] == [b"* %d EXPUNGE\r\n" % position],
+          "NOOP tells B of the expunge: %r", lines)
+    left = b.uid_fetch_all("F3")
+    check(left == [u for i, u in enumerate(seen) if i != position - 1], "B's view: %s", left)
+    b.assert_clean()
+    check("stale session detected" in fx.proxy_log(), "the re-SELECT path was taken")
+
+
+@test("stale: a plain FETCH after another session expunged B's first message: held, renumbered",
+      proxy_only=True)
+def t_repair_expunge_seq_first(ctx):
+    _expunge_then_fetch(ctx, 1)
+
+
+@test("stale: a plain FETCH after another session expunged B's last message: held, renumbered",
+      proxy_only=True)
+def t_repair_expunge_seq_last(ctx):
+    _expunge_then_fetch(ctx, 3)
+
+
 @test("stale: an idling client is refreshed: EXISTS arrives while it idles (server never pushes)",
       proxy_only=True)
 def t_repair_idle(ctx):

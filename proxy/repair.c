@@ -1,0 +1,77 @@
+/* repair: what a stale session's client must be told to match its mailbox again: a pure plan from plain data, no session, no I/O. */
+#include <string.h>
+
+#include "repair.h"
+
+void
+repair_plan_init(struct repair_plan *plan)
+{
+	plan->disconnect = NULL;
+	uidset_init(&plan->expunge);
+	uidset_init(&plan->kept);
+	uidset_init(&plan->added);
+}
+
+void
+repair_plan_free(struct repair_plan *plan)
+{
+	uidset_free(&plan->expunge);
+	uidset_free(&plan->kept);
+	uidset_free(&plan->added);
+}
+
+int
+repair_make_plan(const struct seqmap *view, const struct pending *held,
+    const struct uidset *server_uids, const struct uidset *truth, struct repair_plan *plan)
+{
+	uint32_t top = 0;	/* the highest UID the client can know of */
+	size_t run = 0;
+
+	plan->disconnect = NULL;
+	uidset_clear(&plan->expunge);
+	uidset_clear(&plan->kept);
+	uidset_clear(&plan->added);
+	for (uint32_t k = 1; k <= view->count; k++) {
+		uint32_t uid = 0;
+
+		while (run < view->n && (uint64_t)view->runs[run].seq + view->runs[run].len <= k)
+			run++;
+		if (run < view->n && view->runs[run].seq <= k)
+			uid = view->runs[run].uid + (k - view->runs[run].seq);
+
+		if (uid > top)
+			top = uid;
+		if (pending_is(held, k)) {
+			/* The server expunged it already: it goes, known or not. */
+			if (uidset_add(&plan->expunge, k) < 0)
+				return -1;
+			continue;
+		}
+		if (uid == 0)
+			uid = uidset_nth(server_uids, pending_to_server(held, k));
+		if (uid == 0) {
+			plan->disconnect = "the client's view could not be read back";
+			return 0;
+		}
+		if (uid > top)
+			top = uid;
+		if (uidset_contains(truth, uid)) {
+			if (uidset_add(&plan->kept, uid) < 0)
+				return -1;
+		} else if (uidset_add(&plan->expunge, k) < 0)
+			return -1;
+	}
+	/* What the mailbox holds beyond the kept messages must all lie above top. */
+	for (size_t i = 0; i < truth->n; i++) {
+		uint32_t lo = truth->r[i].lo, hi = truth->r[i].hi;
+		uint32_t below = hi < top ? hi : top;
+
+		if (lo <= below && !uidset_covers(&plan->kept, lo, below)) {
+			plan->disconnect = "a message appeared below UIDs the client has";
+			return 0;
+		}
+		if (hi > top && uidset_add_range(&plan->added, lo > top ? lo : top + 1, hi) < 0)
+			return -1;
+	}
+	return 0;
+}

@@ -1,0 +1,37 @@
+/* repair: what a stale session's client must be told to match its mailbox again: a pure plan from plain data, no session, no I/O. */
+#ifndef REPAIR_H
+#define REPAIR_H
+
+#include <stdint.h>
+
+#include "pending.h"
+#include "seqmap.h"
+#include "uidset.h"
+
+struct repair_plan {
+	const char *disconnect;	/* non-NULL: no legal sequence of responses exists */
+	struct uidset expunge;	/* client positions the mailbox no longer holds */
+	struct uidset kept;	/* the UIDs of the other client positions */
+	struct uidset added;	/* UIDs new to the client, all above any it has seen */
+};
+
+void repair_plan_init(struct repair_plan *plan);
+void repair_plan_free(struct repair_plan *plan);
+
+/*
+ * view: what the client was told (count, seq -> UID where known); held: the
+ * expunges it was not told yet (client positions); server_uids: the stale
+ * server session's own UID list, by the server's numbering (what an injected
+ * "FETCH 1:* (UID)" returned; may be empty when the view is fully known);
+ * truth: UID SEARCH ALL after the re-SELECT.
+ *
+ * The client can be told only EXPUNGEs of positions it has and one EXISTS
+ * for messages after them (RFC 3501 7.4.1: EXISTS never shrinks the count;
+ * 2.3.1.1: UIDs ascend, so a message new to the client must lie above every
+ * UID it has seen). Where that cannot express the change, the plan says to
+ * disconnect.
+ */
+int repair_make_plan(const struct seqmap *view, const struct pending *held,
+    const struct uidset *server_uids, const struct uidset *truth, struct repair_plan *plan);
+
+#endif

@@ -1,0 +1,215 @@
+/* test_repair: the repair plan (repair.c) against a reference model: random client views, held expunges and mailboxes. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "repair.h"
+#include "tap.h"
+
+#define MAXM 40
+
+/* One random case and what the client must end up seeing. */
+struct scenario {
+	uint32_t count;
+	uint32_t uid[MAXM + 1];		/* the client's positions' UIDs */
+	int known[MAXM + 1];		/* the view knows it */
+	int held[MAXM + 1];		/* the server expunged it, the client was not told */
+	uint32_t truth[2 * MAXM];	/* what the mailbox holds, ascending */
+	unsigned ntruth;
+};
+
+static void
+scenario_make(struct scenario *sc, unsigned seed)
+{
+	uint32_t uid = 0, top;
+
+	srand(seed);
+	memset(sc, 0, sizeof(*sc));
+	sc->count = (uint32_t)(rand() % MAXM);
+	for (uint32_t k = 1; k <= sc->count; k++) {
+		uid += 1 + (uint32_t)rand() % 3;
+		sc->uid[k] = uid;
+		sc->known[k] = rand() % 4 != 0;
+		sc->held[k] = rand() % 6 == 0;
+		/* expunged (held, or at random), else kept */
+		if (!sc->held[k] && rand() % 5 != 0)
+			sc->truth[sc->ntruth++] = uid;
+	}
+	top = uid;
+	/* New messages: above every UID the client had, or now and then a
+	 * gap below it (the case no legal sequence expresses). */
+	if (rand() % 8 == 0 && sc->count > 2) {
+		for (uint32_t g = 1; g < top; g++) {
+			int have = 0;
+			for (uint32_t k = 1; k <= sc->count; k++)
+				have |= sc->uid[k] == g;
+			if (!have) {
+				/* insert g in order */
+				unsigned i = sc->ntruth;
+				while (i > 0 && sc->truth[i - 1] > g) {
+					sc->truth[i] = sc->truth[i - 1];
+					i--;
+				}
+				sc->truth[i] = g;
+				sc->ntruth++;
+				break;
+			}
+		}
+	}
+	for (int a = rand() % 4; a > 0; a--)
+		sc->truth[sc->ntruth++] = (top += 1 + (uint32_t)rand() % 2);
+}
+
+/* The reference: does a legal sequence exist, and is the plan's result the truth? */
+static int
+check_plan(const struct scenario *sc, const struct repair_plan *plan, char *why, size_t len)
+{
+	uint32_t view[3 * MAXM], n = sc->count, top = 0;
+	int below = 0;
+
+	for (uint32_t k = 1; k <= sc->count; k++)
+		if (sc->known[k] || !sc->held[k])
+			top = sc->uid[k] > top ? sc->uid[k] : top;
+	for (unsigned i = 0; i < sc->ntruth; i++) {
+		int kept = 0;
+		for (uint32_t k = 1; k <= sc->count; k++)
+			kept |= !sc->held[k] && sc->uid[k] == sc->truth[i];
+		if (sc->truth[i] <= top && !kept)
+			below = 1;
+	}
+	if (below != (plan->disconnect != NULL)) {
+		snprintf(why, len, "disconnect %s, expected %s", plan->disconnect ? "yes" : "no",
+		    below ? "yes" : "no");
+		return 0;
+	}
+	if (below)
+		return 1;
+	/* Apply: EXPUNGE highest first, then EXISTS with the added UIDs. */
+	for (uint32_t k = 1; k <= n; k++)
+		view[k] = sc->uid[k];
+	for (size_t i = plan->expunge.n; i > 0; i--)
+		for (uint32_t k = plan->expunge.r[i - 1].hi; k >= plan->expunge.r[i - 1].lo && k > 0; k--) {
+			if (k > n) {
+				snprintf(why, len, "EXPUNGE %u of %u", k, n);
+				return 0;
+			}
+			memmove(&view[k], &view[k + 1], (n - k) * sizeof(view[0]));
+			n--;
+		}
+	for (uint64_t i = 1; i <= plan->added.count; i++)
+		view[++n] = uidset_nth(&plan->added, i);
+	if (n != sc->ntruth) {
+		snprintf(why, len, "the client ends with %u messages, the mailbox has %u", n, sc->ntruth);
+		return 0;
+	}
+	for (uint32_t k = 1; k <= n; k++)
+		if (view[k] != sc->truth[k - 1]) {
+			snprintf(why, len, "position %u holds UID %u, the mailbox %u", k, view[k],
+			    sc->truth[k - 1]);
+			return 0;
+		}
+	return 1;
+}
+
+static void
+run_plan(const struct scenario *sc, int with_server_uids, struct repair_plan *plan)
+{
+	struct seqmap view;
+	struct pending held;
+	struct uidset server, truth;
+
+	seqmap_init(&view);
+	pending_init(&held);
+	uidset_init(&server);
+	uidset_init(&truth);
+	seqmap_reset(&view, sc->count);
+	for (uint32_t k = 1; k <= sc->count; k++) {
+		if (sc->known[k])
+			seqmap_learn(&view, k, sc->uid[k]);
+		if (sc->held[k])
+			uidset_add(&held.pos, k);
+		else if (with_server_uids)
+			uidset_add(&server, sc->uid[k]);
+	}
+	for (unsigned i = 0; i < sc->ntruth; i++)
+		uidset_add(&truth, sc->truth[i]);
+	repair_make_plan(&view, &held, &server, &truth, plan);
+	seqmap_free(&view);
+	pending_free(&held);
+	uidset_free(&server);
+	uidset_free(&truth);
+}
+
+static void
+test_examples(void)
+{
+	struct scenario sc;
+	struct repair_plan plan;
+	char why[160] = "";
+
+	repair_plan_init(&plan);
+	/* 5 known messages, the first and the last expunged, one new */
+	memset(&sc, 0, sizeof(sc));
+	sc.count = 5;
+	for (uint32_t k = 1; k <= 5; k++)
+		sc.uid[k] = 10 + k, sc.known[k] = 1;
+	sc.ntruth = 4;
+	memcpy(sc.truth, (uint32_t[]){ 12, 13, 14, 20 }, sizeof(uint32_t) * 4);
+	run_plan(&sc, 0, &plan);
+	ok(!plan.disconnect && plan.expunge.count == 2 && uidset_contains(&plan.expunge, 1) &&
+	    uidset_contains(&plan.expunge, 5) && plan.added.count == 1 &&
+	    uidset_contains(&plan.added, 20), "first and last expunged, one added");
+	ok(check_plan(&sc, &plan, why, sizeof(why)), "... and the client ends with the mailbox %s", why);
+	/* position 1 held (the server expunged it), unknown to the view */
+	sc.known[1] = 0;
+	sc.held[1] = 1;
+	run_plan(&sc, 1, &plan);
+	ok(!plan.disconnect && uidset_contains(&plan.expunge, 1) && plan.expunge.count == 2,
+	    "a held position goes, its UID unknown");
+	/* an unknown position the server cannot name */
+	sc.held[1] = 0;
+	run_plan(&sc, 0, &plan);
+	ok(plan.disconnect != NULL, "an unknown UID with no server list: disconnect (%s)",
+	    plan.disconnect ? plan.disconnect : "none");
+	/* a message below the client's highest UID: it had 11..14 and 17 */
+	sc.known[1] = 1;
+	sc.uid[5] = 17;
+	sc.ntruth = 5;
+	memcpy(sc.truth, (uint32_t[]){ 12, 13, 14, 15, 17 }, sizeof(uint32_t) * 5);
+	run_plan(&sc, 0, &plan);
+	ok(plan.disconnect != NULL, "UID 15 below the client's 17: no legal sequence");
+	repair_plan_free(&plan);
+}
+
+static void
+test_model(void)
+{
+	unsigned bad = 0, disconnects = 0, cases = 0;
+	char why[160];
+
+	for (unsigned seed = 1; seed <= 3000; seed++) {
+		struct scenario sc;
+		struct repair_plan plan;
+
+		scenario_make(&sc, seed);
+		repair_plan_init(&plan);
+		run_plan(&sc, 1, &plan);
+		if (!check_plan(&sc, &plan, why, sizeof(why))) {
+			if (bad++ < 5)
+				diag("seed %u: %s", seed, why);
+		}
+		disconnects += plan.disconnect != NULL;
+		cases++;
+		repair_plan_free(&plan);
+	}
+	ok(bad == 0, "model: %u random views and mailboxes (%u with no legal sequence), %u wrong",
+	    cases, disconnects, bad);
+	ok(disconnects > 0 && disconnects < cases / 2, "both outcomes were drawn");
+}
+
+int
+main(void)
+{
+	test_examples();
+	test_model();
+	return tap_done();
+}
