@@ -22,7 +22,7 @@ repair_plan_free(struct repair_plan *plan)
 
 int
 repair_make_plan(const struct seqmap *view, const struct pending *held,
-    const struct uidset *server_uids, const struct uidset *truth, struct repair_plan *plan)
+    const struct seqmap *server, const struct uidset *truth, struct repair_plan *plan)
 {
 	uint32_t top = 0;	/* the highest UID the client can know of */
 	size_t run = 0;
@@ -47,11 +47,19 @@ repair_make_plan(const struct seqmap *view, const struct pending *held,
 				return -1;
 			continue;
 		}
-		if (uid == 0)
-			uid = uidset_nth(server_uids, pending_to_server(held, k));
 		if (uid == 0) {
-			plan->disconnect = "the client's view could not be read back";
-			return 0;
+			uint32_t n = pending_to_server(held, k);
+
+			if (n > server->count) {
+				plan->disconnect = "the client's view could not be read back";
+				return 0;
+			}
+			if ((uid = seqmap_uid(server, n)) == 0) {
+				/* The server numbers it but has nothing there: gone. */
+				if (uidset_add(&plan->expunge, k) < 0)
+					return -1;
+				continue;
+			}
 		}
 		if (uid > top)
 			top = uid;

@@ -20,9 +20,12 @@ void repair_plan_free(struct repair_plan *plan);
 
 /*
  * view: what the client was told (count, seq -> UID where known); held: the
- * expunges it was not told yet (client positions); server_uids: the stale
- * server session's own UID list, by the server's numbering (what an injected
- * "FETCH 1:* (UID)" returned; may be empty when the view is fully known);
+ * expunges it was not told yet (client positions); server: the stale server
+ * session's own list, by the server's numbering (what an injected
+ * "FETCH 1:* (UID)" returned; count 0 when it was not asked, the view being
+ * fully known). A position the server numbers but gave no UID for holds a
+ * message it no longer has (RFC 2180 4.1.2); should that be wrong, the
+ * mailbox holds a UID the plan cannot place and it says to disconnect.
  * truth: UID SEARCH ALL after the re-SELECT.
  *
  * The client can be told only EXPUNGEs of positions it has and one EXISTS
@@ -32,6 +35,6 @@ void repair_plan_free(struct repair_plan *plan);
  * disconnect.
  */
 int repair_make_plan(const struct seqmap *view, const struct pending *held,
-    const struct uidset *server_uids, const struct uidset *truth, struct repair_plan *plan);
+    const struct seqmap *server, const struct uidset *truth, struct repair_plan *plan);
 
 #endif

@@ -16,19 +16,34 @@
 
 #define RESYNC_BIT(kind, uid) (1ULL << ((unsigned)(kind) * 2 + ((uid) ? 1 : 0)))
 
+static const char *const resync_phase_names[] = {
+	[RESYNC_NONE] = "none", [RESYNC_WAIT_QUIET] = "wait-quiet",
+	[RESYNC_IDLE_DONE] = "idle-done", [RESYNC_CHECK] = "check",
+	[RESYNC_ESCALATE] = "escalate", [RESYNC_IDLE_REENTER] = "idle-reenter",
+};
+
+/* Every change of phase goes through here, logged like session_enter(). */
+static void
+resync_enter(struct session *s, enum resync_phase next, const char *why)
+{
+	log_msg(LOG_LEVEL_DEBUG, s->sid, "resync %s -> %s (%s)", resync_phase_names[s->resync.phase],
+	    resync_phase_names[next], why);
+	s->resync.phase = next;
+}
+
 void
 resync_init(struct resync *r)
 {
 	memset(r, 0, sizeof(*r));
 	uidset_init(&r->truth);
-	uidset_init(&r->server_view);
+	seqmap_init(&r->server_view);
 }
 
 void
 resync_free(struct resync *r)
 {
 	uidset_free(&r->truth);
-	uidset_free(&r->server_view);
+	seqmap_free(&r->server_view);
 }
 
 int
@@ -151,7 +166,7 @@ resync_start_check(struct session *s)
 	r->matched_at_search = 0;
 	uidset_clear(&r->truth);
 	t->search_sink = &r->truth;
-	r->phase = RESYNC_CHECK;
+	resync_enter(s, RESYNC_CHECK, "NOOP + UID SEARCH injected");
 	r->pending = 2;
 	session_inject(s, RESYNC_CMD_NOOP, "NOOP");
 	session_inject(s, RESYNC_CMD_SEARCH, "UID SEARCH ALL");
@@ -182,7 +197,7 @@ resync_hold(struct session *s, const struct command *cmd)
 	r->for_idle = 0;
 	snprintf(r->trigger, sizeof(r->trigger), "%s%s", cmd->uid ? "UID " : "", cmd->name);
 	s->resync_start_usec = metrics_now_usec();
-	r->phase = RESYNC_WAIT_QUIET;	/* the caller starts it with resync_quiet() */
+	resync_enter(s, RESYNC_WAIT_QUIET, reason);	/* the caller starts it with resync_quiet() */
 	return 1;
 }
 
@@ -213,7 +228,7 @@ resync_mailbox_changed(struct session *s, const char *mailbox)
 	r->for_idle = 1;
 	r->client_done = 0;
 	r->reason = "mailbox changed while the client idles";
-	r->phase = RESYNC_IDLE_DONE;
+	resync_enter(s, RESYNC_IDLE_DONE, "mailbox changed while the client idles");
 	snprintf(r->trigger, sizeof(r->trigger), "IDLE");
 	s->resync_start_usec = metrics_now_usec();
 	s->idling = 0;
@@ -276,7 +291,7 @@ resync_continuation(struct session *s)
 {
 	if (s->resync.phase != RESYNC_IDLE_REENTER)
 		return 0;
-	s->resync.phase = RESYNC_NONE;
+	resync_enter(s, RESYNC_NONE, "the re-entered IDLE is idling");
 	s->idling = s->wait == WAIT_IDLE;	/* the client may have said DONE already */
 	return 1;
 }
@@ -297,7 +312,7 @@ resync_finish(struct session *s, int synced, const char *outcome)
 	}
 	log_msg(LOG_LEVEL_INFO, s->sid, "resync \"%s\": %s", t->mailbox, outcome);
 	metrics_observe(&s->srv->metrics.resync_latency, metrics_now_usec() - s->resync_start_usec);
-	r->phase = RESYNC_NONE;
+	resync_enter(s, RESYNC_NONE, outcome);
 	r->for_idle = 0;
 	track_save(s);
 	if (!for_idle) {
@@ -323,7 +338,7 @@ resync_finish(struct session *s, int synced, const char *outcome)
 		char line[COMMAND_TAG_MAX + 8];
 		int n = snprintf(line, sizeof(line), "%s IDLE", r->idle_tag);
 		session_send_own(s, line, (size_t)n);
-		r->phase = RESYNC_IDLE_REENTER;
+		resync_enter(s, RESYNC_IDLE_REENTER, "the client's IDLE re-entered");
 	}
 }
 
@@ -355,11 +370,12 @@ resync_escalate(struct session *s)
 	    "messages, the mailbox holds %llu); re-selecting", t->mailbox, t->view.count,
 	    (unsigned long long)r->truth.count);
 	resync_event(s, "stale", NULL);
-	r->phase = RESYNC_ESCALATE;
+	resync_enter(s, RESYNC_ESCALATE, "the view does not match the mailbox");
 	r->failed = 0;
 	r->pending = 0;
 	r->old_uidvalidity = t->uidvalidity;
-	uidset_clear(&r->server_view);
+	/* The server numbers what the client has, less the expunges it was not told. */
+	seqmap_reset(&r->server_view, t->view.count - pending_count(&t->pending));
 	t->search_sink = NULL;
 	/* Where the client's positions are not all known, the stale server
 	 * session's own list says which UID each position holds. */
@@ -533,6 +549,6 @@ resync_idle_completed(struct session *s)
 	/* The IDLE we ended is done upstream; the client is still idling. The
 	 * check starts once the caller has retired that command. */
 	s->wait = r->client_done ? WAIT_NONE : WAIT_IDLE;
-	r->phase = RESYNC_WAIT_QUIET;
+	resync_enter(s, RESYNC_WAIT_QUIET, "the IDLE we ended is done upstream");
 	return 1;
 }

@@ -5,6 +5,7 @@
 #include <stdint.h>
 
 #include "command.h"
+#include "seqmap.h"
 #include "uidset.h"
 
 struct session;
@@ -38,7 +39,7 @@ struct resync {
 	int failed;			/* one of them was refused */
 	uint64_t gen;			/* the generation being synced to */
 	struct uidset truth;		/* UID SEARCH ALL: what the mailbox holds */
-	struct uidset server_view;	/* FETCH 1:* (UID): the server session's UIDs */
+	struct seqmap server_view;	/* FETCH 1:* (UID): the server session's seq -> UID */
 	int matched_at_search;		/* the view matched the SEARCH result when it came */
 	uint32_t old_uidvalidity;
 	const char *reason;		/* why this resync started, for the log */

@@ -267,7 +267,7 @@ session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int t
 	getsockname(fd, (struct sockaddr *)&s->local_sa, &len);
 	s->listener_tls = tls;
 	s->proxy_fd = -1;
-	s->state = SESSION_PROXY_HEADER;
+	session_enter(s, SESSION_PROXY_HEADER, "accepted");
 	gettimeofday(&s->started, NULL);
 	command_reset(&s->cmd);
 	track_init(&s->track);
@@ -349,7 +349,7 @@ session_schedule_free(struct session *s)
 {
 	if (s->state == SESSION_DEAD)
 		return;
-	s->state = SESSION_DEAD;
+	session_enter(s, SESSION_DEAD, "output flushed, free scheduled");
 	event_active(s->ev_free, EV_TIMEOUT, 0);
 }
 

@@ -58,6 +58,7 @@ track_deselect(struct session *s, const char *why)
 	t->mailbox[0] = '\0';
 	t->uidvalidity = t->uidnext = 0;
 	t->highestmodseq = 0;
+	t->readonly = 0;	/* the next SELECT's [READ-ONLY] (or EXAMINE) says it again */
 	seqmap_reset(&t->view, 0);
 	pending_clear(&t->pending);	/* a new view: nothing of the old one is owed */
 	t->dirty = 1;
@@ -367,7 +368,7 @@ track_response_end(struct session *s, int to_client)
 		if (t->fetch_uid == 0)
 			break;
 		if (t->fetch_sink != NULL)
-			uidset_add(t->fetch_sink, t->fetch_uid);
+			seqmap_learn(t->fetch_sink, t->resp_num, t->fetch_uid);
 		else if (to_client) {
 			seqmap_learn(&t->view, t->resp_num, t->fetch_uid);
 			t->dirty = 1;

@@ -53,7 +53,7 @@ struct track {
 
 	/* Where the results of imapfresh's own SEARCH and FETCH go (resync). */
 	struct uidset *search_sink;
-	struct uidset *fetch_sink;
+	struct seqmap *fetch_sink;
 };
 
 void track_init(struct track *t);

@@ -13,6 +13,7 @@ struct scenario {
 	uint32_t uid[MAXM + 1];		/* the client's positions' UIDs */
 	int known[MAXM + 1];		/* the view knows it */
 	int held[MAXM + 1];		/* the server expunged it, the client was not told */
+	int unlisted[MAXM + 1];		/* the stale server numbers it but gives no UID */
 	uint32_t truth[2 * MAXM];	/* what the mailbox holds, ascending */
 	unsigned ntruth;
 };
@@ -33,6 +34,12 @@ scenario_make(struct scenario *sc, unsigned seed)
 		/* expunged (held, or at random), else kept */
 		if (!sc->held[k] && rand() % 5 != 0)
 			sc->truth[sc->ntruth++] = uid;
+		/* A stale server lists a position it cannot fetch: mostly one whose
+		 * message is gone, now and then one it still has. */
+		else if (!sc->known[k] && !sc->held[k] && rand() % 2 == 0)
+			sc->unlisted[k] = 1;
+		if (!sc->known[k] && !sc->held[k] && rand() % 40 == 0)
+			sc->unlisted[k] = 1;
 	}
 	top = uid;
 	/* New messages: above every UID the client had, or now and then a
@@ -66,13 +73,15 @@ check_plan(const struct scenario *sc, const struct repair_plan *plan, char *why,
 	uint32_t view[3 * MAXM], n = sc->count, top = 0;
 	int below = 0;
 
+	/* The client can know a UID it was told or the server lists; an unlisted
+	 * unknown position is taken as gone. */
 	for (uint32_t k = 1; k <= sc->count; k++)
-		if (sc->known[k] || !sc->held[k])
+		if (sc->known[k] || (!sc->held[k] && !sc->unlisted[k]))
 			top = sc->uid[k] > top ? sc->uid[k] : top;
 	for (unsigned i = 0; i < sc->ntruth; i++) {
 		int kept = 0;
 		for (uint32_t k = 1; k <= sc->count; k++)
-			kept |= !sc->held[k] && sc->uid[k] == sc->truth[i];
+			kept |= !sc->held[k] && !sc->unlisted[k] && sc->uid[k] == sc->truth[i];
 		if (sc->truth[i] <= top && !kept)
 			below = 1;
 	}
@@ -113,29 +122,35 @@ check_plan(const struct scenario *sc, const struct repair_plan *plan, char *why,
 static void
 run_plan(const struct scenario *sc, int with_server_uids, struct repair_plan *plan)
 {
-	struct seqmap view;
+	struct seqmap view, server;
 	struct pending held;
-	struct uidset server, truth;
+	struct uidset truth;
+	uint32_t n = 0;
 
 	seqmap_init(&view);
+	seqmap_init(&server);
 	pending_init(&held);
-	uidset_init(&server);
 	uidset_init(&truth);
 	seqmap_reset(&view, sc->count);
+	for (uint32_t k = 1; k <= sc->count; k++)
+		n += !sc->held[k];
+	if (with_server_uids)
+		seqmap_reset(&server, n);
+	n = 0;
 	for (uint32_t k = 1; k <= sc->count; k++) {
 		if (sc->known[k])
 			seqmap_learn(&view, k, sc->uid[k]);
 		if (sc->held[k])
 			uidset_add(&held.pos, k);
-		else if (with_server_uids)
-			uidset_add(&server, sc->uid[k]);
+		else if (++n, with_server_uids && !sc->unlisted[k])
+			seqmap_learn(&server, n, sc->uid[k]);
 	}
 	for (unsigned i = 0; i < sc->ntruth; i++)
 		uidset_add(&truth, sc->truth[i]);
 	repair_make_plan(&view, &held, &server, &truth, plan);
 	seqmap_free(&view);
+	seqmap_free(&server);
 	pending_free(&held);
-	uidset_free(&server);
 	uidset_free(&truth);
 }
 

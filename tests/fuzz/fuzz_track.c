@@ -72,9 +72,8 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
 }
 
 static void
-check_view(const struct session *s)
+check_seqmap(const struct seqmap *m)
 {
-	const struct seqmap *m = &s->track.view;
 	uint64_t known = 0;
 
 	FUZZ_CHECK(m->n <= m->cap, "n %zu > cap %zu", m->n, m->cap);
@@ -94,14 +93,11 @@ check_view(const struct session *s)
 			const struct seqmap_run *b = &m->runs[i + 1];
 			FUZZ_CHECK(last_seq < b->seq, "runs %zu and %zu overlap or are unsorted "
 			    "(seq %u+%u, next %u)", i, i + 1, r->seq, r->len, b->seq);
-			/* FUZZ_SKIP=uid-order: seqmap_learn() overflow, reported */
-			if (!fuzz_skipped("uid-order")) {
-				FUZZ_CHECK(last_uid < b->uid, "UIDs not ascending between runs %zu and "
-				    "%zu (uid %u+%u, next %u)", i, i + 1, r->uid, r->len, b->uid);
-				FUZZ_CHECK(b->uid - last_uid >= b->seq - last_seq, "no room for the UIDs "
-				    "of the %llu unknown positions between runs %zu and %zu",
-				    (unsigned long long)(b->seq - last_seq - 1), i, i + 1);
-			}
+			FUZZ_CHECK(last_uid < b->uid, "UIDs not ascending between runs %zu and "
+			    "%zu (uid %u+%u, next %u)", i, i + 1, r->uid, r->len, b->uid);
+			FUZZ_CHECK(b->uid - last_uid >= b->seq - last_seq, "no room for the UIDs "
+			    "of the %llu unknown positions between runs %zu and %zu",
+			    (unsigned long long)(b->seq - last_seq - 1), i, i + 1);
 		}
 		FUZZ_CHECK(seqmap_uid(m, r->seq) == r->uid, "seqmap_uid disagrees with run %zu", i);
 		known += r->len;
@@ -110,6 +106,12 @@ check_view(const struct session *s)
 	    (unsigned long long)known);
 	FUZZ_CHECK(known <= m->count, "%llu known positions, count %u", (unsigned long long)known,
 	    m->count);
+}
+
+static void
+check_view(const struct session *s)
+{
+	check_seqmap(&s->track.view);
 	FUZZ_CHECK(memchr(s->track.mailbox, '\0', sizeof(s->track.mailbox)) != NULL,
 	    "mailbox not terminated");
 	FUZZ_CHECK(memchr(s->track.user, '\0', sizeof(s->track.user)) != NULL, "user not terminated");
@@ -180,24 +182,6 @@ completed(struct session *s)
 	track_save(s);
 }
 
-/* FUZZ_SKIP=vanished-range: while the VANISHED loop over every UID of a
- * range (track.c, reported; corpus timeout-vanished-huge-range) is unfixed,
- * huge VANISHED ranges are not fed, so that fuzzing can look further. */
-static int
-huge_vanished(const struct session *s, const struct imap_tok *tok)
-{
-	struct uidset set;
-	int huge;
-
-	if (s->track.resp != TRACK_RESP_VANISHED || tok->type != IMAP_TOK_ATOM ||
-	    !fuzz_skipped("vanished-range"))
-		return 0;
-	uidset_init(&set);
-	huge = uidset_parse(&set, tok->str, tok->len) == 0 && set.count > 100000;
-	uidset_free(&set);
-	return huge;
-}
-
 /* How many UIDs two sets share. */
 static uint64_t
 overlap(const struct uidset *a, const struct uidset *b)
@@ -227,10 +211,9 @@ vanished_expect(const struct session *s, const struct imap_tok *tok, uint32_t *w
 	struct uidset gone, known;
 	int ok = 0;
 
-	/* FUZZ_SKIP=vanished-count: the open bug of corpus regress-vanished-partial-range.
-	 * tok->index < 2: the tag of the next response (read before track_token()
+	/* tok->index < 2: the tag of the next response (read before track_token()
 	 * resets resp) is not a VANISHED set, corpus regress-vanished-check-next-tag. */
-	if (fuzz_skipped("vanished-count") || s->track.resp != TRACK_RESP_VANISHED || tok->index < 2 ||
+	if (s->track.resp != TRACK_RESP_VANISHED || tok->index < 2 ||
 	    tok->depth != 0 || tok->type != IMAP_TOK_ATOM || s->track.vanished_earlier ||
 	    seqmap_known(v) != v->count)
 		return 0;
@@ -252,8 +235,6 @@ observe(struct session *s, const struct imap_tok *tok)
 	uint32_t want = 0;
 	int check_vanished;
 
-	if (huge_vanished(s, tok))
-		return;
 	check_vanished = vanished_expect(s, tok, &want);
 	session_upstream_identify(s, tok);
 	track_token(s, tok);
@@ -269,7 +250,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	struct imap_lex_limits ul = { .max_line = 0, .max_token = 1024 * 1024, .max_literal = 0 };
 	struct session *s;
 	struct imap_lex *lx;
-	struct uidset fetch_sink, search_sink;
+	struct seqmap fetch_sink;
+	struct uidset search_sink;
 	unsigned flags, count, responses = 0;
 	size_t pos;
 
@@ -289,7 +271,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	s->authenticated = 1;
 	track_init(&s->track);
 	resync_init(&s->resync);
-	uidset_init(&fetch_sink);
+	seqmap_init(&fetch_sink);
 	uidset_init(&search_sink);
 
 	if (flags & 0x10) {
@@ -359,12 +341,13 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		s->resp_tag[0] = s->resp_word[0] = s->resp_status_text[0] = '\0';
 	}
 	check_view(s);
-	FUZZ_CHECK(fetch_sink.count <= UINT32_MAX + 1ULL, "fetch sink count");
+	check_seqmap(&fetch_sink);
 	track_save(s);
 
 	imap_lex_free(lx);
-	s->track.fetch_sink = s->track.search_sink = NULL;
-	uidset_free(&fetch_sink);
+	s->track.fetch_sink = NULL;
+	s->track.search_sink = NULL;
+	seqmap_free(&fetch_sink);
 	uidset_free(&search_sink);
 	while (s->n_inflight > 0)
 		session_inflight_remove(s, &s->inflight[s->n_inflight - 1]);
