@@ -54,18 +54,6 @@ fuzz_fail(const char *file, int line, const char *fmt, ...)
 	abort();
 }
 
-int
-fuzz_skipped(const char *id)
-{
-	const char *list = getenv("FUZZ_SKIP"), *p;
-	size_t n = strlen(id);
-
-	for (p = list; p && (p = strstr(p, id)) != NULL; p += n)
-		if ((p == list || p[-1] == ',') && (p[n] == '\0' || p[n] == ','))
-			return 1;
-	return 0;
-}
-
 void
 fuzz_buf_add(struct fuzz_buf *b, const void *data, size_t n)
 {

@@ -20,11 +20,6 @@ void fuzz_fail(const char *file, int line, const char *fmt, ...)
 		fuzz_fail(__FILE__, __LINE__, "check failed: " #cond " -- " __VA_ARGS__); \
 } while (0)
 
-/* Checks for bugs already reported can be switched off by name while
- * exploring further (FUZZ_SKIP=uid-order,... in the environment); make check
- * never sets it, so a known bug keeps failing there until it is fixed. */
-int fuzz_skipped(const char *id);
-
 /* A growing byte string (token stream renderings). */
 struct fuzz_buf {
 	unsigned char *p;

@@ -268,11 +268,9 @@ check_seqmap(const struct seqmap *v, const struct mailbox *mb, int model_ok)
 		if (i + 1 < v->n) {
 			const struct seqmap_run *b = &v->runs[i + 1];
 			FUZZ_CHECK(last_seq < b->seq, "runs %zu/%zu overlap", i, i + 1);
-			/* FUZZ_SKIP=uid-order: seqmap_learn() overflow, reported */
-			if (!fuzz_skipped("uid-order"))
-				FUZZ_CHECK(last_uid < b->uid && b->uid - last_uid >= b->seq - last_seq,
-				    "runs %zu/%zu: seq %u+%u uid %u, next seq %u uid %u", i, i + 1,
-				    r->seq, r->len, r->uid, b->seq, b->uid);
+			FUZZ_CHECK(last_uid < b->uid && b->uid - last_uid >= b->seq - last_seq,
+			    "runs %zu/%zu: seq %u+%u uid %u, next seq %u uid %u", i, i + 1,
+			    r->seq, r->len, r->uid, b->seq, b->uid);
 		}
 		known += r->len;
 	}
@@ -406,9 +404,8 @@ fuzz_seqmap(struct fuzz_in *in)
 			struct uidset known;
 			uidset_init(&known);
 			FUZZ_CHECK(seqmap_known_uids(&v, &known) == 0, "known_uids failed");
-			if (!fuzz_skipped("uid-order"))	/* duplicates follow from that bug */
-				FUZZ_CHECK(known.count == seqmap_known(&v), "known_uids %llu, known %u",
-				    (unsigned long long)known.count, seqmap_known(&v));
+			FUZZ_CHECK(known.count == seqmap_known(&v), "known_uids %llu, known %u",
+			    (unsigned long long)known.count, seqmap_known(&v));
 			check_uidset(&known, NULL);
 			if (v.count <= MAXMSG)
 				for (uint32_t q = 1; q <= v.count; q++) {
