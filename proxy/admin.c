@@ -195,7 +195,7 @@ admin_stale_reason(const struct session *s)
 
 	if (!t->selected)
 		return NULL;
-	if (s->force_resync)
+	if (s->resync.requested)
 		return "resync requested by the operator";
 	if (t->suser != NULL && store_gen(t->suser, t->mailbox) > t->synced_gen)
 		return "mailbox changed by another session";
@@ -235,10 +235,10 @@ admin_json_session(struct evbuffer *out, const struct session *s, int full)
 	admin_json_kbool(out, "possibly_stale", stale != NULL);
 	admin_json_knum(out, "started", (uint64_t)s->started.tv_sec);
 	admin_json_knum(out, "age", now > s->started.tv_sec ? (uint64_t)(now - s->started.tv_sec) : 0);
-	admin_json_knum(out, "last_resync", (uint64_t)s->resync_last);
-	admin_json_knum(out, "resyncs", s->resync_count);
-	admin_json_knum(out, "escalations", s->resync_escalations);
-	admin_json_knum(out, "stale_detected", s->resync_stale);
+	admin_json_knum(out, "last_resync", (uint64_t)s->resync.last_done);
+	admin_json_knum(out, "resyncs", s->resync.n_resyncs);
+	admin_json_knum(out, "escalations", s->resync.n_escalations);
+	admin_json_knum(out, "stale_detected", s->resync.n_stale);
 	admin_json_kstr(out, "resync_phase", admin_phase_name(r->phase));
 	admin_json_kbool(out, "traced", s->trace != NULL);
 	if (full) {
@@ -255,7 +255,7 @@ admin_json_session(struct evbuffer *out, const struct session *s, int full)
 		admin_json_knum(out, "epoch", s->srv->store ? store_epoch(s->srv->store) : 0);
 		admin_json_kbool(out, "idling", s->idling);
 		admin_json_kbool(out, "held", s->held);
-		admin_json_kbool(out, "resync_requested", s->force_resync);
+		admin_json_kbool(out, "resync_requested", s->resync.requested);
 		admin_json_knum(out, "inflight", s->n_inflight);
 		/* The client's view: what its sequence numbers mean to it. */
 		admin_json_key(out, "view", 0);
@@ -272,7 +272,7 @@ admin_json_session(struct evbuffer *out, const struct session *s, int full)
 		evbuffer_add(out, "}", 1);
 		/* The last check: what UID SEARCH ALL said the mailbox held. */
 		admin_json_key(out, "last_check", 0);
-		if (s->resync_count == 0) {
+		if (s->resync.n_resyncs == 0) {
 			evbuffer_add(out, "null", 4);
 		} else {
 			evbuffer_add(out, "{", 1);

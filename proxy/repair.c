@@ -3,6 +3,54 @@
 
 #include "repair.h"
 
+const char *
+repair_why_stale(const struct repair_staleness *in)
+{
+	if (in->requested)
+		return "requested by the operator";
+	if (in->has_user && in->gen_now > in->gen_synced)
+		return "mailbox changed by another session";
+	if (in->epoch_now != in->epoch_synced)
+		return "changes may have been missed while the state store was unreachable";
+	if (in->resync_after > 0 && in->since_sync >= in->resync_after)
+		return "resync_after elapsed";
+	return NULL;
+}
+
+int
+repair_view_matches(const struct seqmap *view, const struct pending *held,
+    const struct uidset *truth)
+{
+	struct seqmap server;
+	int same;
+
+	if (!pending_any(held))
+		return seqmap_consistent(view, truth);
+	seqmap_init(&server);
+	if (seqmap_copy(&server, view) < 0) {
+		seqmap_free(&server);
+		return 0;
+	}
+	for (size_t i = held->pos.n; i > 0; i--)
+		for (uint64_t k = held->pos.r[i - 1].hi; k >= held->pos.r[i - 1].lo; k--)
+			seqmap_expunge(&server, (uint32_t)k);
+	same = seqmap_consistent(&server, truth);
+	seqmap_free(&server);
+	return same;
+}
+
+int
+repair_needs_server_list(const struct seqmap *view, const struct pending *held)
+{
+	uint32_t unknown = view->count - seqmap_known(view), unknown_held = 0;
+
+	/* Held positions need no UID: they go whatever it was. */
+	for (size_t i = 0; i < held->pos.n; i++)
+		for (uint64_t k = held->pos.r[i].lo; k <= held->pos.r[i].hi; k++)
+			unknown_held += seqmap_uid(view, (uint32_t)k) == 0;
+	return unknown > unknown_held;
+}
+
 void
 repair_plan_init(struct repair_plan *plan)
 {

@@ -8,6 +8,28 @@
 #include "seqmap.h"
 #include "uidset.h"
 
+/* What says a session may no longer match its mailbox. */
+struct repair_staleness {
+	int requested;			/* an operator asked */
+	int has_user;			/* generations are known for the user */
+	uint64_t gen_now, gen_synced;	/* the mailbox's generation, now and when last matched */
+	uint64_t epoch_now, epoch_synced;	/* the state store's epoch, likewise */
+	long long since_sync;		/* seconds since the session last matched */
+	long long resync_after;		/* resync_after, 0 = off */
+};
+
+/* Why the session may be stale (for the log), or NULL when it is not. */
+const char *repair_why_stale(const struct repair_staleness *in);
+
+/* Does the server's view, the client's less the expunges it was not told
+ * yet, hold exactly the mailbox's UIDs (unknown positions agree with any)? */
+int repair_view_matches(const struct seqmap *view, const struct pending *held,
+    const struct uidset *truth);
+
+/* Must the server's own list be read to know every position the client has
+ * (some UIDs the client was never shown)? */
+int repair_needs_server_list(const struct seqmap *view, const struct pending *held);
+
 struct repair_plan {
 	const char *disconnect;	/* non-NULL: no legal sequence of responses exists */
 	struct uidset expunge;	/* client positions the mailbox no longer holds */

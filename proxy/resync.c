@@ -83,18 +83,19 @@ resync_parse_triggers(const char *list, unsigned long long *mask, char extra[8][
 static const char *
 resync_stale_reason(struct session *s)
 {
-	struct track *t = &s->track;
-	const struct config *cfg = &s->srv->cfg;
+	const struct track *t = &s->track;
+	struct repair_staleness in = {
+		.requested = s->resync.requested,
+		.has_user = t->suser != NULL,
+		.gen_now = t->suser != NULL ? store_gen(t->suser, t->mailbox) : 0,
+		.gen_synced = t->synced_gen,
+		.epoch_now = store_epoch(s->srv->store),
+		.epoch_synced = t->synced_epoch,
+		.since_sync = (long long)(time(NULL) - t->last_sync),
+		.resync_after = (long long)s->srv->cfg.resync_after,
+	};
 
-	if (s->force_resync)
-		return "requested by the operator";
-	if (t->suser != NULL && store_gen(t->suser, t->mailbox) > t->synced_gen)
-		return "mailbox changed by another session";
-	if (store_epoch(s->srv->store) != t->synced_epoch)
-		return "changes may have been missed while the state store was unreachable";
-	if (cfg->resync_after > 0 && time(NULL) - t->last_sync >= cfg->resync_after)
-		return "resync_after elapsed";
-	return NULL;
+	return repair_why_stale(&in);
 }
 
 /* Nothing in flight and nothing half-said: safe to put our commands between. */
@@ -159,7 +160,7 @@ resync_start_check(struct session *s)
 	struct resync *r = &s->resync;
 	struct track *t = &s->track;
 
-	s->force_resync = 0;
+	s->resync.requested = 0;
 	r->gen_before = t->synced_gen;
 	r->gen = t->suser ? store_gen(t->suser, t->mailbox) : 0;
 	r->failed = 0;
@@ -171,7 +172,7 @@ resync_start_check(struct session *s)
 	session_inject(s, RESYNC_CMD_NOOP, "NOOP");
 	session_inject(s, RESYNC_CMD_SEARCH, "UID SEARCH ALL");
 	s->srv->stats.resync_injections++;
-	s->resync_count++;
+	s->resync.n_resyncs++;
 	log_msg(LOG_LEVEL_INFO, s->sid, "resync \"%s\": %s; injecting NOOP + UID SEARCH ALL",
 	    t->mailbox, r->reason);
 	resync_event(s, "check", NULL);
@@ -196,7 +197,7 @@ resync_hold(struct session *s, const struct command *cmd)
 	r->reason = reason;
 	r->for_idle = 0;
 	snprintf(r->trigger, sizeof(r->trigger), "%s%s", cmd->uid ? "UID " : "", cmd->name);
-	s->resync_start_usec = metrics_now_usec();
+	s->resync.start_usec = metrics_now_usec();
 	resync_enter(s, RESYNC_WAIT_QUIET, reason);	/* the caller starts it with resync_quiet() */
 	return 1;
 }
@@ -230,7 +231,7 @@ resync_mailbox_changed(struct session *s, const char *mailbox)
 	r->reason = "mailbox changed while the client idles";
 	resync_enter(s, RESYNC_IDLE_DONE, "mailbox changed while the client idles");
 	snprintf(r->trigger, sizeof(r->trigger), "IDLE");
-	s->resync_start_usec = metrics_now_usec();
+	s->resync.start_usec = metrics_now_usec();
 	s->idling = 0;
 	s->srv->stats.resync_idle_refreshes++;
 	session_send_own(s, "DONE", 4);
@@ -308,10 +309,10 @@ resync_finish(struct session *s, int synced, const char *outcome)
 	t->fetch_sink = NULL;
 	if (synced) {
 		track_synced(s, r->gen);
-		s->resync_last = time(NULL);
+		s->resync.last_done = time(NULL);
 	}
 	log_msg(LOG_LEVEL_INFO, s->sid, "resync \"%s\": %s", t->mailbox, outcome);
-	metrics_observe(&s->srv->metrics.resync_latency, metrics_now_usec() - s->resync_start_usec);
+	metrics_observe(&s->srv->metrics.resync_latency, metrics_now_usec() - s->resync.start_usec);
 	resync_enter(s, RESYNC_NONE, outcome);
 	r->for_idle = 0;
 	track_save(s);
@@ -353,8 +354,6 @@ resync_disconnect(struct session *s, const char *why)
 	session_close(s, "[UNAVAILABLE] Mailbox state changed; please reconnect", why);
 }
 
-static int resync_view_matches(struct session *s, const struct uidset *truth);
-
 static void
 resync_escalate(struct session *s)
 {
@@ -364,8 +363,8 @@ resync_escalate(struct session *s)
 
 	s->srv->stats.stale_detected++;
 	s->srv->stats.resync_escalations++;
-	s->resync_stale++;
-	s->resync_escalations++;
+	s->resync.n_stale++;
+	s->resync.n_escalations++;
 	log_msg(LOG_LEVEL_NOTICE, s->sid, "resync \"%s\": stale session detected (client sees %u "
 	    "messages, the mailbox holds %llu); re-selecting", t->mailbox, t->view.count,
 	    (unsigned long long)r->truth.count);
@@ -379,7 +378,7 @@ resync_escalate(struct session *s)
 	t->search_sink = NULL;
 	/* Where the client's positions are not all known, the stale server
 	 * session's own list says which UID each position holds. */
-	if (t->view.count > 0 && seqmap_known(&t->view) < t->view.count) {
+	if (repair_needs_server_list(&t->view, &t->pending)) {
 		t->fetch_sink = &r->server_view;
 		session_inject(s, RESYNC_CMD_FETCH_UIDS, "FETCH 1:* (UID)");
 		r->pending++;
@@ -467,30 +466,6 @@ resync_apply(struct session *s)
 	}
 }
 
-/* Does the server's view (the client's, less the expunges it was not told
- * yet) hold exactly the mailbox's UIDs? */
-static int
-resync_view_matches(struct session *s, const struct uidset *truth)
-{
-	struct track *t = &s->track;
-	struct seqmap server;
-	int same;
-
-	if (!pending_any(&t->pending))
-		return seqmap_consistent(&t->view, truth);
-	seqmap_init(&server);
-	if (seqmap_copy(&server, &t->view) < 0) {
-		seqmap_free(&server);
-		return 0;
-	}
-	for (size_t i = t->pending.pos.n; i > 0; i--)
-		for (uint64_t k = t->pending.pos.r[i - 1].hi; k >= t->pending.pos.r[i - 1].lo; k--)
-			seqmap_expunge(&server, (uint32_t)k);
-	same = seqmap_consistent(&server, truth);
-	seqmap_free(&server);
-	return same;
-}
-
 /* Servers that run pipelined commands side by side (Dovecot) answer the
  * SEARCH from the session's view before the NOOP's EXISTS goes out: compare
  * with the view as it stood when the result came, as well as at the end. */
@@ -498,7 +473,7 @@ void
 resync_search_result(struct session *s)
 {
 	if (s->resync.phase == RESYNC_CHECK)
-		s->resync.matched_at_search = resync_view_matches(s, &s->resync.truth);
+		s->resync.matched_at_search = repair_view_matches(&s->track.view, &s->track.pending, &s->resync.truth);
 }
 
 void
@@ -526,7 +501,7 @@ resync_completed(struct session *s, struct inflight *f, int ok, const char *text
 		if (r->failed) {
 			resync_event(s, "refused", NULL);
 			resync_finish(s, 0, "check refused by the server; going on unchecked");
-		} else if (r->matched_at_search || resync_view_matches(s, &r->truth)) {
+		} else if (r->matched_at_search || repair_view_matches(&t->view, &t->pending, &r->truth)) {
 			resync_event(s, "in-sync", NULL);
 			resync_finish(s, 1, "in sync");
 		} else

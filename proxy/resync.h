@@ -3,6 +3,7 @@
 #define RESYNC_H
 
 #include <stdint.h>
+#include <time.h>
 
 #include "command.h"
 #include "seqmap.h"
@@ -45,6 +46,11 @@ struct resync {
 	const char *reason;		/* why this resync started, for the log */
 	char trigger[40];		/* the held command ("UID FETCH"), or "IDLE" */
 	uint64_t gen_before;		/* the generation the session had matched */
+	uint64_t start_usec;		/* the trigger was held (latency histogram) */
+	int requested;			/* an operator asked for one at the next trigger */
+	/* per-session totals, for the store and the admin endpoint */
+	time_t last_done;
+	uint64_t n_resyncs, n_escalations, n_stale;
 };
 
 void resync_init(struct resync *r);

@@ -671,7 +671,7 @@ session_kick(struct session *s, const char *why)
 void
 session_request_resync(struct session *s)
 {
-	s->force_resync = 1;
+	s->resync.requested = 1;
 	log_msg(LOG_LEVEL_INFO, s->sid, "resync requested by the operator");
 }
 

@@ -124,13 +124,9 @@ struct session {
 	int held;			/* a trigger command waits for a resync */
 	int no_hold;			/* the released command goes on unchecked */
 	int idling;			/* the upstream said "+" to the client's IDLE */
-	time_t resync_last;		/* per-session resync counters, for the store */
-	uint64_t resync_count, resync_escalations, resync_stale;
 	char resp_status_text[256];	/* resp-text of the response being read */
 	struct trace_session *trace;	/* non-NULL while this session is traced */
-	int force_resync;		/* an operator asked for a resync on the next trigger */
 	uint64_t connect_start_usec;	/* upstream connect began */
-	uint64_t resync_start_usec;	/* the trigger was held */
 	enum imap_tok_type held_tok;	/* the token its first segment ended with */
 	unsigned held_lit_flags;
 };

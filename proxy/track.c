@@ -548,10 +548,10 @@ track_save(struct session *s)
 	rec.highestmodseq = t->highestmodseq;
 	rec.synced_gen = t->synced_gen;
 	rec.started = s->started.tv_sec;
-	rec.last_resync = s->resync_last;
-	rec.resyncs = s->resync_count;
-	rec.escalations = s->resync_escalations;
-	rec.stale_detected = s->resync_stale;
+	rec.last_resync = s->resync.last_done;
+	rec.resyncs = s->resync.n_resyncs;
+	rec.escalations = s->resync.n_escalations;
+	rec.stale_detected = s->resync.n_stale;
 	rec.view = view;
 	store_session_save(s->srv->store, &rec);
 }

@@ -221,10 +221,102 @@ test_model(void)
 	ok(disconnects > 0 && disconnects < cases / 2, "both outcomes were drawn");
 }
 
+static void
+test_staleness(void)
+{
+	struct repair_staleness in = { 0, 1, 5, 5, 2, 2, 10, 0 };
+
+	ok(repair_why_stale(&in) == NULL, "same generation, same epoch, no resync_after: in sync");
+	in.gen_now = 6;
+	ok(repair_why_stale(&in) && strstr(repair_why_stale(&in), "another session"),
+	    "the generation moved");
+	in.has_user = 0;
+	ok(repair_why_stale(&in) == NULL, "no user: generations say nothing");
+	in.epoch_now = 3;
+	ok(repair_why_stale(&in) && strstr(repair_why_stale(&in), "state store"), "the epoch moved");
+	in.epoch_now = 2;
+	in.resync_after = 10;
+	ok(repair_why_stale(&in) && strstr(repair_why_stale(&in), "resync_after"),
+	    "resync_after elapsed (10 s of 10)");
+	in.since_sync = 9;
+	ok(repair_why_stale(&in) == NULL, "9 s of 10: not yet");
+	in.requested = 1;
+	ok(repair_why_stale(&in) && strstr(repair_why_stale(&in), "operator"), "an operator asked");
+}
+
+/* The server's view against random truths, and when its list is needed. */
+static void
+test_view_matches(void)
+{
+	unsigned bad = 0, matches = 0, cases = 0;
+
+	for (unsigned seed = 1; seed <= 2000; seed++) {
+		struct scenario sc;
+		struct seqmap view;
+		struct pending held;
+		struct uidset truth, server;
+		int want = 1, need = 0;
+
+		scenario_make(&sc, seed);
+		seqmap_init(&view);
+		pending_init(&held);
+		uidset_init(&truth);
+		uidset_init(&server);
+		seqmap_reset(&view, sc.count);
+		for (uint32_t k = 1; k <= sc.count; k++) {
+			if (sc.known[k])
+				seqmap_learn(&view, k, sc.uid[k]);
+			if (sc.held[k])
+				uidset_add(&held.pos, k);
+			else
+				uidset_add(&server, sc.uid[k]);
+			need |= !sc.known[k] && !sc.held[k];
+		}
+		/* Half the time the mailbox is exactly the server's view. */
+		if (seed % 2) {
+			uidset_free(&truth);
+			truth = server;		/* the set moves over */
+			uidset_init(&server);
+		} else
+			for (unsigned i = 0; i < sc.ntruth; i++)
+				uidset_add(&truth, sc.truth[i]);
+		/* the reference: same count, every known non-held position at its rank */
+		{
+			uint32_t n = 0;
+			uint64_t count = 0;
+			for (uint32_t k = 1; k <= sc.count; k++)
+				count += !sc.held[k];
+			if (count != truth.count)
+				want = 0;
+			for (uint32_t k = 1; k <= sc.count && want; k++) {
+				if (sc.held[k])
+					continue;
+				n++;
+				if (sc.known[k] && uidset_rank(&truth, sc.uid[k]) != n)
+					want = 0;
+			}
+		}
+		if (repair_view_matches(&view, &held, &truth) != want)
+			bad++;
+		if (repair_needs_server_list(&view, &held) != need)
+			bad++;
+		matches += want;
+		cases++;
+		seqmap_free(&view);
+		pending_free(&held);
+		uidset_free(&truth);
+		uidset_free(&server);
+	}
+	ok(bad == 0 && matches > 0 && matches < cases, "server view vs mailbox and the need for its "
+	    "list: %u cases (%u matching), %u wrong", cases, matches, bad);
+}
+
 int
 main(void)
 {
 	test_examples();
 	test_model();
+	test_staleness();
+	test_view_matches();
 	return tap_done();
 }
