@@ -21,8 +21,9 @@ Checks:
     number keeps its UID until an EXPUNGE renumbers it.
   * With sent data: every tagged response answers a command that was sent
     and is still in progress; SEARCH/ESEARCH only while a SEARCH is in
-    progress; EXPUNGE neither while only FETCH/STORE/SEARCH (not UID) are in
-    progress nor when no command is (RFC 3501 7.4.1).
+    progress; EXPUNGE neither while a FETCH/STORE/SEARCH (not UID) is in
+    progress, even pipelined with other commands, nor when no command is
+    (RFC 3501 7.4.1, 5.5).
   * Every response parses: tag/status, balanced parentheses and quotes,
     known numeric responses, FETCH attribute pairs, CRLF line ends.
 
@@ -399,6 +400,13 @@ class Checker:
             self._err("EXPUNGE with no command in progress", line)
         elif names <= NO_EXPUNGE_DURING:
             self._err("EXPUNGE while answering %s (RFC 3501 7.4.1)" % "/".join(sorted(names)), line)
+        elif names & NO_EXPUNGE_DURING:
+            # Pipelined, e.g. FETCH + NOOP: the EXPUNGE may answer the NOOP,
+            # but only after the FETCH has completed (responses of pipelined
+            # commands come in order; the FETCH's numbers would be ambiguous).
+            self._err("EXPUNGE while %s is still in progress (pipelined with %s; RFC 3501 5.5, 7.4.1)"
+                      % ("/".join(sorted(names & NO_EXPUNGE_DURING)),
+                         "/".join(sorted(names - NO_EXPUNGE_DURING))), line)
 
     def _fetch(self, n, items, line):
         if len(items) % 2:

@@ -45,11 +45,13 @@ for _d in ("/usr/sbin", "/sbin"):
         os.environ["PATH"] = os.environ.get("PATH", "") + ":" + _d
 GREETING = "imapfresh-test Dovecot ready."
 
-# name -> password. carol's password needs quoting or a literal.
+# name -> password. carol's password needs quoting or a literal. stress is
+# stress_tests.py's own account (it appends, moves and expunges at random).
 DEFAULT_USERS = {
     "alice": "alice-pw",
     "bob": "bob-pw",
     "carol": 'se cr"et',
+    "stress": "stress-pw",
 }
 
 

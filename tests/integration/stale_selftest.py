@@ -784,6 +784,9 @@ BAD_STREAMS = [
                                       b"* 1 FETCH (UID 5 FLAGS ())\r\n* 1 FETCH (UID 6 FLAGS ())\r\nb1 OK\r\n")],
      "changed UID"),
     ("EXPUNGE during FETCH", [(b"b1 FETCH 1 (FLAGS)\r\n", b"* 1 EXPUNGE\r\nb1 OK\r\n")], "RFC 3501 7.4.1"),
+    ("EXPUNGE before a pipelined FETCH completed", [(b"b1 FETCH 1 (FLAGS)\r\nb2 NOOP\r\n",
+                                                      b"* 1 EXPUNGE\r\nb1 OK\r\nb2 OK\r\n")],
+     "still in progress"),
     ("bare LF", [(b"b1 NOOP\r\n", b"b1 OK\n")], "CRLF"),
 ]
 
