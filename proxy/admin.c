@@ -619,6 +619,155 @@ admin_trace(struct admin *adm, struct evhttp_request *req)
 	evbuffer_free(out);
 }
 
+/* A parameter of the query string or of a form body. */
+static char *
+admin_param(struct evhttp_request *req, const char *body, const char *name)
+{
+	struct evkeyvalq kv;
+	const char *q = evhttp_uri_get_query(evhttp_request_get_evhttp_uri(req)), *v = NULL;
+	char *out = NULL;
+
+	TAILQ_INIT(&kv);
+	if (q != NULL && evhttp_parse_query_str(q, &kv) == 0 && (v = evhttp_find_header(&kv, name)))
+		out = strdup(v);
+	evhttp_clear_headers(&kv);
+	if (out == NULL && body != NULL && evhttp_parse_query_str(body, &kv) == 0 &&
+	    (v = evhttp_find_header(&kv, name)))
+		out = strdup(v);
+	evhttp_clear_headers(&kv);
+	return out;
+}
+
+/* The string member key of a flat JSON object (Dovecot's push_notification
+ * "ox" driver body: {"user":"...","event":"messageNew","folder":"INBOX",...}),
+ * unescaped; NULL when absent or not a string. */
+static char *
+admin_json_member(const char *body, const char *key)
+{
+	size_t klen = strlen(key);
+	const char *p = body;
+
+	while ((p = strchr(p, '"')) != NULL) {
+		const char *q = p + 1;
+		char *out, *o;
+
+		if (strncmp(q, key, klen) != 0 || q[klen] != '"') {
+			/* skip this string whole, escapes included */
+			for (q = p + 1; *q && *q != '"'; q++)
+				if (*q == '\\' && q[1])
+					q++;
+			if (*q == '\0')
+				return NULL;
+			p = q + 1;
+			continue;
+		}
+		q += klen + 1;
+		q += strspn(q, " \t\r\n");
+		if (*q++ != ':')
+			return NULL;
+		q += strspn(q, " \t\r\n");
+		if (*q++ != '"' || (out = malloc(strlen(q) + 1)) == NULL)
+			return NULL;
+		for (o = out; *q && *q != '"'; q++) {
+			if (*q == '\\' && q[1]) {
+				q++;
+				if (*q == 'u') {	/* \uXXXX: only what a mailbox name needs, as UTF-8 */
+					unsigned cp = 0;
+					if (sscanf(q + 1, "%4x", &cp) != 1 || cp == 0) {
+						free(out);
+						return NULL;
+					}
+					q += 4;
+					if (cp < 0x80)
+						*o++ = (char)cp;
+					else if (cp < 0x800) {
+						*o++ = (char)(0xc0 | (cp >> 6));
+						*o++ = (char)(0x80 | (cp & 0x3f));
+					} else {
+						*o++ = (char)(0xe0 | (cp >> 12));
+						*o++ = (char)(0x80 | ((cp >> 6) & 0x3f));
+						*o++ = (char)(0x80 | (cp & 0x3f));
+					}
+					continue;
+				}
+				*o++ = *q == 'n' ? '\n' : *q == 't' ? '\t' : *q == 'r' ? '\r' : *q;
+				continue;
+			}
+			*o++ = *q;
+		}
+		if (*q != '"') {
+			free(out);
+			return NULL;
+		}
+		*o = '\0';
+		return out;
+	}
+	return NULL;
+}
+
+/*
+ * POST /notify user=NAME[&mailbox=NAME]: a change imapfresh could not see
+ * (a delivery, webmail, a client straight to the server). The user's
+ * sessions, on every instance, resync at their next trigger command; idling
+ * ones are refreshed now. Without a mailbox, every mailbox of the user.
+ * PUT (or POST) with a JSON body {"user":...,"folder":...} is what Dovecot's
+ * push_notification "ox" driver sends on a new message.
+ */
+static void
+admin_notify(struct admin *adm, struct evhttp_request *req)
+{
+	char *body = NULL, *user = NULL, *mailbox = NULL, canon[COMMAND_ARG_MAX + 1] = "";
+	char peer[96], detail[160];
+	struct evbuffer *out;
+	int local;
+
+	if (evhttp_request_get_command(req) != EVHTTP_REQ_POST &&
+	    evhttp_request_get_command(req) != EVHTTP_REQ_PUT) {
+		evhttp_add_header(evhttp_request_get_output_headers(req), "Allow", "POST, PUT");
+		admin_error(req, 405, "/notify takes POST or PUT");
+		return;
+	}
+	body = admin_body(req);
+	if (body != NULL && body[strspn(body, " \t\r\n")] == '{') {
+		user = admin_json_member(body, "user");
+		if ((mailbox = admin_json_member(body, "folder")) == NULL)
+			mailbox = admin_json_member(body, "mailbox");
+	} else {
+		user = admin_param(req, body, "user");
+		mailbox = admin_param(req, body, "mailbox");
+	}
+	if (user == NULL || user[0] == '\0' || strlen(user) > 255 ||
+	    (mailbox != NULL && strlen(mailbox) > COMMAND_ARG_MAX)) {
+		admin_error(req, 400, "give user=NAME (and mailbox=NAME, or none for every mailbox)");
+		goto done;
+	}
+	if (mailbox != NULL)
+		track_canonical_mailbox(mailbox, canon, sizeof(canon));
+	admin_peer(req, peer, sizeof(peer));
+	snprintf(detail, sizeof(detail), "notify from %s", peer);
+	local = store_notify_change(adm->srv->store, user, canon, detail);
+	adm->srv->stats.notifications++;
+	log_info("admin: notify %s \"%s\" from %s: %d session(s) here", user,
+	    canon[0] ? canon : "(every mailbox)", peer, local);
+	if ((out = evbuffer_new()) == NULL) {
+		evhttp_send_error(req, 500, "Out of memory");
+		goto done;
+	}
+	evbuffer_add(out, "{\"instance\":", 12);
+	admin_json_str(out, adm->srv->instance);
+	admin_json_kstr(out, "user", user);
+	admin_json_kstr(out, "mailbox", canon);
+	admin_json_knum(out, "sessions_here", (uint64_t)local);
+	admin_json_kbool(out, "published", strcmp(adm->srv->cfg.state, "memory") != 0);
+	evbuffer_add(out, "}\n", 2);
+	admin_send_json(req, 200, out);
+	evbuffer_free(out);
+done:
+	free(body);
+	free(user);
+	free(mailbox);
+}
+
 static void
 admin_request_cb(struct evhttp_request *req, void *arg)
 {
@@ -657,6 +806,8 @@ admin_request_cb(struct evhttp_request *req, void *arg)
 			admin_sessions(adm, req);
 	} else if (strcmp(path, "/trace") == 0) {
 		admin_trace(adm, req);
+	} else if (strcmp(path, "/notify") == 0) {
+		admin_notify(adm, req);
 	} else if (strncmp(path, "/sessions/", 10) == 0) {
 		rest = path + 10;
 		if ((slash = strchr(rest, '/')) != NULL)
@@ -664,7 +815,7 @@ admin_request_cb(struct evhttp_request *req, void *arg)
 		admin_session(adm, req, rest, slash);
 	} else {
 		admin_error(req, 404, "no such endpoint: %s (try /metrics, /healthz, /sessions, "
-		    "/trace)", path);
+		    "/trace, /notify)", path);
 	}
 out:
 	free(path);
@@ -782,7 +933,7 @@ admin_start(struct server *srv, char *err, size_t errlen)
 	evhttp_set_max_body_size(adm->http, ADMIN_MAX_BODY);
 	evhttp_set_max_headers_size(adm->http, ADMIN_MAX_HEADERS);
 	evhttp_set_timeout(adm->http, ADMIN_TIMEOUT_SECS);
-	evhttp_set_allowed_methods(adm->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST);
+	evhttp_set_allowed_methods(adm->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_PUT);
 	evhttp_set_gencb(adm->http, admin_request_cb, adm);
 	{
 		struct timeval now = { 0, 0 };

@@ -199,6 +199,8 @@ metrics_render(struct server *srv, struct evbuffer *out)
 	    st->resync_idle_refreshes);
 	metrics_counter(out, "imapfresh_resync_disconnects_total", "Sessions ended because no "
 	    "legal repair existed.", st->resync_disconnects);
+	metrics_counter(out, "imapfresh_notifications_total", "Changes told through POST /notify "
+	    "(made behind imapfresh's back).", st->notifications);
 	metrics_histogram(out, "imapfresh_resync_duration_seconds", "Trigger held (or idle refresh "
 	    "begun) to released.", &srv->metrics.resync_latency);
 

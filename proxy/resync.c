@@ -215,7 +215,8 @@ resync_mailbox_changed(struct session *s, const char *mailbox)
 	struct resync *r = &s->resync;
 	struct inflight *idle = NULL;
 
-	if (!s->srv->cfg.resync || !s->track.selected || strcmp(mailbox, s->track.mailbox) != 0 ||
+	if (!s->srv->cfg.resync || !s->track.selected ||
+	    (mailbox[0] != '\0' && strcmp(mailbox, s->track.mailbox) != 0) ||
 	    s->state != SESSION_RUNNING || s->wait != WAIT_IDLE || !s->idling ||
 	    r->phase != RESYNC_NONE)
 		return;
@@ -235,10 +236,10 @@ resync_mailbox_changed(struct session *s, const char *mailbox)
 	s->idling = 0;
 	s->srv->stats.resync_idle_refreshes++;
 	session_send_own(s, "DONE", 4);
-	log_msg(LOG_LEVEL_INFO, s->sid, "resync \"%s\": %s; ending the upstream IDLE", mailbox,
-	    r->reason);
+	log_msg(LOG_LEVEL_INFO, s->sid, "resync \"%s\": %s; ending the upstream IDLE",
+	    s->track.mailbox, r->reason);
 	r->gen_before = s->track.synced_gen;
-	r->gen = store_gen(s->track.suser, mailbox);
+	r->gen = store_gen(s->track.suser, s->track.mailbox);
 	resync_event(s, "idle-refresh", NULL);
 }
 

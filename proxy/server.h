@@ -37,6 +37,7 @@ struct server_stats {
 	uint64_t stale_detected;	/* sessions found stale after NOOP */
 	uint64_t resync_idle_refreshes;	/* idling clients refreshed */
 	uint64_t resync_disconnects;	/* sessions ended because no legal repair existed */
+	uint64_t notifications;		/* changes told through POST /notify */
 };
 
 struct server {

@@ -84,6 +84,7 @@ struct store_user {
 	void **members;
 	size_t n, cap;
 	struct store_map gens;	/* mailbox -> local generation (v.n) */
+	uint64_t all;		/* changes to every mailbox at once (notify without one) */
 	unsigned busy;		/* notify loops running: freeing waits for them */
 };
 
@@ -355,7 +356,7 @@ store_gen(struct store_user *u, const char *mailbox)
 {
 	const struct store_entry *e = u ? store_map_find(&u->gens, mailbox) : NULL;
 
-	return e ? e->v.n : 0;
+	return (e ? e->v.n : 0) + (u ? u->all : 0);
 }
 
 /*
@@ -399,9 +400,17 @@ store_changed(struct store *st, struct store_user *u, const char *mailbox, const
 		log_error("store: out of memory; change of %s not counted", mailbox);
 		return store_gen(u, mailbox);
 	}
-	gen = ++e->v.n;
+	gen = ++e->v.n + u->all;
 	store_notify(st, u, e->key, except);
 	return gen;
+}
+
+/* Every one of u's mailboxes changed (a notification naming none). */
+static void
+store_changed_all(struct store *st, struct store_user *u)
+{
+	u->all++;
+	store_notify(st, u, "", NULL);
 }
 
 /* --- Redis links --- */
@@ -641,7 +650,10 @@ store_heard(struct store *st, const char *payload, size_t len)
 	st->stats.received++;
 	if ((e = store_map_find(&st->users, user))) {
 		log_debug("store: change from %s: %s \"%s\" (%s)", msg, user, mailbox, detail + 1);
-		store_changed(st, e->v.ptr, mailbox, NULL);
+		if (mailbox[0] == '\0')
+			store_changed_all(st, e->v.ptr);
+		else
+			store_changed(st, e->v.ptr, mailbox, NULL);
 	}
 out:
 	free(msg);
@@ -929,6 +941,22 @@ store_bump(struct store *st, struct store_user *u, const char *mailbox, void *ex
 	/* Published first: notifying may free u. */
 	store_publish(st, u->name, mailbox, detail);
 	return store_changed(st, u, mailbox, except);
+}
+
+int
+store_notify_change(struct store *st, const char *user, const char *mailbox, const char *detail)
+{
+	struct store_entry *e = store_map_find(&st->users, user);
+	int local = e ? (int)((struct store_user *)e->v.ptr)->n : 0;
+
+	store_publish(st, user, mailbox, detail);
+	if (e == NULL)
+		return 0;
+	if (mailbox[0] == '\0')
+		store_changed_all(st, e->v.ptr);
+	else
+		store_changed(st, e->v.ptr, mailbox, NULL);
+	return local;
 }
 
 uint64_t

@@ -14,7 +14,7 @@ struct store_user;	/* one user with live sessions on this instance */
 /* Called for every member of a user when one of the user's mailboxes changed
  * (through this instance, or another one sharing the Redis). It may make
  * members leave, itself or others, even the last one: those not notified yet
- * are skipped. mailbox is valid during the call only. */
+ * are skipped. mailbox is valid during the call only; "" is every mailbox. */
 typedef void (*store_notify_fn)(void *member, const char *mailbox);
 
 /* Connects asynchronously when cfg->state is a redis:// URL; never blocks
@@ -52,6 +52,14 @@ uint64_t store_gen(struct store_user *u, const char *mailbox);
  * e.g. "MOVE from INBOX" or "COPYUID 17 5:6". */
 uint64_t store_bump(struct store *st, struct store_user *u, const char *mailbox,
     void *except, const char *detail);
+
+/* A change imapfresh did not see (a delivery, webmail, another client, told
+ * through POST /notify): mailbox "" is every mailbox of the user. Counted
+ * here for the user's sessions, if any, and published to the other
+ * instances like a change of ours. Returns this instance's sessions of the
+ * user. */
+int store_notify_change(struct store *st, const char *user, const char *mailbox,
+    const char *detail);
 
 /* Per-session state as written to Redis (HSET, with the TTL refreshed). */
 struct store_session_record {

@@ -1,4 +1,4 @@
-/* imapfresh-ctl: the operators' command line: live sessions, one session's view, a user's generations, sync events, traces, kick and resync. */
+/* imapfresh-ctl: the operators' command line: live sessions, one session's view, a user's generations, sync events, traces, kick, resync and notify. */
 
 /*
  * Where things come from:
@@ -1872,6 +1872,50 @@ ctl_cmd_control(struct ctl *c, const char *action, const char *sid)
 	return CTL_EXIT_OK;
 }
 
+/* One instance is told; with Redis state it tells the others. */
+static int
+ctl_cmd_notify(struct ctl *c, const char *user, const char *mailbox)
+{
+	const char **addrs, **names;
+	char body[3200], err[1024], *raw = NULL;
+	size_t n, o;
+	int rc = CTL_EXIT_ERROR;
+
+	memcpy(body, "user=", 5);
+	ctl_urlencode(user, body + 5, 1000);
+	if (mailbox != NULL) {
+		o = strlen(body);
+		memcpy(body + o, "&mailbox=", 10);
+		ctl_urlencode(mailbox, body + o + 9, sizeof(body) - o - 9);
+	}
+	if (ctl_targets(c, &addrs, &names, &n) < 0)
+		return CTL_EXIT_ERROR;
+	for (size_t i = 0; i < n && rc != CTL_EXIT_OK; i++) {
+		struct ctl_json *j = ctl_admin_json(c, addrs[i], "POST", "/notify", body, &raw, err,
+		    sizeof(err));
+
+		if (j == NULL) {
+			ctl_err("%s: %s", names[i], err);
+			continue;
+		}
+		if (c->json)
+			fputs(raw, stdout);
+		else
+			printf("%s: %s, %s: told (%s session(s) there%s)\n",
+			    ctl_json_text(j, "instance", names[i]), user,
+			    mailbox ? mailbox : "every mailbox", ctl_json_text(j, "sessions_here", "?"),
+			    n > 1 ? "; the other instances through Redis" : "");
+		free(raw);
+		ctl_json_free(j);
+		rc = CTL_EXIT_OK;
+	}
+	if (!ctl_use_admin(c)) {
+		free(addrs);
+		free(names);
+	}
+	return rc;
+}
+
 /* --- main --- */
 
 static void
@@ -1886,6 +1930,8 @@ ctl_usage(FILE *f)
 	    "  trace on SPEC|off|status trace sessions (SPEC: all, user NAME, client ADDR [bodies])\n"
 	    "  resync SID               resync the session on its next trigger command\n"
 	    "  kick SID                 end the session (* BYE)\n"
+	    "  notify USER [MAILBOX]    a change made behind imapfresh's back: the user's sessions\n"
+	    "                           (every instance) resync; no MAILBOX: every mailbox\n"
 	    "options:\n"
 	    "  -c file        configuration (default %s when it exists)\n"
 	    "  -o key=value   override a configuration key (state, redis_prefix, admin_listen...)\n"
@@ -1998,6 +2044,8 @@ main(int argc, char **argv)
 		rc = ctl_cmd_trace(&c, argc, argv);
 	else if ((strcmp(cmd, "resync") == 0 || strcmp(cmd, "kick") == 0) && argc == 1)
 		rc = ctl_cmd_control(&c, cmd, argv[0]);
+	else if (strcmp(cmd, "notify") == 0 && (argc == 1 || argc == 2))
+		rc = ctl_cmd_notify(&c, argv[0], argc == 2 ? argv[1] : NULL);
 	else {
 		ctl_err("%s: unknown command or wrong arguments", cmd);
 		ctl_usage(stderr);

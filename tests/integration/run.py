@@ -1289,6 +1289,7 @@ import trace_tests  # noqa: E402,F401
 import deploy_tests  # noqa: E402,F401
 import stress_tests  # noqa: E402,F401  (issue 13: model-checked multi-connection stress)
 import seqnum_tests  # noqa: E402,F401  (issue 13: message numbers keep their meaning)
+import notify_tests  # noqa: E402,F401  (issue 15: changes made behind imapfresh's back)
 
 
 def main():
