@@ -37,6 +37,8 @@
 #include <openssl/evp.h>
 
 #include "admin.h"
+#include "feed.h"
+#include "json.h"
 #include "log.h"
 #include "metrics.h"
 #include "resync.h"
@@ -186,23 +188,6 @@ admin_phase_name(enum resync_phase p)
 	return "?";
 }
 
-/* Why the next trigger would resync (resync.c decides the same way, plus
- * resync_after); NULL when the session is in sync as far as this instance knows. */
-static const char *
-admin_stale_reason(const struct session *s)
-{
-	const struct track *t = &s->track;
-
-	if (!t->selected)
-		return NULL;
-	if (s->resync.requested)
-		return "resync requested by the operator";
-	if (t->suser != NULL && store_gen(t->suser, t->mailbox) > t->synced_gen)
-		return "mailbox changed by another session";
-	if (s->srv->store != NULL && store_epoch(s->srv->store) != t->synced_epoch)
-		return "changes may have been missed while the state store was unreachable";
-	return NULL;
-}
 
 /* One session as a JSON object; full adds the view and the resync detail. */
 static void
@@ -213,7 +198,7 @@ admin_json_session(struct evbuffer *out, const struct session *s, int full)
 	char id[200];
 	time_t now = time(NULL);
 	uint64_t gen = t->suser != NULL && t->selected ? store_gen(t->suser, t->mailbox) : 0;
-	const char *stale = admin_stale_reason(s);
+	const char *stale = (s->track.selected ? resync_why_stale(s) : NULL);
 
 	snprintf(id, sizeof(id), "%s:%s", s->srv->instance, s->sid);
 	evbuffer_add(out, "{", 1);
@@ -222,6 +207,8 @@ admin_json_session(struct evbuffer *out, const struct session *s, int full)
 	admin_json_kstr(out, "sid", s->sid);
 	admin_json_kstr(out, "instance", s->srv->instance);
 	admin_json_kstr(out, "user", t->user[0] ? t->user : NULL);
+	if (s->srv->feed != NULL)
+		admin_json_kstr(out, "backend_id", feed_backend_id(s->srv->feed, t->user));
 	admin_json_kstr(out, "client", s->client_addr);
 	admin_json_kstr(out, "state", session_state_name(s->state));
 	admin_json_kbool(out, "authenticated", s->authenticated);
@@ -252,7 +239,7 @@ admin_json_session(struct evbuffer *out, const struct session *s, int full)
 		admin_json_knum(out, "highestmodseq", t->highestmodseq);
 		admin_json_knum(out, "last_sync", (uint64_t)t->last_sync);
 		admin_json_knum(out, "synced_epoch", t->synced_epoch);
-		admin_json_knum(out, "epoch", s->srv->store ? store_epoch(s->srv->store) : 0);
+		admin_json_knum(out, "epoch", server_epoch(s->srv));
 		admin_json_kbool(out, "idling", s->idling);
 		admin_json_kbool(out, "held", s->held);
 		admin_json_kbool(out, "resync_requested", s->resync.requested);
@@ -638,73 +625,6 @@ admin_param(struct evhttp_request *req, const char *body, const char *name)
 	return out;
 }
 
-/* The string member key of a flat JSON object (Dovecot's push_notification
- * "ox" driver body: {"user":"...","event":"messageNew","folder":"INBOX",...}),
- * unescaped; NULL when absent or not a string. */
-static char *
-admin_json_member(const char *body, const char *key)
-{
-	size_t klen = strlen(key);
-	const char *p = body;
-
-	while ((p = strchr(p, '"')) != NULL) {
-		const char *q = p + 1;
-		char *out, *o;
-
-		if (strncmp(q, key, klen) != 0 || q[klen] != '"') {
-			/* skip this string whole, escapes included */
-			for (q = p + 1; *q && *q != '"'; q++)
-				if (*q == '\\' && q[1])
-					q++;
-			if (*q == '\0')
-				return NULL;
-			p = q + 1;
-			continue;
-		}
-		q += klen + 1;
-		q += strspn(q, " \t\r\n");
-		if (*q++ != ':')
-			return NULL;
-		q += strspn(q, " \t\r\n");
-		if (*q++ != '"' || (out = malloc(strlen(q) + 1)) == NULL)
-			return NULL;
-		for (o = out; *q && *q != '"'; q++) {
-			if (*q == '\\' && q[1]) {
-				q++;
-				if (*q == 'u') {	/* \uXXXX: only what a mailbox name needs, as UTF-8 */
-					unsigned cp = 0;
-					if (sscanf(q + 1, "%4x", &cp) != 1 || cp == 0) {
-						free(out);
-						return NULL;
-					}
-					q += 4;
-					if (cp < 0x80)
-						*o++ = (char)cp;
-					else if (cp < 0x800) {
-						*o++ = (char)(0xc0 | (cp >> 6));
-						*o++ = (char)(0x80 | (cp & 0x3f));
-					} else {
-						*o++ = (char)(0xe0 | (cp >> 12));
-						*o++ = (char)(0x80 | ((cp >> 6) & 0x3f));
-						*o++ = (char)(0x80 | (cp & 0x3f));
-					}
-					continue;
-				}
-				*o++ = *q == 'n' ? '\n' : *q == 't' ? '\t' : *q == 'r' ? '\r' : *q;
-				continue;
-			}
-			*o++ = *q;
-		}
-		if (*q != '"') {
-			free(out);
-			return NULL;
-		}
-		*o = '\0';
-		return out;
-	}
-	return NULL;
-}
-
 /*
  * POST /notify user=NAME[&mailbox=NAME]: a change imapfresh could not see
  * (a delivery, webmail, a client straight to the server). The user's
@@ -729,9 +649,9 @@ admin_notify(struct admin *adm, struct evhttp_request *req)
 	}
 	body = admin_body(req);
 	if (body != NULL && body[strspn(body, " \t\r\n")] == '{') {
-		user = admin_json_member(body, "user");
-		if ((mailbox = admin_json_member(body, "folder")) == NULL)
-			mailbox = admin_json_member(body, "mailbox");
+		user = json_string_member(body, "user");
+		if ((mailbox = json_string_member(body, "folder")) == NULL)
+			mailbox = json_string_member(body, "mailbox");
 	} else {
 		user = admin_param(req, body, "user");
 		mailbox = admin_param(req, body, "mailbox");

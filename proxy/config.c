@@ -28,6 +28,7 @@ static const char *const config_upstream_tls_names[] = { "none", "starttls", "tl
 static const char *const config_client_address_names[] = {
 	"none", "id", "proxy-v1", "proxy-v2", NULL,
 };
+static const char *const config_backend_events_names[] = { "none", "wildduck", NULL };
 static const char *const config_log_level_names[] = {
 	"error", "warning", "notice", "info", "debug", NULL,
 };
@@ -36,6 +37,9 @@ _Static_assert(sizeof config_upstream_tls_names / sizeof *config_upstream_tls_na
 _Static_assert(sizeof config_client_address_names / sizeof *config_client_address_names
     == CLIENT_ADDRESS_PROXY_V2 + 2, "one name per client_address_mode");
 _Static_assert(sizeof(enum client_address_mode) == sizeof(int), "enum stored as int");
+_Static_assert(sizeof config_backend_events_names / sizeof *config_backend_events_names
+    == BACKEND_EVENTS_WILDDUCK + 2, "one name per backend_events_mode");
+_Static_assert(sizeof(enum backend_events_mode) == sizeof(int), "enum stored as int");
 _Static_assert(sizeof config_log_level_names / sizeof *config_log_level_names
     == LOG_LEVEL_DEBUG + 2, "one name per log_level");
 
@@ -46,6 +50,8 @@ static const char *config_check_optional_addr(const char *value);
 static const char *config_check_trace(const char *value);
 static const char *config_check_cidrs(const char *value);
 static const char *config_check_instance(const char *value);
+static const char *config_check_optional_redis(const char *value);
+static const char *config_check_http_url(const char *value);
 
 /*
  * The keys. One row each: X(name, TYPE, designated initializers...). The
@@ -104,6 +110,16 @@ static const char *config_check_instance(const char *value);
 	    .help = "file protocol traces are appended to; empty = the log") \
 	X(trace_stream_max, INT, .def = "10000", .min = 0, .max = 10000000, \
 	    .help = "length of the Redis stream of trace lines; 0 = no stream") \
+	X(backend_events, ENUM, .def = "none", .choices = config_backend_events_names, \
+	    .help = "the backend's own change feed to follow: none or wildduck") \
+	X(backend_redis, STRING, .check = config_check_optional_redis, \
+	    .help = "the backend's Redis (WildDuck's wd_events): redis://host[:port][/db]") \
+	X(backend_api, STRING, .check = config_check_http_url, \
+	    .help = "the backend's HTTP API, for a login name's user id: http://host[:port]") \
+	X(backend_api_token, STRING, \
+	    .help = "access token sent to backend_api (X-Access-Token); empty = none") \
+	X(backend_id_ttl, DURATION, .def = "1h", .min = 1, \
+	    .help = "how long a resolved backend user id is kept before it is looked up again") \
 	X(proxy_protocol_trusted, STRING, .check = config_check_cidrs, \
 	    .help = "comma-separated networks whose connections start with a PROXY header") \
 	X(upstream_client_address, ENUM, .def = "none", .choices = config_client_address_names, \
@@ -338,6 +354,52 @@ config_check_state(const char *value)
 	if (strcmp(value, "memory") == 0 || config_parse_redis(value, NULL) == 0)
 		return NULL;
 	return "memory, redis://host[:port][/db] or redis+unix:///path";
+}
+
+static const char *
+config_check_optional_redis(const char *value)
+{
+	if (value[0] == '\0' || config_parse_redis(value, NULL) == 0)
+		return NULL;
+	return "empty, redis://host[:port][/db] or redis+unix:///path";
+}
+
+static const char *
+config_check_http_url(const char *value)
+{
+	struct config_http_url u;
+
+	if (value[0] == '\0' || config_parse_http_url(value, &u) == 0)
+		return NULL;
+	return "empty or http://host[:port][/path] (no TLS: keep the API on a private link)";
+}
+
+int
+config_parse_http_url(const char *url, struct config_http_url *out)
+{
+	static const char http[] = "http://";
+	const char *rest, *slash;
+	char hostport[sizeof out->host + sizeof out->port + 4];
+	struct config_addr a;
+
+	if (strncmp(url, http, sizeof http - 1) != 0)
+		return -1;
+	rest = url + sizeof http - 1;
+	slash = rest + strcspn(rest, "/");
+	if (slash == rest || (size_t)(slash - rest) >= sizeof hostport ||
+	    strlen(slash) >= sizeof out->path)
+		return -1;
+	memcpy(hostport, rest, (size_t)(slash - rest));
+	hostport[slash - rest] = '\0';
+	if (config_addr_reason(hostport, "80", &a))
+		return -1;
+	memcpy(out->host, a.host, sizeof out->host);
+	memcpy(out->port, a.port, sizeof out->port);
+	snprintf(out->path, sizeof out->path, "%s", slash);
+	/* no trailing slash: paths are appended as "/users/..." */
+	for (size_t n = strlen(out->path); n > 0 && out->path[n - 1] == '/'; n--)
+		out->path[n - 1] = '\0';
+	return 0;
 }
 
 /* One resync_on item, trimmed: a command word (letters, digits, '-'),
@@ -942,6 +1004,11 @@ config_validate(const struct config *cfg, char *err, size_t errlen)
 	    cfg->upstream_client_address == CLIENT_ADDRESS_PROXY_V2))
 		return config_err(err, errlen, "upstream_client_address: a PROXY header cannot "
 		    "precede upstream_tls = tls; use id, or upstream_tls = starttls");
+	if (cfg->backend_events == BACKEND_EVENTS_WILDDUCK &&
+	    (!cfg->backend_redis[0] || !cfg->backend_api[0]))
+		return config_err(err, errlen, "backend_events: wildduck needs backend_redis (its "
+		    "Redis, where it publishes wd_events) and backend_api (to resolve login names "
+		    "to user ids)");
 	return 0;
 }
 

@@ -14,6 +14,11 @@ enum upstream_tls_mode {
 	UPSTREAM_TLS_TLS,
 };
 
+enum backend_events_mode {
+	BACKEND_EVENTS_NONE,
+	BACKEND_EVENTS_WILDDUCK,	/* WildDuck's wd_events on its Redis */
+};
+
 enum client_address_mode {
 	CLIENT_ADDRESS_NONE,	/* the upstream sees imapfresh's address */
 	CLIENT_ADDRESS_ID,	/* ID ("x-originating-ip" ...) before the first command */
@@ -87,6 +92,13 @@ struct config {
 	char trace_file[1024];		/* where traces go; "" = the log */
 	int trace_stream_max;		/* Redis stream length for traces; 0 = no stream */
 	char proxy_protocol_trusted[1024];	/* CIDRs allowed to send a PROXY header */
+
+	/* the backend's own change feed (feed.c) */
+	enum backend_events_mode backend_events;
+	char backend_redis[1024];	/* WildDuck's Redis URL */
+	char backend_api[1024];		/* http://host[:port][/path] of its API */
+	char backend_api_token[256];	/* X-Access-Token; "" = none */
+	int backend_id_ttl;		/* seconds a resolved user id is kept */
 	enum client_address_mode upstream_client_address;	/* how the upstream learns it */
 
 	/* process */
@@ -176,6 +188,15 @@ struct config_redis {
 
 /* Parse redis://host[:port][/db] or redis+unix:///path; -1 if it is neither. */
 int config_parse_redis(const char *url, struct config_redis *out);
+
+/* A parsed http://host[:port][/path]. */
+struct config_http_url {
+	char host[256];
+	char port[16];		/* default 80 */
+	char path[512];		/* "" or "/prefix", no trailing slash */
+};
+
+int config_parse_http_url(const char *url, struct config_http_url *out);
 
 /* Names of every key the parser accepts, NULL-terminated (for tests and docs checks). */
 extern const char *const config_keys[];

@@ -7,6 +7,7 @@
 #include <event2/buffer.h>
 
 #include "config-auto.h"
+#include "feed.h"
 #include "metrics.h"
 #include "resync.h"
 #include "server.h"
@@ -141,6 +142,7 @@ void
 metrics_render(struct server *srv, struct evbuffer *out)
 {
 	const struct server_stats *st = &srv->stats;
+	struct feed_stats fs;
 	struct store_stats ss;
 
 	store_get_stats(srv->store, &ss);
@@ -216,4 +218,20 @@ metrics_render(struct server *srv, struct evbuffer *out)
 	    "the other instances.", ss.published);
 	metrics_counter(out, "imapfresh_redis_received_total", "Mailbox changes heard from the "
 	    "other instances.", ss.received);
+
+	feed_get_stats(srv->feed, &fs);
+	metrics_gauge(out, "imapfresh_backend_feed_configured", "1 when backend_events is set.",
+	    (uint64_t)(fs.configured != 0));
+	metrics_gauge(out, "imapfresh_backend_feed_connected", "1 while subscribed to the "
+	    "backend's change feed.", (uint64_t)(fs.connected != 0));
+	metrics_counter(out, "imapfresh_backend_feed_events_total", "Messages received on the "
+	    "backend's change feed.", fs.events);
+	metrics_counter(out, "imapfresh_backend_feed_matched_total", "... about a user with "
+	    "sessions here.", fs.matched);
+	metrics_counter(out, "imapfresh_backend_feed_lookups_total", "Login names looked up in "
+	    "the backend's API.", fs.lookups);
+	metrics_counter(out, "imapfresh_backend_feed_lookup_failures_total", "... that failed.",
+	    fs.lookup_failures);
+	metrics_counter(out, "imapfresh_backend_feed_losses_total", "Times the feed was lost "
+	    "(every session then resyncs once).", fs.losses);
 }

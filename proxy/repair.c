@@ -11,7 +11,7 @@ repair_why_stale(const struct repair_staleness *in)
 	if (in->has_user && in->gen_now > in->gen_synced)
 		return "mailbox changed by another session";
 	if (in->epoch_now != in->epoch_synced)
-		return "changes may have been missed while the state store was unreachable";
+		return "changes may have been missed while the state store or the backend feed was unreachable";
 	if (in->resync_after > 0 && in->since_sync >= in->resync_after)
 		return "resync_after elapsed";
 	return NULL;

@@ -79,9 +79,8 @@ resync_parse_triggers(const char *list, unsigned long long *mask, char extra[8][
 	return 0;
 }
 
-/* Why this session may no longer match its mailbox; NULL when it does. */
-static const char *
-resync_stale_reason(struct session *s)
+const char *
+resync_why_stale(const struct session *s)
 {
 	const struct track *t = &s->track;
 	struct repair_staleness in = {
@@ -89,7 +88,7 @@ resync_stale_reason(struct session *s)
 		.has_user = t->suser != NULL,
 		.gen_now = t->suser != NULL ? store_gen(t->suser, t->mailbox) : 0,
 		.gen_synced = t->synced_gen,
-		.epoch_now = store_epoch(s->srv->store),
+		.epoch_now = server_epoch(s->srv),
 		.epoch_synced = t->synced_epoch,
 		.since_sync = (long long)(time(NULL) - t->last_sync),
 		.resync_after = (long long)s->srv->cfg.resync_after,
@@ -192,7 +191,7 @@ resync_hold(struct session *s, const struct command *cmd)
 	    !resync_is_trigger(s->srv, cmd))
 		return 0;
 	s->srv->stats.resync_checks++;
-	if ((reason = resync_stale_reason(s)) == NULL)
+	if ((reason = resync_why_stale(s)) == NULL)
 		return 0;
 	r->reason = reason;
 	r->for_idle = 0;

@@ -67,6 +67,10 @@ int resync_parse_triggers(const char *list, unsigned long long *mask, char extra
  * session_client_release() when it is over. */
 int resync_hold(struct session *s, const struct command *cmd);
 
+/* Why the session may no longer match its mailbox (for the log and the admin
+ * endpoint), or NULL when nothing says so. No I/O: the hot path. */
+const char *resync_why_stale(const struct session *s);
+
 /* Nothing is in flight any more: a held resync may start. */
 void resync_quiet(struct session *s);
 

@@ -7,6 +7,7 @@
 #include <unistd.h>
 #include <event2/dns.h>
 
+#include "feed.h"
 #include "log.h"
 #include "server.h"
 #include "admin.h"
@@ -196,6 +197,8 @@ server_init(struct server *srv, struct event_base *base, char *err, size_t errle
 	if ((srv->store = store_new(base, &srv->cfg, session_store_notify, err, errlen)) == NULL)
 		return -1;
 	store_set_up_callback(srv->store, server_store_up, srv);
+	if ((srv->feed = feed_new(srv, err, errlen)) == NULL && err[0])
+		return -1;
 	srv->started = time(NULL);
 	if (proxyproto_trust_parse(srv->cfg.proxy_protocol_trusted, &srv->trusted) < 0) {
 		snprintf(err, errlen, "proxy_protocol_trusted: cannot parse %s",
@@ -255,6 +258,12 @@ server_reload(struct server *srv)
 	    strcmp(srv->cfg.redis_prefix, next->redis_prefix) != 0 ||
 	    strcmp(srv->cfg.instance_id, next->instance_id) != 0)
 		log_warning("reload: state, redis_prefix and instance_id take effect only after a restart");
+	if (srv->cfg.backend_events != next->backend_events ||
+	    strcmp(srv->cfg.backend_redis, next->backend_redis) != 0 ||
+	    strcmp(srv->cfg.backend_api, next->backend_api) != 0 ||
+	    strcmp(srv->cfg.backend_api_token, next->backend_api_token) != 0 ||
+	    srv->cfg.backend_id_ttl != next->backend_id_ttl)
+		log_warning("reload: backend_* keys take effect only after a restart");
 	if (srv->cfg.workers != next->workers)
 		log_warning("reload: workers takes effect only after a restart");
 	/* Listeners stay as bound; everything else is replaced whole. */
@@ -365,6 +374,8 @@ server_free(struct server *srv)
 		event_free(srv->sig_int);
 	if (srv->sig_hup)
 		event_free(srv->sig_hup);
+	feed_free(srv->feed);
+	srv->feed = NULL;
 	if (srv->dns)
 		evdns_base_free(srv->dns, 0);
 	if (srv->tls_server)
@@ -373,4 +384,10 @@ server_free(struct server *srv)
 		SSL_CTX_free(srv->tls_client);
 	if (srv->store)
 		store_free(srv->store);
+}
+
+uint64_t
+server_epoch(const struct server *srv)
+{
+	return (srv->store ? store_epoch(srv->store) : 0) + feed_epoch(srv->feed);
 }

@@ -40,6 +40,8 @@ struct server_stats {
 	uint64_t notifications;		/* changes told through POST /notify */
 };
 
+struct feed;
+
 struct server {
 	struct event_base *base;
 	struct evdns_base *dns;
@@ -47,6 +49,7 @@ struct server {
 	SSL_CTX *tls_server;	/* NULL: no certificate, no TLS offered */
 	SSL_CTX *tls_client;	/* towards the upstream */
 	struct store *store;	/* generations and session state */
+	struct feed *feed;	/* the backend's change feed, or NULL (feed.c) */
 	char instance[128];	/* instance_id, or the host name */
 	int worker, workers;	/* this process's index, and cfg.workers as started: a
 				   reload must not renumber sessions (workers.c) */
@@ -91,6 +94,11 @@ void server_shutdown(struct server *srv, const char *why);
 void server_session_gone(struct server *srv, struct session *s);
 
 void server_free(struct server *srv);
+
+/* Grows whenever changes may have been missed: imapfresh's own Redis or the
+ * backend's feed lost or regained. Sessions synced under an older one are
+ * possibly stale. */
+uint64_t server_epoch(const struct server *srv);
 
 /* Build a configuration from the file (may be NULL) and -o overrides. */
 int server_load_config(struct config *cfg, const char *file, char *const *overrides,

@@ -811,7 +811,7 @@ void
 store_session_save(struct store *st, const struct store_session_record *rec)
 {
 	char num[10][24], *key;		/* the ten numeric fields */
-	const char *argv[2 + 2 * 15];	/* HSET key, then 15 fields and values */
+	const char *argv[2 + 2 * 16];	/* HSET key, then 16 fields and values */
 	size_t argc = 0;
 	int i = 0;
 
@@ -845,6 +845,7 @@ store_session_save(struct store *st, const struct store_session_record *rec)
 	STORE_NUM("escalations", "%llu", (unsigned long long)rec->escalations);
 	STORE_NUM("stale_detected", "%llu", (unsigned long long)rec->stale_detected);
 	STORE_FIELD("view", rec->view ? rec->view : "");
+	STORE_FIELD("backend_id", rec->backend_id ? rec->backend_id : "");
 #undef STORE_NUM
 #undef STORE_FIELD
 	if (redisAsyncCommandArgv(st->cmd.ac, store_on_reply, "HSET", (int)argc, argv, NULL)
@@ -941,6 +942,21 @@ store_bump(struct store *st, struct store_user *u, const char *mailbox, void *ex
 	/* Published first: notifying may free u. */
 	store_publish(st, u->name, mailbox, detail);
 	return store_changed(st, u, mailbox, except);
+}
+
+int
+store_notify_local(struct store *st, const char *user, const char *mailbox)
+{
+	struct store_entry *e = store_map_find(&st->users, user);
+	int local = e ? (int)((struct store_user *)e->v.ptr)->n : 0;
+
+	if (e == NULL)
+		return 0;
+	if (mailbox[0] == '\0')
+		store_changed_all(st, e->v.ptr);
+	else
+		store_changed(st, e->v.ptr, mailbox, NULL);
+	return local;
 }
 
 int

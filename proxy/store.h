@@ -61,6 +61,9 @@ uint64_t store_bump(struct store *st, struct store_user *u, const char *mailbox,
 int store_notify_change(struct store *st, const char *user, const char *mailbox,
     const char *detail);
 
+/* The same for this instance only (a feed every instance hears itself). */
+int store_notify_local(struct store *st, const char *user, const char *mailbox);
+
 /* Per-session state as written to Redis (HSET, with the TTL refreshed). */
 struct store_session_record {
 	const char *sid;		/* unique across instances: "<instance>:<id>" */
@@ -73,6 +76,7 @@ struct store_session_record {
 	int64_t started, last_resync;	/* unix seconds; 0 = never */
 	uint64_t resyncs, escalations, stale_detected;
 	const char *view;		/* client's known UIDs as a sequence set */
+	const char *backend_id;		/* the user's id in the backend (feed.c), or NULL */
 };
 
 /* Write a session's state (async, coalesced by the caller), or delete it.

@@ -5,6 +5,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "feed.h"
 #include "log.h"
 #include "resync.h"
 #include "sasl.h"
@@ -393,6 +394,7 @@ track_join_user(struct session *s, const char *user)
 	else
 		snprintf(t->user, sizeof(t->user), "#%s", s->sid);
 	t->suser = store_user_join(s->srv->store, t->user, s);
+	feed_user_joined(s->srv->feed, t->user);	/* its backend id, looked up async */
 	t->dirty = 1;
 	trace_session_update(s);	/* "trace user NAME" can match now */
 	log_msg(LOG_LEVEL_INFO, s->sid, "authenticated as %s", user ? user : "(unknown user)");
@@ -404,7 +406,7 @@ track_synced(struct session *s, uint64_t gen)
 	struct track *t = &s->track;
 
 	t->synced_gen = gen;
-	t->synced_epoch = store_epoch(s->srv->store);
+	t->synced_epoch = server_epoch(s->srv);
 	t->last_sync = time(NULL);
 	t->dirty = 1;
 }
@@ -553,6 +555,7 @@ track_save(struct session *s)
 	rec.escalations = s->resync.n_escalations;
 	rec.stale_detected = s->resync.n_stale;
 	rec.view = view;
+	rec.backend_id = feed_backend_id(s->srv->feed, t->user);
 	store_session_save(s->srv->store, &rec);
 }
 

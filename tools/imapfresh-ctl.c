@@ -1121,7 +1121,7 @@ ctl_key_sid(const char *key)
 
 static const char *const ctl_session_fields[] = { "user", "instance", "client", "mailbox",
 	"uidvalidity", "uidnext", "count", "highestmodseq", "synced_gen", "started", "last_resync",
-	"resyncs", "escalations", "stale_detected", "view", NULL };
+	"resyncs", "escalations", "stale_detected", "view", "backend_id", NULL };
 
 static void
 ctl_json_rsession(struct ctl *c, const struct ctl_rsession *s)
@@ -1398,6 +1398,7 @@ ctl_cmd_show(struct ctl *c, const char *sid)
 static int
 ctl_cmd_user_admin(struct ctl *c, const char *user)
 {
+	char bid[64] = "";
 	const char *addr = ctl_local_admin(c);
 	struct ctl_json *j;
 	struct ctl_table t = { 0 }, g = { 0 };
@@ -1446,6 +1447,8 @@ ctl_cmd_user_admin(struct ctl *c, const char *user)
 		if (strcmp(ctl_json_text(s, "user", ""), user) != 0)
 			continue;
 		n++;
+		if (ctl_json_text(s, "backend_id", NULL) != NULL)
+			snprintf(bid, sizeof(bid), " (backend id %s)", ctl_json_text(s, "backend_id", ""));
 		if (mb != NULL) {
 			const char *row[] = { mb, ctl_json_text(s, "gen", "0") };
 			ctl_table_row(&g, row);
@@ -1464,7 +1467,7 @@ ctl_cmd_user_admin(struct ctl *c, const char *user)
 		ctl_table_free(&t);
 		return CTL_EXIT_OK;
 	}
-	printf("user %s (state = memory: generations are this instance's counters)\n\n", user);
+	printf("user %s%s (state = memory: generations are this instance's counters)\n\n", user, bid);
 	if (g.nrow > 1)
 		ctl_table_print(&g);
 	else
@@ -1514,7 +1517,14 @@ ctl_cmd_user(struct ctl *c, const char *user)
 		}
 		printf("]}\n");
 	} else {
-		printf("user %s\n\n", user);
+		const char *bid = NULL;
+
+		for (size_t i = 0; i < n && (bid == NULL || !bid[0]); i++)
+			bid = ctl_hget(s[i].h, "backend_id");
+		printf("user %s", user);
+		if (bid != NULL && bid[0])
+			printf(" (backend id %s)", bid);
+		printf("\n\n");
 		if (gens->type == REDIS_REPLY_ARRAY && gens->elements > 0) {
 			t.ncol = 2;
 			ctl_table_row(&t, gh);

@@ -1290,6 +1290,7 @@ import deploy_tests  # noqa: E402,F401
 import stress_tests  # noqa: E402,F401  (issue 13: model-checked multi-connection stress)
 import seqnum_tests  # noqa: E402,F401  (issue 13: message numbers keep their meaning)
 import notify_tests  # noqa: E402,F401  (issue 15: changes made behind imapfresh's back)
+import feed_tests  # noqa: E402,F401  (issue 15: the backend's change feed)
 
 
 def main():

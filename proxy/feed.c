@@ -1,0 +1,443 @@
+/* feed: the backend's own change feed (WildDuck's wd_events on its Redis), turned into mailbox changes of the users with sessions here. */
+
+/*
+ * WildDuck publishes every change to a user's mailboxes (delivery, API,
+ * its own IMAP sessions) on its Redis, channel "wd_events":
+ * {"e":"<user id>"} or {"e":"<user id>","p":{...}}, the id being the 24-hex
+ * MongoDB id of the user. imapfresh subscribes, keeps a table of the login
+ * names of its sessions' users and their ids (GET <backend_api>/users/
+ * resolve/<name>, asynchronously after LOGIN, kept backend_id_ttl), and
+ * turns an event about a known id into a change of every mailbox of that
+ * user, here only: every instance has its own subscription. An event about
+ * any other id costs one hash look-up.
+ *
+ * The feed lost (or regained) grows the feed epoch: changes may have been
+ * missed meanwhile, so every session resyncs once, as for imapfresh's own
+ * Redis. Reconnection after 1 s, 2 s, 4 s ... 30 s.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <event2/event.h>
+#include <event2/buffer.h>
+#include <event2/http.h>
+#include <event2/keyvalq_struct.h>
+#include <hiredis/hiredis.h>
+#include <hiredis/async.h>
+#include <hiredis/adapters/libevent.h>
+
+#include "feed.h"
+#include "json.h"
+#include "log.h"
+#include "server.h"
+#include "store.h"
+
+#define FEED_CHANNEL "wd_events"
+#define FEED_BUCKETS 4096		/* chains stay short up to ~100k users */
+#define FEED_BACKOFF_MAX 30
+#define FEED_HTTP_TIMEOUT 5
+
+enum feed_lookup { FEED_UNRESOLVED, FEED_PENDING, FEED_RESOLVED, FEED_FAILED };
+
+/* A user with sessions here (or had), in two chains: by name and by id. */
+struct feed_user {
+	struct feed_user *next_name, *next_id;
+	char id[25];			/* "" until resolved */
+	enum feed_lookup lookup;
+	time_t at;			/* when the lookup ended */
+	char name[];
+};
+
+struct feed {
+	struct server *srv;
+	struct config_redis redis;
+	struct config_http_url api;
+	char token[256];
+	int ttl;
+	redisAsyncContext *ac;
+	int up;
+	int backoff;
+	struct event *retry;
+	uint64_t epoch;
+	struct evhttp_connection *http;
+	struct feed_user *by_name[FEED_BUCKETS], *by_id[FEED_BUCKETS];
+	struct feed_stats stats;
+};
+
+/* The live feed: HTTP answers find it here, never through a pointer they
+ * kept (it may be gone by the time they come). */
+static struct feed *feed_current;
+
+static uint32_t
+feed_hash(const char *s)
+{
+	uint32_t h = 2166136261u;
+
+	while (*s)
+		h = (h ^ (unsigned char)*s++) * 16777619u;
+	return h % FEED_BUCKETS;
+}
+
+static struct feed_user *
+feed_find_name(const struct feed *f, const char *name)
+{
+	struct feed_user *u = f->by_name[feed_hash(name)];
+
+	while (u && strcmp(u->name, name) != 0)
+		u = u->next_name;
+	return u;
+}
+
+static struct feed_user *
+feed_find_id(const struct feed *f, const char *id)
+{
+	struct feed_user *u = f->by_id[feed_hash(id)];
+
+	while (u && strcmp(u->id, id) != 0)
+		u = u->next_id;
+	return u;
+}
+
+static void
+feed_unlink_id(struct feed *f, struct feed_user *u)
+{
+	struct feed_user **pp = &f->by_id[feed_hash(u->id)];
+
+	while (*pp && *pp != u)
+		pp = &(*pp)->next_id;
+	if (*pp)
+		*pp = u->next_id;
+	u->next_id = NULL;
+}
+
+int
+feed_parse_event(const char *msg, size_t len, char id[25])
+{
+	char *copy, *e;
+	int ok = -1;
+
+	if (len == 0 || len > 65536 || (copy = malloc(len + 1)) == NULL)
+		return -1;
+	memcpy(copy, msg, len);
+	copy[len] = '\0';
+	if (strlen(copy) == len && (e = json_string_member(copy, "e")) != NULL) {
+		if (strlen(e) == 24 && strspn(e, "0123456789abcdefABCDEF") == 24) {
+			memcpy(id, e, 25);
+			ok = 0;
+		}
+		free(e);
+	}
+	free(copy);
+	return ok;
+}
+
+/* --- the backend's Redis --- */
+
+static void feed_connect(struct feed *f);
+
+static void
+feed_lost(struct feed *f, const char *why)
+{
+	struct timeval tv = { f->backoff, 0 };
+
+	if (f->up || f->stats.losses == 0 || f->backoff == 1)
+		log_warning("backend feed %s:%s lost: %s; every session resyncs once, retrying in "
+		    "%d s", f->redis.path[0] ? f->redis.path : f->redis.host, f->redis.port, why,
+		    f->backoff);
+	if (f->up)
+		f->epoch++;	/* changes published meanwhile are missed */
+	f->up = 0;
+	f->stats.connected = 0;
+	f->stats.losses++;
+	evtimer_add(f->retry, &tv);
+	f->backoff = f->backoff * 2 > FEED_BACKOFF_MAX ? FEED_BACKOFF_MAX : f->backoff * 2;
+}
+
+static void
+feed_on_message(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	const redisReply *r = reply;
+	struct feed *f = ac->data;
+	struct feed_user *u;
+	char id[25];
+
+	(void)privdata;
+	if (f == NULL || r == NULL || r->type != REDIS_REPLY_ARRAY || r->elements < 3 ||
+	    r->element[0]->type != REDIS_REPLY_STRING)
+		return;
+	if (strcmp(r->element[0]->str, "subscribe") == 0) {
+		f->up = 1;
+		f->stats.connected = 1;
+		f->backoff = 1;
+		f->epoch++;	/* what happened while away is unknown */
+		log_notice("backend feed: subscribed to %s", FEED_CHANNEL);
+		return;
+	}
+	if (strcmp(r->element[0]->str, "message") != 0 || r->element[2]->type != REDIS_REPLY_STRING)
+		return;
+	f->stats.events++;
+	if (feed_parse_event(r->element[2]->str, r->element[2]->len, id) < 0 ||
+	    (u = feed_find_id(f, id)) == NULL)
+		return;
+	f->stats.matched++;
+	log_debug("backend feed: event for %s (%s)", u->name, id);
+	store_notify_local(f->srv->store, u->name, "");
+}
+
+static void
+feed_on_connect(const redisAsyncContext *cac, int status)
+{
+	struct feed *f = cac->data;
+
+	if (status != REDIS_OK && f != NULL) {
+		f->ac = NULL;	/* hiredis frees the context */
+		feed_lost(f, cac->c.errstr[0] ? cac->c.errstr : "cannot connect");
+	}
+}
+
+static void
+feed_on_disconnect(const redisAsyncContext *cac, int status)
+{
+	struct feed *f = cac->data;
+
+	if (f == NULL)
+		return;
+	f->ac = NULL;
+	feed_lost(f, status == REDIS_OK || !cac->c.errstr[0] ? "connection closed" : cac->c.errstr);
+}
+
+static void
+feed_connect(struct feed *f)
+{
+	redisAsyncContext *ac = f->redis.path[0] ? redisAsyncConnectUnix(f->redis.path) :
+	    redisAsyncConnect(f->redis.host, atoi(f->redis.port));
+
+	if (ac == NULL || ac->err) {
+		feed_lost(f, ac ? ac->c.errstr : "out of memory");
+		if (ac)
+			redisAsyncFree(ac);
+		return;
+	}
+	ac->data = f;
+	f->ac = ac;
+	if (redisLibeventAttach(ac, f->srv->base) != REDIS_OK) {
+		f->ac = NULL;
+		ac->data = NULL;
+		redisAsyncFree(ac);
+		feed_lost(f, "cannot attach to the event loop");
+		return;
+	}
+	redisAsyncSetConnectCallback(ac, feed_on_connect);
+	redisAsyncSetDisconnectCallback(ac, feed_on_disconnect);
+	/* Channels are not per database: no SELECT. */
+	if (redisAsyncCommand(ac, feed_on_message, NULL, "SUBSCRIBE %s", FEED_CHANNEL) != REDIS_OK)
+		log_warning("backend feed: SUBSCRIBE could not be queued");
+}
+
+static void
+feed_on_retry(evutil_socket_t fd, short what, void *arg)
+{
+	struct feed *f = arg;
+
+	(void)fd;
+	(void)what;
+	if (f->ac == NULL)
+		feed_connect(f);
+}
+
+/* --- login name -> backend id --- */
+
+#define FEED_RESOLVE_PATH "/users/resolve/"
+
+static void
+feed_on_resolved(struct evhttp_request *req, void *arg)
+{
+	char *name = NULL, *body = NULL, *id = NULL;
+	struct feed *f = feed_current;
+	struct feed_user *u;
+	const char *uri = req ? evhttp_request_get_uri(req) : NULL, *at;
+	int code = req ? evhttp_request_get_response_code(req) : 0;
+
+	(void)arg;
+	if (f == NULL)
+		return;
+	/* The user is named by the request's own path: nothing to free if
+	 * libevent drops the request without calling here. */
+	if (uri == NULL || (at = strstr(uri, FEED_RESOLVE_PATH)) == NULL ||
+	    (name = evhttp_uridecode(at + strlen(FEED_RESOLVE_PATH), 0, NULL)) == NULL ||
+	    (u = feed_find_name(f, name)) == NULL) {
+		f->stats.lookup_failures++;
+		goto out;
+	}
+	if (code == 200) {
+		struct evbuffer *in = evhttp_request_get_input_buffer(req);
+		size_t len = evbuffer_get_length(in);
+
+		if (len < 65536 && (body = malloc(len + 1)) != NULL) {
+			evbuffer_copyout(in, body, len);
+			body[len] = '\0';
+			id = json_string_member(body, "id");
+		}
+	}
+	u->at = time(NULL);
+	if (id == NULL || strlen(id) != 24 || strspn(id, "0123456789abcdefABCDEF") != 24) {
+		f->stats.lookup_failures++;
+		u->lookup = u->id[0] ? FEED_RESOLVED : FEED_FAILED;	/* keep a known id */
+		log_warning("backend feed: cannot resolve %s at %s (HTTP %d): changes made behind "
+		    "imapfresh's back are not seen for this user", name, f->api.host, code);
+		goto out;
+	}
+	if (strcmp(u->id, id) != 0) {
+		if (u->id[0])
+			feed_unlink_id(f, u);
+		memcpy(u->id, id, 25);
+		u->next_id = f->by_id[feed_hash(u->id)];
+		f->by_id[feed_hash(u->id)] = u;
+	}
+	u->lookup = FEED_RESOLVED;
+	log_info("backend feed: %s is %s", name, id);
+out:
+	free(id);
+	free(body);
+	free(name);	/* evhttp_uridecode's */
+}
+
+static void
+feed_resolve(struct feed *f, struct feed_user *u)
+{
+	struct evhttp_request *req;
+	struct evkeyvalq *h;
+	char path[1200], *enc;
+
+	if (f->http == NULL) {
+		f->http = evhttp_connection_base_new(f->srv->base, f->srv->dns, f->api.host,
+		    (unsigned short)atoi(f->api.port));
+		if (f->http == NULL)
+			return;
+		evhttp_connection_set_timeout(f->http, FEED_HTTP_TIMEOUT);
+		evhttp_connection_set_retries(f->http, 1);
+	}
+	if ((req = evhttp_request_new(feed_on_resolved, NULL)) == NULL)
+		return;
+	h = evhttp_request_get_output_headers(req);
+	evhttp_add_header(h, "Host", f->api.host);
+	evhttp_add_header(h, "Accept", "application/json");
+	if (f->token[0])
+		evhttp_add_header(h, "X-Access-Token", f->token);
+	enc = evhttp_uriencode(u->name, -1, 0);
+	snprintf(path, sizeof(path), "%s" FEED_RESOLVE_PATH "%s", f->api.path, enc ? enc : "");
+	free(enc);
+	u->lookup = FEED_PENDING;
+	u->at = time(NULL);
+	f->stats.lookups++;
+	if (evhttp_make_request(f->http, req, EVHTTP_REQ_GET, path) != 0) {
+		/* libevent has freed the request; its callback will not run */
+		u->lookup = u->id[0] ? FEED_RESOLVED : FEED_FAILED;
+		f->stats.lookup_failures++;
+	}
+}
+
+void
+feed_user_joined(struct feed *f, const char *user)
+{
+	struct feed_user *u;
+
+	if (f == NULL || user[0] == '#')	/* a session whose user could not be read */
+		return;
+	if ((u = feed_find_name(f, user)) == NULL) {
+		if ((u = calloc(1, sizeof(*u) + strlen(user) + 1)) == NULL)
+			return;
+		strcpy(u->name, user);
+		u->next_name = f->by_name[feed_hash(user)];
+		f->by_name[feed_hash(user)] = u;
+	}
+	if (u->lookup == FEED_PENDING && time(NULL) - u->at < 3 * FEED_HTTP_TIMEOUT)
+		return;	/* under way (or lost with its connection: asked again) */
+	if (u->lookup == FEED_UNRESOLVED || u->lookup == FEED_PENDING || time(NULL) - u->at >= (u->lookup == FEED_FAILED ? 10 :
+	    f->ttl))
+		feed_resolve(f, u);
+}
+
+const char *
+feed_backend_id(const struct feed *f, const char *user)
+{
+	const struct feed_user *u = f ? feed_find_name(f, user) : NULL;
+
+	return u && u->id[0] ? u->id : NULL;
+}
+
+uint64_t
+feed_epoch(const struct feed *f)
+{
+	return f ? f->epoch : 0;
+}
+
+void
+feed_get_stats(const struct feed *f, struct feed_stats *out)
+{
+	if (f == NULL) {
+		memset(out, 0, sizeof(*out));
+		return;
+	}
+	*out = f->stats;
+	out->configured = 1;
+}
+
+struct feed *
+feed_new(struct server *srv, char *err, size_t errlen)
+{
+	const struct config *cfg = &srv->cfg;
+	struct feed *f;
+
+	err[0] = '\0';
+	if (cfg->backend_events == BACKEND_EVENTS_NONE)
+		return NULL;
+	if ((f = calloc(1, sizeof(*f))) == NULL) {
+		snprintf(err, errlen, "backend feed: out of memory");
+		return NULL;
+	}
+	f->srv = srv;
+	if (config_parse_redis(cfg->backend_redis, &f->redis) < 0 ||
+	    config_parse_http_url(cfg->backend_api, &f->api) < 0) {
+		snprintf(err, errlen, "backend feed: backend_redis and backend_api must be set");
+		free(f);
+		return NULL;
+	}
+	snprintf(f->token, sizeof(f->token), "%s", cfg->backend_api_token);
+	f->ttl = cfg->backend_id_ttl;
+	f->backoff = 1;
+	if ((f->retry = evtimer_new(srv->base, feed_on_retry, f)) == NULL) {
+		snprintf(err, errlen, "backend feed: out of memory");
+		free(f);
+		return NULL;
+	}
+	feed_current = f;
+	feed_connect(f);
+	return f;
+}
+
+void
+feed_free(struct feed *f)
+{
+	if (f == NULL)
+		return;
+	if (feed_current == f)
+		feed_current = NULL;
+	if (f->ac != NULL) {
+		f->ac->data = NULL;	/* its callbacks, now or deferred, touch nothing */
+		redisAsyncFree(f->ac);
+	}
+	if (f->http != NULL)
+		evhttp_connection_free(f->http);
+	if (f->retry != NULL)
+		event_free(f->retry);
+	for (size_t i = 0; i < FEED_BUCKETS; i++)
+		while (f->by_name[i]) {
+			struct feed_user *u = f->by_name[i];
+			f->by_name[i] = u->next_name;
+			free(u);
+		}
+	free(f);
+}

@@ -1,0 +1,11 @@
+/* json: a string member out of a small flat JSON object (webhook bodies, API answers), unescaped, with no allocation but the result. */
+#ifndef JSON_H
+#define JSON_H
+
+/* The string value of member key in body ({"user":"...","folder":"INBOX"}),
+ * unescaped (\\uXXXX as UTF-8), malloc'd; NULL when absent or not a string.
+ * Members are found by name at any depth: enough for the flat objects read
+ * here (Dovecot's push_notification "ox" body, WildDuck's answers). */
+char *json_string_member(const char *body, const char *key);
+
+#endif
