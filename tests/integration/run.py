@@ -1291,6 +1291,7 @@ import stress_tests  # noqa: E402,F401  (issue 13: model-checked multi-connectio
 import seqnum_tests  # noqa: E402,F401  (issue 13: message numbers keep their meaning)
 import notify_tests  # noqa: E402,F401  (issue 15: changes made behind imapfresh's back)
 import feed_tests  # noqa: E402,F401  (issue 15: the backend's change feed)
+import wildduck_tests  # noqa: E402,F401  (issue 15: a real WildDuck)
 
 
 def main():
