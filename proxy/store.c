@@ -962,17 +962,8 @@ store_notify_local(struct store *st, const char *user, const char *mailbox)
 int
 store_notify_change(struct store *st, const char *user, const char *mailbox, const char *detail)
 {
-	struct store_entry *e = store_map_find(&st->users, user);
-	int local = e ? (int)((struct store_user *)e->v.ptr)->n : 0;
-
 	store_publish(st, user, mailbox, detail);
-	if (e == NULL)
-		return 0;
-	if (mailbox[0] == '\0')
-		store_changed_all(st, e->v.ptr);
-	else
-		store_changed(st, e->v.ptr, mailbox, NULL);
-	return local;
+	return store_notify_local(st, user, mailbox);
 }
 
 uint64_t
