@@ -251,6 +251,8 @@ feed_on_retry(evutil_socket_t fd, short what, void *arg)
 
 #define FEED_RESOLVE_PATH "/users/resolve/"
 
+static void feed_set_id(struct feed *f, struct feed_user *u, const char *id);
+
 static void
 feed_on_resolved(struct evhttp_request *req, void *arg)
 {
@@ -289,15 +291,9 @@ feed_on_resolved(struct evhttp_request *req, void *arg)
 		    "imapfresh's back are not seen for this user", name, f->api.host, code);
 		goto out;
 	}
-	if (strcmp(u->id, id) != 0) {
-		if (u->id[0])
-			feed_unlink_id(f, u);
-		memcpy(u->id, id, 25);
-		u->next_id = f->by_id[feed_hash(u->id)];
-		f->by_id[feed_hash(u->id)] = u;
-	}
-	u->lookup = FEED_RESOLVED;
+	feed_set_id(f, u, id);
 	log_info("backend feed: %s is %s", name, id);
+	store_user_value_put(f->srv->store, name, "backend_id", id, f->ttl);
 out:
 	free(id);
 	free(body);
@@ -339,6 +335,37 @@ feed_resolve(struct feed *f, struct feed_user *u)
 	}
 }
 
+static void
+feed_set_id(struct feed *f, struct feed_user *u, const char *id)
+{
+	if (strcmp(u->id, id) != 0) {
+		if (u->id[0])
+			feed_unlink_id(f, u);
+		memcpy(u->id, id, 25);
+		u->next_id = f->by_id[feed_hash(u->id)];
+		f->by_id[feed_hash(u->id)] = u;
+	}
+	u->lookup = FEED_RESOLVED;
+	u->at = time(NULL);
+}
+
+/* The id another instance resolved, kept in imapfresh's Redis; or the API. */
+static void
+feed_on_cached(const char *user, const char *id)
+{
+	struct feed *f = feed_current;
+	struct feed_user *u;
+
+	if (f == NULL || (u = feed_find_name(f, user)) == NULL)
+		return;
+	if (id != NULL && strlen(id) == 24 && strspn(id, "0123456789abcdefABCDEF") == 24) {
+		feed_set_id(f, u, id);
+		log_debug("backend feed: %s is %s (from the state store)", user, id);
+		return;
+	}
+	feed_resolve(f, u);
+}
+
 void
 feed_user_joined(struct feed *f, const char *user)
 {
@@ -355,9 +382,16 @@ feed_user_joined(struct feed *f, const char *user)
 	}
 	if (u->lookup == FEED_PENDING && time(NULL) - u->at < 3 * FEED_HTTP_TIMEOUT)
 		return;	/* under way (or lost with its connection: asked again) */
-	if (u->lookup == FEED_UNRESOLVED || u->lookup == FEED_PENDING || time(NULL) - u->at >= (u->lookup == FEED_FAILED ? 10 :
-	    f->ttl))
-		feed_resolve(f, u);
+	if (u->lookup == FEED_RESOLVED && time(NULL) - u->at < f->ttl)
+		return;
+	if (u->lookup == FEED_FAILED && time(NULL) - u->at < 10)
+		return;
+	u->lookup = FEED_PENDING;
+	u->at = time(NULL);
+	if (u->id[0] == '\0')
+		store_user_value_get(f->srv->store, user, "backend_id", feed_on_cached);
+	else
+		feed_resolve(f, u);	/* stale: ask the backend itself */
 }
 
 const char *

@@ -966,6 +966,53 @@ store_notify_change(struct store *st, const char *user, const char *mailbox, con
 	return store_notify_local(st, user, mailbox);
 }
 
+struct store_value_req {
+	store_value_fn fn;
+	char user[];
+};
+
+static void
+store_on_value(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	struct store_value_req *q = privdata;
+	const redisReply *r = reply;
+
+	/* A link given up (ac->data NULL) answers NULL: the caller asks elsewhere. */
+	q->fn(q->user, ac->data != NULL && r != NULL && r->type == REDIS_REPLY_STRING ? r->str :
+	    NULL);
+	free(q);
+}
+
+void
+store_user_value_get(struct store *st, const char *user, const char *name, store_value_fn fn)
+{
+	struct store_value_req *q;
+
+	if (!st->redis || !store_link_ok(&st->cmd) || strpbrk(user, "{}") ||
+	    (q = malloc(sizeof(*q) + strlen(user) + 1)) == NULL) {
+		fn(user, NULL);
+		return;
+	}
+	q->fn = fn;
+	strcpy(q->user, user);
+	if (redisAsyncCommand(st->cmd.ac, store_on_value, q, "GET %s{%s}:%s", st->prefix, user,
+	    name) != REDIS_OK) {
+		free(q);
+		store_lost(st, "command", "GET");
+		fn(user, NULL);
+	}
+}
+
+void
+store_user_value_put(struct store *st, const char *user, const char *name, const char *value,
+    int ttl)
+{
+	if (!st->redis || !store_link_ok(&st->cmd) || strpbrk(user, "{}"))
+		return;
+	store_command(st, store_on_reply, "SET", "SET %s{%s}:%s %s EX %d", st->prefix, user, name,
+	    value, ttl);
+}
+
 uint64_t
 store_epoch(const struct store *st)
 {

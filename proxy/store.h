@@ -64,6 +64,15 @@ int store_notify_change(struct store *st, const char *user, const char *mailbox,
 /* The same for this instance only (a feed every instance hears itself). */
 int store_notify_local(struct store *st, const char *user, const char *mailbox);
 
+/* A value kept for a user beside its keys, P{U}:<name>, with a TTL (the
+ * user's id in the backend, feed.c). Async: the answer goes to fn with the
+ * user's name, never a pointer the store kept; value NULL when there is
+ * none (or no Redis: then fn runs at once). */
+typedef void (*store_value_fn)(const char *user, const char *value);
+void store_user_value_get(struct store *st, const char *user, const char *name, store_value_fn fn);
+void store_user_value_put(struct store *st, const char *user, const char *name, const char *value,
+    int ttl);
+
 /* Per-session state as written to Redis (HSET, with the TTL refreshed). */
 struct store_session_record {
 	const char *sid;		/* unique across instances: "<instance>:<id>" */

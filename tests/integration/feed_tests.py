@@ -172,3 +172,35 @@ def t_feed_unresolved(ctx):
     check(b.uid_fetch_all("F1") == [], "the session goes on")
     check("cannot resolve alice" in fx.proxy_log(), "and it is logged")
     b.assert_clean()
+
+
+@test("feed/redis: with Redis state the resolved id is kept there (TTL): a second instance "
+      "asks the API nothing", proxy_only=True)
+def t_feed_id_cached(ctx):
+    state = servers.Redis(os.path.join(ctx.env.tmp, "state-redis-%d" % id(ctx)))
+    state.start()
+    ctx.closers.append(lambda: state.proc and state.stop())
+    common = [("state", state.url), ("redis_prefix", "fc:"), ("backend_id_ttl", "10m")]
+    fx, redis, api = bed(ctx, "feed-cache-a", extra=common + [("instance_id", "fc-a")])
+    up = "%s:%d" % (HOST, fx.port)
+    pb = ctx.proxy("feed-cache-b", upstream=up, options=common + [
+        ("instance_id", "fc-b"), ("backend_events", "wildduck"), ("backend_redis", redis.url),
+        ("backend_api", "http://%s:%d" % (HOST, api.port))])
+    a = login(ctx, fx.proxy.tls_port, "A")
+    wait_for(lambda: stale_tests.redis_cli(state, "GET", "fc:{alice}:backend_id") == [ALICE_ID],
+             "the id kept in Redis")
+    ttl = int(stale_tests.redis_cli(state, "TTL", "fc:{alice}:backend_id")[0])
+    check(0 < ttl <= 600, "with backend_id_ttl as its TTL: %d", ttl)
+    b = login(ctx, pb.tls_port, "B")
+    b.expect_ok("S1", "SELECT Archive")
+    wait_for(lambda: any(s.get("backend_id") == ALICE_ID for s in get_json(pb.admin_port,
+                                                                          "/sessions")),
+             "instance b to know alice's id")
+    check(len(api.requests) == 1, "one API request for both instances: %s", api.requests)
+    uid = fx.server.deliver("alice", "Archive", message(4, "feed-cache"))
+    publish(redis, '{"e":"%s"}' % ALICE_ID)
+    wait_for(lambda: metric(scrape(pb.admin_port), "imapfresh_backend_feed_matched_total") == 1,
+             "instance b matched the event")
+    check(b.uid_fetch_all("F1") == [uid], "and B sees the delivery")
+    a.close()
+    b.assert_clean()
