@@ -122,7 +122,7 @@ test_table(void)
 			no_help++;
 	}
 	ok(n > 0 && names_match && config_keys[n] == NULL, "config_keys[] lists the %d table rows in order", n);
-	ok(n == 39, "39 keys (got %d); update the tests and docs when adding one", n);
+	ok(n == 44, "44 keys (got %d); update the tests and docs when adding one", n);
 	ok(dups == 0, "no key twice in the table");
 	ok(bad_defaults == 0, "every default parses");
 	ok(bad_ranges == 0, "every numeric range fits its field");
@@ -246,6 +246,11 @@ static const struct {
 	{ "proxy_protocol_trusted", "10.0.0.0/33", "proxy_protocol_trusted: expected comma-separated addresses or networks, as in 10.0.0.0/8, ::1, got \"10.0.0.0/33\"" },
 	{ "proxy_protocol_trusted", "example.org", "proxy_protocol_trusted: expected comma-separated addresses or networks, as in 10.0.0.0/8, ::1, got \"example.org\"" },
 	{ "upstream_client_address", "xff", "upstream_client_address: expected none, id, proxy-v1 or proxy-v2, got \"xff\"" },
+	{ "backend_events", "dovecot", "backend_events: expected none or wildduck, got \"dovecot\"" },
+	{ "backend_redis", "http://x", "backend_redis: expected empty, redis://host[:port][/db] or redis+unix:///path, got \"http://x\"" },
+	{ "backend_api", "https://api", "backend_api: expected empty or http://host[:port][/path] (no TLS: keep the API on a private link), got \"https://api\"" },
+	{ "backend_api_token", LONG_VALUE, "backend_api_token: too long (max 255 bytes)" },
+	{ "backend_id_ttl", "0", "backend_id_ttl: must be at least 1s, got 0" },
 };
 
 /* Values each key must accept (their effect is checked in test_good_values). */
@@ -271,6 +276,9 @@ static const struct {
 	{ "trace_file", "/tmp/t.log" }, { "trace_stream_max", "100" },
 	{ "proxy_protocol_trusted", "10.0.0.0/8, ::1, 192.0.2.7" },
 	{ "upstream_client_address", "proxy-v2" }, { "upstream_client_address", "id" },
+	{ "backend_events", "wildduck" }, { "backend_redis", "redis://127.0.0.1:6379/3" },
+	{ "backend_api", "http://127.0.0.1:8080/api" }, { "backend_api_token", "t0k3n" },
+	{ "backend_id_ttl", "10m" },
 };
 
 static void

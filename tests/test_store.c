@@ -375,7 +375,7 @@ test_save(struct store *a)
 	WAIT(query_int("EXISTS t:{alice}:session:a:17") == 1, 5);
 	r = query("HGETALL t:{alice}:session:a:17");
 	fields = r && r->type == REDIS_REPLY_ARRAY ? (int)r->elements / 2 : -1;
-	ok(fields == 15, "save: the session hash has 15 fields (%d)", fields);
+	ok(fields == 16, "save: the session hash has 16 fields (%d)", fields);
 	ok(hash_has(r, "user", "alice") && hash_has(r, "instance", "A")
 	    && hash_has(r, "client", "127.0.0.1:5555") && hash_has(r, "mailbox", "INBOX"),
 	    "save: user, instance, client, mailbox");

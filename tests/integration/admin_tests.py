@@ -440,7 +440,7 @@ def t_workers(ctx):
             except OSError:
                 continue
     # The stale fixture logs what it receives: the resync is read there.
-    up_log = os.path.join(ctx.env.tmp, "workers-upstream-%d.log" % id(ctx))
+    up_log = stale_tests.upstream_log_path(ctx, "workers")
     upstream = stale_tests.stale_imapd.StaleServer(log=up_log)
     ctx.closers.append(upstream.stop)
     up_port = upstream.start()

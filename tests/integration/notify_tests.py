@@ -142,7 +142,7 @@ def t_notify_redis(ctx):
     redis = servers.Redis(os.path.join(ctx.env.tmp, "redis-notify-%d" % id(ctx)))
     redis.start()
     ctx.closers.append(lambda: redis.proc and redis.stop())
-    up_log = os.path.join(ctx.env.tmp, "notify-upstream-%d.log" % id(ctx))
+    up_log = stale_tests.upstream_log_path(ctx, "notify-redis")
     server = stale_imapd.StaleServer(log=up_log, **NEVER)
     ctx.closers.append(server.stop)
     up = "%s:%d" % (HOST, server.start())

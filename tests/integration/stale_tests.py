@@ -9,6 +9,7 @@ Waits are fixed multiples of the fixture's debounce interval and socket
 deadlines; nothing asserts that something is fast.
 """
 
+import itertools
 import os
 import re
 import socket
@@ -29,6 +30,13 @@ SETTLE = DEBOUNCE * 5   # "the debounce interval has certainly passed"
 # says imapfresh repaired something must not pass because the fixture's
 # notification happened to land (B's command > 100 ms after the change).
 NEVER = {"debounce_ms": 60000}
+_log_seq = itertools.count(1)
+
+
+def upstream_log_path(ctx, name):
+    """A fresh file for a fixture's protocol log (never one an earlier test
+    wrote: the fixture appends)."""
+    return os.path.join(ctx.env.tmp, "%s-upstream-%d-%d.log" % (name, os.getpid(), next(_log_seq)))
 UIDS = re.compile(rb"UID (\d+)")
 
 
@@ -93,9 +101,7 @@ class Fixture:
     not from imapfresh's log."""
 
     def __init__(self, ctx, options=(), proxy_options=(), name="stale"):
-        ctx.counter += 1
-        self.upstream_log = os.path.join(ctx.env.tmp, "stale-upstream-%d-%d.log"
-                                         % (os.getpid(), id(self)))
+        self.upstream_log = upstream_log_path(ctx, name)
         self.server = stale_imapd.StaleServer(**dict(options, log=self.upstream_log))
         self.port = self.server.start()
         ctx.closers.append(self.server.stop)
