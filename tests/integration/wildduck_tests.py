@@ -124,6 +124,11 @@ class Scene:
         a.expect_ok("A1", "SELECT INBOX")
         a.expect_ok("A2", "UID MOVE %d Archive" % self.msg)
 
+    def copy_imap_direct(self):
+        a = raw_login(self.b.imap_port, "A", self.user, self.pw, ctx=self.ctx)
+        a.expect_ok("A1", "SELECT INBOX")
+        a.expect_ok("A2", "UID COPY %d Archive" % self.msg)
+
     def move_api(self):
         st, res = self.b.api("PUT", "/users/%s/mailboxes/%s/messages/%d"
                              % (self.uid_user, self.inbox, self.msg), {"moveTo": self.archive})
@@ -141,6 +146,8 @@ def _scenario(ctx, how, through, feed=True):
     sc = Scene(ctx, b, p, how[:3])
     if how == "imap":
         change = sc.move_imap_direct
+    elif how == "copy":
+        change = sc.copy_imap_direct
     elif how == "api":
         change = sc.move_api
     else:
@@ -189,3 +196,35 @@ def t_wd_feed_other_proxy(ctx):
 def t_wd_nofeed(ctx):
     check(_scenario(ctx, "imap", through=True, feed=False) == [], "IMAP move: B should miss it")
     check(_scenario(ctx, "api", through=True, feed=False) == [], "API move: B should miss it")
+    check(_scenario(ctx, "copy", through=True, feed=False) == [], "IMAP copy: B should miss it")
+
+
+@test("wildduck: through imapfresh with the feed: a COPY straight to WildDuck is seen",
+      proxy_only=True, timeout=120)
+def t_wd_feed_copy(ctx):
+    seen = _scenario(ctx, "copy", through=True)
+    check(len(seen) == 1, "B should see the copied message: %s", seen)
+
+
+@test("wildduck: an idling client through imapfresh with the feed gets the EXISTS of a move "
+      "straight to WildDuck, and DONE works", proxy_only=True, timeout=120)
+def t_wd_feed_idle(ctx):
+    b = wildduck(ctx)
+    p = feed_proxy(ctx, b, "wd-idle")
+    sc = Scene(ctx, b, p, "idl")
+    sc.B.send(b"I1 IDLE\r\n")
+    sc.B.wait_continuation()
+    sc.move_imap_direct()
+    got = sc.B.readline()
+    check(re.match(rb"\* 1 EXISTS", got), "EXISTS while idling: %r", got)
+    sc.B.send(b"DONE\r\n")
+    tagged, others, _ = sc.B.wait_tagged("I1")
+    check(tagged.startswith(b"I1 OK"), "IDLE ends: %r", tagged)
+    check(len(sc.B.uid_fetch_all("F1")) == 1, "and the message is there")
+    sc.B.assert_clean()
+
+
+@test("wildduck: the bug, directly: B misses a message copied over IMAP straight to WildDuck",
+      timeout=120)
+def t_wd_direct_copy(ctx):
+    check(_scenario(ctx, "copy", through=False) == [], "WildDuck should be stale here")
