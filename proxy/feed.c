@@ -183,7 +183,7 @@ feed_on_message(redisAsyncContext *ac, void *reply, void *privdata)
 		return;
 	f->stats.matched++;
 	log_debug("backend feed: event for %s (%s)", u->name, id);
-	store_notify_local(f->srv->store, u->name, "");
+	store_notify_local(f->srv->store, u->name, "", "a change WildDuck reported (wd_events)");
 }
 
 static void

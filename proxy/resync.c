@@ -97,6 +97,20 @@ resync_why_stale(const struct session *s)
 	return repair_why_stale(&in);
 }
 
+/* The reason, with what the user's last change was when that is why. */
+static const char *
+resync_reason_detail(struct session *s, const char *reason)
+{
+	const struct track *t = &s->track;
+	const char *last;
+
+	if (t->suser == NULL || store_gen(t->suser, t->mailbox) <= t->synced_gen ||
+	    (last = store_user_last_change(t->suser)) == NULL)
+		return reason;
+	snprintf(s->resync.reason_buf, sizeof(s->resync.reason_buf), "%s (%s)", reason, last);
+	return s->resync.reason_buf;
+}
+
 /* Nothing in flight and nothing half-said: safe to put our commands between. */
 static int
 resync_quiet_now(const struct session *s)
@@ -193,7 +207,7 @@ resync_hold(struct session *s, const struct command *cmd)
 	s->srv->stats.resync_checks++;
 	if ((reason = resync_why_stale(s)) == NULL)
 		return 0;
-	r->reason = reason;
+	r->reason = resync_reason_detail(s, reason);
 	r->for_idle = 0;
 	snprintf(r->trigger, sizeof(r->trigger), "%s%s", cmd->uid ? "UID " : "", cmd->name);
 	s->resync.start_usec = metrics_now_usec();
@@ -228,7 +242,7 @@ resync_mailbox_changed(struct session *s, const char *mailbox)
 	snprintf(r->idle_tag, sizeof(r->idle_tag), "%s", idle->tag);
 	r->for_idle = 1;
 	r->client_done = 0;
-	r->reason = "mailbox changed while the client idles";
+	r->reason = resync_reason_detail(s, "mailbox changed while the client idles");
 	resync_enter(s, RESYNC_IDLE_DONE, "mailbox changed while the client idles");
 	snprintf(r->trigger, sizeof(r->trigger), "IDLE");
 	s->resync.start_usec = metrics_now_usec();

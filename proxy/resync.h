@@ -44,6 +44,7 @@ struct resync {
 	int matched_at_search;		/* the view matched the SEARCH result when it came */
 	uint32_t old_uidvalidity;
 	const char *reason;		/* why this resync started, for the log */
+	char reason_buf[240];		/* ... when it names the change that caused it */
 	char trigger[40];		/* the held command ("UID FETCH"), or "IDLE" */
 	uint64_t gen_before;		/* the generation the session had matched */
 	uint64_t start_usec;		/* the trigger was held (latency histogram) */

@@ -85,6 +85,7 @@ struct store_user {
 	size_t n, cap;
 	struct store_map gens;	/* mailbox -> local generation (v.n) */
 	uint64_t all;		/* changes to every mailbox at once (notify without one) */
+	char last_change[160];	/* what the last change was, for the resync's reason */
 	unsigned busy;		/* notify loops running: freeing waits for them */
 };
 
@@ -351,6 +352,12 @@ store_user_name(const struct store_user *u)
 	return u->name;
 }
 
+const char *
+store_user_last_change(const struct store_user *u)
+{
+	return u && u->last_change[0] ? u->last_change : NULL;
+}
+
 uint64_t
 store_gen(struct store_user *u, const char *mailbox)
 {
@@ -390,8 +397,15 @@ store_notify(struct store *st, struct store_user *u, const char *mailbox, const 
 }
 
 /* Count a change of u's mailbox here and tell its members. u may be gone after. */
+static void
+store_note_change(struct store_user *u, const char *detail)
+{
+	snprintf(u->last_change, sizeof(u->last_change), "%s", detail ? detail : "");
+}
+
 static uint64_t
-store_changed(struct store *st, struct store_user *u, const char *mailbox, const void *except)
+store_changed(struct store *st, struct store_user *u, const char *mailbox, const void *except,
+    const char *detail)
 {
 	struct store_entry *e = store_map_get(&u->gens, mailbox);
 	uint64_t gen;
@@ -401,15 +415,17 @@ store_changed(struct store *st, struct store_user *u, const char *mailbox, const
 		return store_gen(u, mailbox);
 	}
 	gen = ++e->v.n + u->all;
+	store_note_change(u, detail);
 	store_notify(st, u, e->key, except);
 	return gen;
 }
 
 /* Every one of u's mailboxes changed (a notification naming none). */
 static void
-store_changed_all(struct store *st, struct store_user *u)
+store_changed_all(struct store *st, struct store_user *u, const char *detail)
 {
 	u->all++;
+	store_note_change(u, detail);
 	store_notify(st, u, "", NULL);
 }
 
@@ -650,10 +666,13 @@ store_heard(struct store *st, const char *payload, size_t len)
 	st->stats.received++;
 	if ((e = store_map_find(&st->users, user))) {
 		log_debug("store: change from %s: %s \"%s\" (%s)", msg, user, mailbox, detail + 1);
+		char from[200];
+
+		snprintf(from, sizeof(from), "%s (through %s)", detail + 1, msg);
 		if (mailbox[0] == '\0')
-			store_changed_all(st, e->v.ptr);
+			store_changed_all(st, e->v.ptr, from);
 		else
-			store_changed(st, e->v.ptr, mailbox, NULL);
+			store_changed(st, e->v.ptr, mailbox, NULL, from);
 	}
 out:
 	free(msg);
@@ -941,11 +960,11 @@ store_bump(struct store *st, struct store_user *u, const char *mailbox, void *ex
 		return 0;
 	/* Published first: notifying may free u. */
 	store_publish(st, u->name, mailbox, detail);
-	return store_changed(st, u, mailbox, except);
+	return store_changed(st, u, mailbox, except, detail);
 }
 
 int
-store_notify_local(struct store *st, const char *user, const char *mailbox)
+store_notify_local(struct store *st, const char *user, const char *mailbox, const char *detail)
 {
 	struct store_entry *e = store_map_find(&st->users, user);
 	int local = e ? (int)((struct store_user *)e->v.ptr)->n : 0;
@@ -953,9 +972,9 @@ store_notify_local(struct store *st, const char *user, const char *mailbox)
 	if (e == NULL)
 		return 0;
 	if (mailbox[0] == '\0')
-		store_changed_all(st, e->v.ptr);
+		store_changed_all(st, e->v.ptr, detail);
 	else
-		store_changed(st, e->v.ptr, mailbox, NULL);
+		store_changed(st, e->v.ptr, mailbox, NULL, detail);
 	return local;
 }
 
@@ -963,7 +982,7 @@ int
 store_notify_change(struct store *st, const char *user, const char *mailbox, const char *detail)
 {
 	store_publish(st, user, mailbox, detail);
-	return store_notify_local(st, user, mailbox);
+	return store_notify_local(st, user, mailbox, detail);
 }
 
 struct store_value_req {

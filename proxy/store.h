@@ -40,6 +40,10 @@ struct store_user *store_user_join(struct store *st, const char *user, void *mem
 void store_user_leave(struct store *st, struct store_user *u, void *member);
 const char *store_user_name(const struct store_user *u);
 
+/* What the user's last change was ("UID MOVE to Archive", "notify from ...",
+ * "WildDuck event"...), or NULL: the reason a resync gives. */
+const char *store_user_last_change(const struct store_user *u);
+
 /* This instance's generation counter for one of the user's mailboxes: it
  * only grows, with every change seen or heard of. No I/O: the hot path. */
 uint64_t store_gen(struct store_user *u, const char *mailbox);
@@ -62,7 +66,8 @@ int store_notify_change(struct store *st, const char *user, const char *mailbox,
     const char *detail);
 
 /* The same for this instance only (a feed every instance hears itself). */
-int store_notify_local(struct store *st, const char *user, const char *mailbox);
+int store_notify_local(struct store *st, const char *user, const char *mailbox,
+    const char *detail);
 
 /* A value kept for a user beside its keys, P{U}:<name>, with a TTL (the
  * user's id in the backend, feed.c). Async: the answer goes to fn with the

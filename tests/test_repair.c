@@ -228,7 +228,7 @@ test_staleness(void)
 
 	ok(repair_why_stale(&in) == NULL, "same generation, same epoch, no resync_after: in sync");
 	in.gen_now = 6;
-	ok(repair_why_stale(&in) && strstr(repair_why_stale(&in), "another session"),
+	ok(repair_why_stale(&in) && strstr(repair_why_stale(&in), "mailbox changed"),
 	    "the generation moved");
 	in.has_user = 0;
 	ok(repair_why_stale(&in) == NULL, "no user: generations say nothing");

@@ -332,7 +332,7 @@ def t_ctl_memory(ctx):
     # A change B has not seen yet: show says so, then the resync repairs it.
     a.expect_ok("M1", "UID MOVE %d %s" % (uids[0], box))
     out = ctl_ok(ctx, "-c", p.conf, "show", b_entry["id"])
-    check("POSSIBLY STALE" in out and "mailbox changed by another session" in out,
+    check("POSSIBLY STALE" in out and "mailbox changed since the session last matched it" in out,
           "show before the resync:\n%s", out)
     check(re.search(r"client view\s+0 messages", out), "B's view is empty:\n%s", out)
     seen = b.uid_fetch_all("F1")

@@ -82,7 +82,8 @@ def publish(redis, payload):
 @test("feed: a wd_events message for the user's id makes B see a delivery made behind "
       "imapfresh's back; other ids and garbage change nothing", proxy_only=True)
 def t_feed_event(ctx):
-    fx, redis, api = bed(ctx, "feed", token="tok3n")
+    events = stale_tests.upstream_log_path(ctx, "feed-events")
+    fx, redis, api = bed(ctx, "feed", token="tok3n", extra=[("event_log", events)])
     port = fx.proxy.admin_port
     wait_for(lambda: feed_connected(port), "the feed to subscribe")
     b = login(ctx, fx.proxy.tls_port, "B")
@@ -103,6 +104,9 @@ def t_feed_event(ctx):
              "alice's event matched")
     check(b.uid_fetch_all("F2") == [uid], "B sees the delivery")
     check(fx.injected()[:2] == ["NOOP", "UID SEARCH ALL"], "one resync: %s", fx.injected())
+    steps = [json.loads(l) for l in open(events)]
+    check(steps and steps[0]["step"] == "check" and "WildDuck reported" in steps[0]["reason"],
+          "the sync event log says why: %s", steps[:1])
     b2 = login(ctx, fx.proxy.tls_port, "B2")
     check(len(api.requests) == 1, "a second session of alice: no new lookup (%s)", api.requests)
     b.assert_clean()
