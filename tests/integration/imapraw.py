@@ -188,22 +188,26 @@ class Conn:
         return self.expect_ok(tag, b"LOGIN " + quote(user) + b" " + quote(password))
 
     def close(self):
-        # shutdown() first: it also wakes a thread blocked in recv() on this
-        # socket (the runner closes connections of a test that overran).
-        try:
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
-        except (OSError, ValueError):
-            pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        close_socket(self.sock)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *a):
         self.close()
+
+
+def close_socket(sock):
+    """shutdown() first: it also wakes a thread blocked in recv() on this
+    socket (the runner closes connections of a test that overran)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except (OSError, ValueError):
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 def quote(s):

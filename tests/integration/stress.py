@@ -171,6 +171,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import imapcheck  # noqa: E402
+import imapraw  # noqa: E402
 from imapcheck import Lit, tokenize, ParseError  # noqa: E402
 
 TIMEOUT = 10.0                   # every socket read: a protocol deadline
@@ -536,14 +537,7 @@ class Wire:
             self.buf += chunk
 
     def close(self):
-        try:
-            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
-        except (OSError, ValueError):
-            pass
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        imapraw.close_socket(self.sock)
 
 
 # ===================================================================== commands
