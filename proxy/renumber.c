@@ -273,6 +273,47 @@ renumber_expunge_allowed(const struct session *s)
 	return in_progress;
 }
 
+/*
+ * A QRESYNC client is told as "* VANISHED uids" (RFC 7162 3.2.10: "the
+ * server MUST NOT send EXPUNGE responses"), in lines of bounded length.
+ * Returns -1 when a held position's UID is unknown: it cannot be named.
+ */
+static int
+renumber_flush_vanished(struct session *s)
+{
+	struct pending *p = &s->track.pending;
+	struct uidset uids;
+	char line[900];
+	size_t o = 0;
+
+	uidset_init(&uids);
+	for (size_t i = 0; i < p->pos.n; i++)
+		for (uint64_t k = p->pos.r[i].lo; k <= p->pos.r[i].hi; k++) {
+			uint32_t uid = seqmap_uid(&s->track.view, (uint32_t)k);
+			if (uid == 0) {
+				uidset_free(&uids);
+				return -1;
+			}
+			uidset_add(&uids, uid);
+		}
+	for (size_t i = 0; i <= uids.n; i++) {
+		char part[32];
+		int n = 0;
+
+		if (i < uids.n)
+			n = uids.r[i].lo == uids.r[i].hi ? snprintf(part, sizeof(part), "%u", uids.r[i].lo) :
+			    snprintf(part, sizeof(part), "%u:%u", uids.r[i].lo, uids.r[i].hi);
+		if (o > 0 && (i == uids.n || o + (size_t)n + 1 >= sizeof(line))) {
+			session_reply(s, "* VANISHED %.*s", (int)o, line);
+			o = 0;
+		}
+		if (i < uids.n)
+			o += (size_t)snprintf(line + o, sizeof(line) - o, "%s%s", o ? "," : "", part);
+	}
+	uidset_free(&uids);
+	return 0;
+}
+
 void
 renumber_flush(struct session *s)
 {
@@ -281,10 +322,16 @@ renumber_flush(struct session *s)
 
 	if (!pending_any(p) || !renumber_expunge_allowed(s))
 		return;
+	if (s->track.qresync && renumber_flush_vanished(s) < 0) {
+		session_close(s, "[UNAVAILABLE] Mailbox state changed; please reconnect",
+		    "held expunges of messages whose UIDs the QRESYNC client was never told");
+		return;
+	}
 	/* Highest first: each one leaves the numbers of those below as they are. */
 	for (size_t i = p->pos.n; i > 0; i--)
 		for (uint64_t k = p->pos.r[i - 1].hi; k >= p->pos.r[i - 1].lo; k--) {
-			session_reply(s, "* %llu EXPUNGE", (unsigned long long)k);
+			if (!s->track.qresync)
+				session_reply(s, "* %llu EXPUNGE", (unsigned long long)k);
 			seqmap_expunge(&s->track.view, (uint32_t)k);
 			told++;
 		}

@@ -453,6 +453,10 @@ resync_apply(struct session *s)
 					o += (size_t)snprintf(sent + o, sizeof(sent) - o, "%s* %llu EXPUNGE",
 					    o ? "; " : "", (unsigned long long)k);
 		renumber_flush(s);
+		if (s->state != SESSION_RUNNING) {	/* a QRESYNC client could not be told */
+			repair_plan_free(&plan);
+			return;
+		}
 		seqmap_assign(&t->view, &r->truth);
 		if (added > 0) {
 			session_reply(s, "* %u EXISTS", count - expunged + added);

@@ -330,3 +330,36 @@ seqmap_append(struct seqmap *m, const struct uidset *uids)
 	}
 	return 0;
 }
+
+int
+seqmap_positions_of(const struct seqmap *m, const struct uidset *uids, struct uidset *out)
+{
+	for (size_t i = 0; i <= m->n; i++) {
+		/* The gap of unknown positions before run i, and the UIDs it may hold. */
+		uint64_t gap_seq = i > 0 ? (uint64_t)m->runs[i - 1].seq + m->runs[i - 1].len : 1;
+		uint64_t gap_end = i < m->n ? m->runs[i].seq : (uint64_t)m->count + 1;
+		uint64_t uid_lo = i > 0 ? (uint64_t)m->runs[i - 1].uid + m->runs[i - 1].len : 1;
+		uint64_t uid_hi = i < m->n ? (uint64_t)m->runs[i].uid - 1 : UINT32_MAX;
+
+		if (gap_end > gap_seq)
+			for (size_t k = 0; k < uids->n; k++)
+				if (uids->r[k].lo <= uid_hi && uids->r[k].hi >= uid_lo)
+					return -1;
+		if (i == m->n)
+			break;
+		{
+			const struct seqmap_run *r = &m->runs[i];
+			uint64_t rlo = r->uid, rhi = (uint64_t)r->uid + r->len - 1;
+
+			for (size_t k = 0; k < uids->n; k++) {
+				uint64_t lo = uids->r[k].lo > rlo ? uids->r[k].lo : rlo;
+				uint64_t hi = uids->r[k].hi < rhi ? uids->r[k].hi : rhi;
+
+				if (lo <= hi && uidset_add_range(out, (uint32_t)(r->seq + (lo - rlo)),
+				    (uint32_t)(r->seq + (hi - rlo))) < 0)
+					return -1;
+			}
+		}
+	}
+	return 0;
+}

@@ -42,6 +42,12 @@ uint32_t seqmap_known(const struct seqmap *m);
  * positions agree with anything; the count must match. */
 int seqmap_consistent(const struct seqmap *m, const struct uidset *truth);
 
+/* The positions of the messages with these UIDs, into out: 0, or -1 when a
+ * UID may be at a position whose UID is unknown (the set overlaps the UIDs a
+ * gap of unknown positions could hold). UIDs the view cannot hold are left
+ * out. */
+int seqmap_positions_of(const struct seqmap *m, const struct uidset *uids, struct uidset *out);
+
 /* The known UIDs as a set. */
 int seqmap_known_uids(const struct seqmap *m, struct uidset *out);
 

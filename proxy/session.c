@@ -271,6 +271,7 @@ session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int t
 	gettimeofday(&s->started, NULL);
 	command_reset(&s->cmd);
 	track_init(&s->track);
+	uidset_init(&s->resp_held_positions);
 	resync_init(&s->resync);
 	TAILQ_INSERT_TAIL(&srv->sessions, s, entry);
 	srv->n_sessions++;
@@ -421,6 +422,7 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 	trace_session_end(s);
 	track_forget(s);
 	track_free(&s->track);
+	uidset_free(&s->resp_held_positions);
 	resync_free(&s->resync);
 	while (s->n_inflight > 0)
 		session_inflight_remove(s, &s->inflight[s->n_inflight - 1]);

@@ -112,6 +112,8 @@ struct session {
 	struct evbuffer *resp_text;	/* rewritten line under construction */
 	int upstream_bye;		/* the upstream said BYE itself */
 	uint32_t resp_held_expunge;	/* "* n EXPUNGE" the client may not hear yet */
+	int resp_held_vanished;		/* "* VANISHED" likewise: the positions below */
+	struct uidset resp_held_positions;
 	int resp_expunge_issued;	/* a tagged OK that becomes NO [EXPUNGEISSUED] */
 	int up_paused, client_paused;	/* reading stopped for backpressure */
 	char up_tag[24];		/* tag of imapfresh's own upstream command */

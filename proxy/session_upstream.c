@@ -50,6 +50,7 @@ session_upstream_reset(struct session *s)
 	s->resp_status_text[0] = '\0';
 	s->resp_passed = 0;
 	s->resp_held_expunge = 0;
+	s->resp_held_vanished = 0;
 	s->resp_expunge_issued = 0;
 	s->up_resp_start = s->up_deferred;
 	evbuffer_drain(s->resp_text, evbuffer_get_length(s->resp_text));
@@ -185,6 +186,43 @@ session_upstream_renumber_prefix(struct session *s, uint32_t k, const struct ima
 }
 
 /*
+ * "* VANISHED uids" (RFC 7162 3.2.10: what a QRESYNC session gets instead of
+ * EXPUNGE, under the same rule): held like an EXPUNGE where the client may
+ * not hear it, as the client positions of those UIDs. Where the view cannot
+ * place them all (unknown positions), it goes on as it came.
+ * "* VANISHED (EARLIER) ..." answers a command and changes no number.
+ */
+static int
+session_upstream_renumber_vanished(struct session *s, const struct imap_tok *tok)
+{
+	struct uidset uids;
+	int held = 0;
+
+	if (tok->index < 2)
+		return tok->type != IMAP_TOK_EOL;	/* the set, or (EARLIER), decides */
+	if (tok->index != 2 || tok->depth != 0 || tok->type != IMAP_TOK_ATOM)
+		return 0;
+	if (renumber_expunge_allowed(s)) {
+		renumber_flush(s);
+		return 0;
+	}
+	uidset_init(&uids);
+	uidset_clear(&s->resp_held_positions);
+	if (uidset_parse(&uids, tok->str, tok->len) == 0 &&
+	    seqmap_positions_of(&s->track.view, &uids, &s->resp_held_positions) == 0)
+		held = 1;
+	uidset_free(&uids);
+	if (!held) {
+		log_msg(LOG_LEVEL_NOTICE, s->sid, "a VANISHED the client may not hear yet names "
+		    "messages at positions it does not know: passed on as it came");
+		return 0;
+	}
+	s->resp_held_vanished = 1;
+	session_upstream_set_mode(s, RESP_SWALLOW);
+	return 1;
+}
+
+/*
  * Message numbers, while the client's differ from the server's (pending.h):
  * an EXPUNGE the client may not hear yet is held, EXISTS and FETCH numbers
  * are renumbered, a search's answer is rewritten, and a tagged OK to a
@@ -241,6 +279,8 @@ session_upstream_renumber(struct session *s, const struct imap_tok *tok)
 		}
 		return 0;
 	}
+	if (strcmp(s->resp_word, "VANISHED") == 0)
+		return session_upstream_renumber_vanished(s, tok);
 	if (renumber_search_response(s)) {
 		session_upstream_set_mode(s, RESP_RENUMBER);
 		return 1;
@@ -524,6 +564,12 @@ session_upstream_eol(struct session *s)
 			track_response_end(s, s->resp_mode != RESP_SWALLOW);
 		if (s->resp_held_expunge > 0)
 			session_upstream_hold_expunge(s, s->resp_held_expunge);
+		if (s->resp_held_vanished) {
+			struct uidset *p = &s->resp_held_positions;
+			for (size_t i = 0; i < p->n; i++)
+				uidset_add_range(&s->track.pending.pos, p->r[i].lo, p->r[i].hi);
+			s->track.dirty = 1;
+		}
 	} else if (st == SESSION_RUNNING)
 		session_upstream_completed(s);
 	if (st == SESSION_GREETING)

@@ -20,6 +20,7 @@ track_init(struct track *t)
 	memset(t, 0, sizeof(*t));
 	seqmap_init(&t->view);
 	pending_init(&t->pending);
+	uidset_init(&t->vanished);
 }
 
 void
@@ -27,6 +28,7 @@ track_free(struct track *t)
 {
 	seqmap_free(&t->view);
 	pending_free(&t->pending);
+	uidset_free(&t->vanished);
 }
 
 void
@@ -200,6 +202,8 @@ track_response_begin(struct track *t)
 	t->fetch_uid_next = 0;
 	t->fetch_uid = 0;
 	t->vanished_earlier = 0;
+	if (t->vanished.count > 0)
+		uidset_clear(&t->vanished);
 	t->esearch_all_next = 0;
 }
 
@@ -276,6 +280,8 @@ track_token(struct session *s, const struct imap_tok *tok)
 				t->resp = TRACK_RESP_ESEARCH;
 			else if (track_atom_is(tok, "VANISHED"))
 				t->resp = TRACK_RESP_VANISHED;
+			else if (track_atom_is(tok, "ENABLED"))
+				t->resp = TRACK_RESP_ENABLED;
 			else if (track_atom_is(tok, "OK") || track_atom_is(tok, "NO") ||
 			    track_atom_is(tok, "BAD"))
 				t->resp = TRACK_RESP_STATUS;
@@ -318,14 +324,20 @@ track_token(struct session *s, const struct imap_tok *tok)
 	case TRACK_RESP_VANISHED:
 		if (tok->depth == 1 && track_atom_is(tok, "EARLIER"))
 			t->vanished_earlier = 1;
-		else if (tok->depth == 0 && tok->type == IMAP_TOK_ATOM && !t->vanished_earlier) {
-			struct uidset gone;
-			uidset_init(&gone);
-			if (uidset_parse(&gone, tok->str, tok->len) == 0)
-				track_vanished(t, &gone);
-			uidset_free(&gone);
-			t->dirty = 1;
-		}
+		else if (tok->depth == 0 && tok->type == IMAP_TOK_ATOM && !t->vanished_earlier &&
+		    uidset_parse(&t->vanished, tok->str, tok->len) < 0)
+			uidset_clear(&t->vanished);	/* not a set: nothing is taken from the view */
+		break;
+	case TRACK_RESP_ENABLED:
+		if (tok->depth != 0 || tok->type != IMAP_TOK_ATOM)
+			break;
+		/* RFC 7162 3.2.3: enabling QRESYNC enables CONDSTORE as well. */
+		if (track_atom_is(tok, "QRESYNC"))
+			t->qresync = t->condstore = 1;
+		else if (track_atom_is(tok, "CONDSTORE"))
+			t->condstore = 1;
+		else if (track_atom_is(tok, "UTF8=ACCEPT") || track_atom_is(tok, "UTF8=ONLY"))
+			t->utf8 = 1;
 		break;
 	case TRACK_RESP_STATUS:
 		if (tok->type == IMAP_TOK_TEXT)
@@ -357,6 +369,12 @@ track_response_end(struct session *s, int to_client)
 	case TRACK_RESP_EXPUNGE:
 		if (to_client) {
 			seqmap_expunge(&t->view, t->resp_num);
+			t->dirty = 1;
+		}
+		break;
+	case TRACK_RESP_VANISHED:
+		if (to_client && t->vanished.count > 0) {
+			track_vanished(t, &t->vanished);
 			t->dirty = 1;
 		}
 		break;

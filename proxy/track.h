@@ -25,6 +25,7 @@ enum track_resp {
 	TRACK_RESP_ESEARCH,
 	TRACK_RESP_VANISHED,
 	TRACK_RESP_STATUS,	/* OK/NO/BAD/BYE with resp-text */
+	TRACK_RESP_ENABLED,	/* ENABLED: what the server enabled (RFC 5161) */
 };
 
 struct track {
@@ -33,6 +34,8 @@ struct track {
 	int selected;
 	char mailbox[COMMAND_ARG_MAX + 1];	/* canonical name (INBOX upper-cased) */
 	int readonly, condstore;
+	int qresync;			/* ENABLE QRESYNC: expunges are told as VANISHED (RFC 7162 3.2.10) */
+	int utf8;			/* ENABLE UTF8=ACCEPT (RFC 6855) */
 	uint32_t uidvalidity, uidnext;
 	uint64_t highestmodseq;
 	struct seqmap view;		/* the client's count and seq -> UID */
@@ -48,6 +51,7 @@ struct track {
 	int fetch_uid_next;		/* the previous FETCH item was UID */
 	uint32_t fetch_uid;
 	int vanished_earlier;
+	struct uidset vanished;		/* the UIDs of a VANISHED response, applied at its end */
 	int esearch_all_next;		/* the next ESEARCH atom is the ALL set */
 	uint32_t select_exists;		/* EXISTS seen in the current SELECT response */
 

@@ -220,6 +220,66 @@ test_vanished_range_random(void)
 	    rounds, bad);
 }
 
+/* seqmap_positions_of(): the positions of a UID set, or -1 where a set
+ * reaches UIDs a gap of unknown positions could hold. */
+static void
+test_positions_of(void)
+{
+	unsigned seed = 99, bad = 0, placed = 0, refused = 0;
+
+	for (int round = 0; round < 3000; round++) {
+		struct seqmap m;
+		struct uidset set, got, want;
+		uint32_t uid[41], n = 1 + rand_r(&seed) % 40, u = 0, lo, hi;
+		int known[41], gap_hit = 0;
+
+		seqmap_init(&m);
+		uidset_init(&set);
+		uidset_init(&got);
+		uidset_init(&want);
+		seqmap_reset(&m, n);
+		for (uint32_t k = 1; k <= n; k++) {
+			uid[k] = (u += 1 + rand_r(&seed) % 3);
+			known[k] = rand_r(&seed) % 4 != 0;
+			if (known[k])
+				seqmap_learn(&m, k, uid[k]);
+		}
+		lo = 1 + rand_r(&seed) % (u + 3);
+		hi = lo + rand_r(&seed) % 6;
+		uidset_add_range(&set, lo, hi);
+		/* the reference: an unknown position whose possible UIDs meet the set */
+		for (uint32_t k = 1; k <= n; k++) {
+			uint32_t below = 0, above = UINT32_MAX;
+			if (known[k]) {
+				if (uid[k] >= lo && uid[k] <= hi)
+					uidset_add(&want, k);
+				continue;
+			}
+			for (uint32_t j = k; j > 1 && !below; j--)
+				if (known[j - 1])
+					below = uid[j - 1];
+			for (uint32_t j = k + 1; j <= n && above == UINT32_MAX; j++)
+				if (known[j])
+					above = uid[j] - 1;
+			if (hi > below && lo <= above)
+				gap_hit = 1;
+		}
+		if (seqmap_positions_of(&m, &set, &got) < 0) {
+			refused++;
+			bad += !gap_hit;
+		} else {
+			placed++;
+			bad += gap_hit || !uidset_equal(&got, &want);
+		}
+		seqmap_free(&m);
+		uidset_free(&set);
+		uidset_free(&got);
+		uidset_free(&want);
+	}
+	ok(bad == 0 && placed > 0 && refused > 0, "positions of UID sets: %u placed, %u refused "
+	    "(a gap could hold them), %u wrong", placed, refused, bad);
+}
+
 int
 main(void)
 {
@@ -227,5 +287,6 @@ main(void)
 	test_seqmap_basics();
 	test_seqmap_random();
 	test_vanished_range_random();
+	test_positions_of();
 	return tap_done();
 }

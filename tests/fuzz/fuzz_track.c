@@ -202,46 +202,39 @@ overlap(const struct uidset *a, const struct uidset *b)
 	return n;
 }
 
-/* With every position's UID known, a VANISHED (not EARLIER) set removes
- * exactly the known UIDs it holds: the count must drop by that much. */
-static int
-vanished_expect(const struct session *s, const struct imap_tok *tok, uint32_t *want)
+/* With every position's UID known, a VANISHED (not EARLIER) response removes
+ * exactly the known UIDs its sets hold, at its end: the count must drop by
+ * that much. The view is noted at its first set (the sets accumulate in
+ * track.vanished until the end). */
+static int vanished_check;
+static uint32_t vanished_count;
+static struct uidset vanished_known;
+
+static void
+vanished_note(const struct session *s, const struct imap_tok *tok)
 {
 	const struct seqmap *v = &s->track.view;
-	struct uidset gone, known;
-	int ok = 0;
 
 	/* tok->index < 2: the tag of the next response (read before track_token()
 	 * resets resp) is not a VANISHED set, corpus regress-vanished-check-next-tag. */
-	if (s->track.resp != TRACK_RESP_VANISHED || tok->index < 2 ||
+	if (vanished_check || s->track.resp != TRACK_RESP_VANISHED || tok->index < 2 ||
 	    tok->depth != 0 || tok->type != IMAP_TOK_ATOM || s->track.vanished_earlier ||
 	    seqmap_known(v) != v->count)
-		return 0;
-	uidset_init(&gone);
-	uidset_init(&known);
-	if (uidset_parse(&gone, tok->str, tok->len) == 0 && seqmap_known_uids(v, &known) == 0) {
-		*want = v->count - (uint32_t)overlap(&gone, &known);
-		ok = 1;
+		return;
+	uidset_clear(&vanished_known);
+	if (seqmap_known_uids(v, &vanished_known) == 0) {
+		vanished_check = 1;
+		vanished_count = v->count;
 	}
-	uidset_free(&gone);
-	uidset_free(&known);
-	return ok;
 }
 
 /* What session_upstream_observe() does with a response's tokens, minus I/O. */
 static void
 observe(struct session *s, const struct imap_tok *tok)
 {
-	uint32_t want = 0;
-	int check_vanished;
-
-	check_vanished = vanished_expect(s, tok, &want);
+	vanished_note(s, tok);
 	session_upstream_identify(s, tok);
 	track_token(s, tok);
-	if (check_vanished)
-		FUZZ_CHECK(s->track.view.count == want, "VANISHED %s on a fully known view: "
-		    "count %u, expected %u", fuzz_escape(tok->str, tok->len, 60),
-		    s->track.view.count, want);
 }
 
 int
@@ -258,6 +251,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (size < 4)
 		return 0;
 	LLVMFuzzerInitialize(NULL, NULL);
+	vanished_check = 0;
 	flags = data[0];
 	count = data[1];
 	if ((s = calloc(1, sizeof(*s))) == NULL || (lx = imap_lex_new(IMAP_LEX_SERVER, &ul)) == NULL)
@@ -334,9 +328,16 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (strcmp(s->resp_tag, "*") == 0) {
 			int to_client = !((flags & 0x80) && responses % 3 == 2);
 			track_response_end(s, to_client);
+			if (vanished_check && to_client && s->track.resp == TRACK_RESP_VANISHED) {
+				uint32_t want = vanished_count -
+				    (uint32_t)overlap(&s->track.vanished, &vanished_known);
+				FUZZ_CHECK(s->track.view.count == want, "VANISHED on a fully known "
+				    "view: count %u, expected %u", s->track.view.count, want);
+			}
 		} else if (strcmp(s->resp_tag, "+") != 0)
 			completed(s);
 		responses++;
+		vanished_check = 0;
 		check_view(s);
 		s->resp_tag[0] = s->resp_word[0] = s->resp_status_text[0] = '\0';
 	}

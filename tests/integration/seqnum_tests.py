@@ -177,3 +177,43 @@ def t_fetch_only_expunged(ctx):
     check(heard(b) == [2], "NOOP tells B")
     for c in (a, b):
         c.assert_clean()
+
+
+VANISHED = re.compile(rb"^\* VANISHED (?!\(EARLIER\))(\S+)")
+
+
+def uid_set(text):
+    out = set()
+    for part in text.decode().split(","):
+        lo, _, hi = part.partition(":")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+@test("seqnum/qresync: a QRESYNC client hears another session's expunges as VANISHED, never "
+      "EXPUNGE, and not during its FETCH")
+def t_qresync_vanished(ctx):
+    a, b, box, uids = setup(ctx)
+    _, lines, _ = b.expect_ok("E1", "ENABLE QRESYNC")
+    check(any(l.startswith(b"* ENABLED") and b"QRESYNC" in l for l in lines), "enabled: %r",
+          lines)
+    expunge_by_a(a, [1, 3])
+    tagged, lines, _ = b.command("F1", "FETCH 2,4 (UID)")
+    check(not any(EXPUNGE.match(l) or VANISHED.match(l) for l in lines),
+          "no EXPUNGE/VANISHED during FETCH: %r", lines)
+    got = fetched(lines)
+    check(got.get(2) == uids[1] and got.get(4) == uids[3] and
+          all(u == uids[n - 1] for n, u in got.items()),
+          "FETCH 2,4 answered in B's numbers (flag updates too): %r", lines)
+    _, lines, _ = b.expect_ok("N1", "NOOP")
+    check(not any(EXPUNGE.match(l) for l in lines), "never EXPUNGE to a QRESYNC client: %r",
+          lines)
+    gone = set()
+    for l in lines:
+        m = VANISHED.match(l)
+        if m:
+            gone |= uid_set(m.group(1))
+    check(gone == {uids[0], uids[2]}, "VANISHED names the two: %r", lines)
+    _, lines, _ = b.expect_ok("F2", "FETCH 1:* (UID)")
+    want = [u for i, u in enumerate(uids) if i not in (0, 2)]
+    check(fetched(lines) == {i + 1: u for i, u in enumerate(want)}, "B's view after: %r", lines)
