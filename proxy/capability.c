@@ -87,3 +87,24 @@ capability_rewrite_text(const char *in, size_t len, const struct capability_poli
 	memcpy(out + o, in + rest, len - rest);
 	return o + len - rest;
 }
+
+int
+capability_has(const char *list, size_t len, const char *name)
+{
+	size_t n = strlen(name), i = 0;
+
+	while (i < len) {
+		size_t start;
+
+		while (i < len && (list[i] == ' ' || list[i] == '[' || list[i] == ']'))
+			i++;
+		start = i;
+		while (i < len && list[i] != ' ' && list[i] != ']')
+			i++;
+		if (i - start == n && strncasecmp(list + start, name, n) == 0)
+			return 1;
+		if (i < len && list[i] == ']')
+			break;	/* the end of a [CAPABILITY ...] code */
+	}
+	return 0;
+}

@@ -21,6 +21,10 @@ size_t capability_rewrite(const char *in, size_t len, const struct capability_po
 size_t capability_rewrite_text(const char *in, size_t len, const struct capability_policy *p,
     int drop, char *out);
 
+/* Does a capability list (or resp-text with a [CAPABILITY ...] code) name
+ * this capability (any case)? */
+int capability_has(const char *list, size_t len, const char *name);
+
 /* Does resp-text start with a [CAPABILITY ...] code? */
 int capability_in_text(const char *text, size_t len);
 

@@ -167,6 +167,15 @@ resync_event(struct session *s, const char *step, const char *sent)
 	events_resync(s, &ev);
 }
 
+/* What the mailbox holds: with ESEARCH (RFC 4731) as ranges, a few bytes
+ * for a mailbox of 100,000 messages instead of one number per message. */
+static void
+resync_inject_search(struct session *s)
+{
+	session_inject(s, RESYNC_CMD_SEARCH, s->up_esearch ? "UID SEARCH RETURN (ALL) ALL" :
+	    "UID SEARCH ALL");
+}
+
 static void
 resync_start_check(struct session *s)
 {
@@ -183,7 +192,7 @@ resync_start_check(struct session *s)
 	resync_enter(s, RESYNC_CHECK, "NOOP + UID SEARCH injected");
 	r->pending = 2;
 	session_inject(s, RESYNC_CMD_NOOP, "NOOP");
-	session_inject(s, RESYNC_CMD_SEARCH, "UID SEARCH ALL");
+	resync_inject_search(s);
 	s->srv->stats.resync_injections++;
 	s->resync.n_resyncs++;
 	log_msg(LOG_LEVEL_INFO, s->sid, "resync \"%s\": %s; injecting NOOP + UID SEARCH ALL",
@@ -401,7 +410,7 @@ resync_escalate(struct session *s)
 	session_inject(s, RESYNC_CMD_SELECT, "%s %s%s", t->readonly ? "EXAMINE" : "SELECT", quoted,
 	    t->condstore ? " (CONDSTORE)" : "");
 	uidset_clear(&r->truth);
-	session_inject(s, RESYNC_CMD_SEARCH, "UID SEARCH ALL");
+	resync_inject_search(s);
 	r->pending += 2;
 }
 

@@ -111,6 +111,7 @@ struct session {
 	char resp_word[16];		/* OK, NO, CAPABILITY, EXISTS, ... (index 1) */
 	struct evbuffer *resp_text;	/* rewritten line under construction */
 	int upstream_bye;		/* the upstream said BYE itself */
+	int up_esearch;			/* the upstream offers ESEARCH (RFC 4731) or IMAP4rev2 */
 	uint32_t resp_held_expunge;	/* "* n EXPUNGE" the client may not hear yet */
 	int resp_held_vanished;		/* "* VANISHED" likewise: the positions below */
 	struct uidset resp_held_positions;

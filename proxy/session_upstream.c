@@ -121,6 +121,14 @@ session_upstream_identify(struct session *s, const struct imap_tok *tok)
 	}
 }
 
+/* What of the upstream's capabilities imapfresh itself uses: each list
+ * replaces the last (the one after login counts). */
+static void
+session_upstream_note_caps(struct session *s, const char *list, size_t len)
+{
+	s->up_esearch = capability_has(list, len, "ESEARCH") || capability_has(list, len, "IMAP4rev2");
+}
+
 /* Record what identifies the response, before its bytes move on. */
 static void
 session_upstream_observe(struct session *s, const struct imap_tok *tok)
@@ -144,6 +152,7 @@ session_upstream_observe(struct session *s, const struct imap_tok *tok)
 		struct evbuffer_iovec v;
 
 		session_upstream_policy(s, &p);
+		session_upstream_note_caps(s, tok->str, tok->len);
 		if (evbuffer_reserve_space(s->resp_text, tok->len + CAPABILITY_EXTRA, &v, 1) < 1)
 			return;
 		out = v.iov_base;
@@ -337,6 +346,7 @@ session_upstream_write_rewritten(struct session *s)
 		char *list = (char *)evbuffer_pullup(s->resp_text, -1);
 		struct evbuffer_iovec v;
 
+		session_upstream_note_caps(s, list, len);
 		session_upstream_policy(s, &p);
 		if (evbuffer_reserve_space(out, len + CAPABILITY_EXTRA + 20, &v, 1) < 1)
 			return;

@@ -30,6 +30,12 @@ check_text(const char *in, int drop, const char *want)
 int
 main(void)
 {
+	ok(capability_has("IMAP4rev1 ESEARCH IDLE", 22, "esearch") &&
+	    !capability_has("IMAP4rev1 ESEARCHX IDLE", 23, "ESEARCH") &&
+	    capability_has("[CAPABILITY IMAP4rev2 IDLE] Logged in", 37, "IMAP4rev2") &&
+	    !capability_has("[CAPABILITY IMAP4rev1] ESEARCH soon", 35, "ESEARCH") &&
+	    !capability_has("", 0, "ESEARCH"),
+	    "capability_has: whole names, any case, inside a code only up to its ]");
 	/* What the upstream says about its own link goes; what the client link offers comes. */
 	check_list("IMAP4rev1 STARTTLS AUTH=PLAIN LOGINDISABLED", 0, 0, "IMAP4rev1 AUTH=PLAIN");
 	check_list("IMAP4rev1 AUTH=PLAIN AUTH=LOGIN SASL-IR", 1, 1, "IMAP4rev1 SASL-IR STARTTLS LOGINDISABLED");

@@ -145,8 +145,12 @@ def t_trace_user_resync(ctx):
     window = lines[start:rel]
     check(held < rel, "held, then released")
     check(any(d == "P>U*" and re.match(r"imapfresh\.\d+ NOOP$", l) for d, l in window) and
-          any(d == "P>U*" and re.match(r"imapfresh\.\d+ UID SEARCH ALL$", l) for d, l in window),
-          "injected NOOP and UID SEARCH around the held command: %s", window)
+          any(d == "P>U*" and re.match(r"imapfresh\.\d+ UID SEARCH RETURN \(ALL\) ALL$", l)
+              for d, l in window),
+          "injected NOOP and UID SEARCH (ESEARCH's form: Dovecot offers it) around the held "
+          "command: %s", window)
+    check(any(d == "U>P" and l.startswith("* ESEARCH") and l.endswith("=> hidden")
+              for d, l in window), "its ranges answer, hidden: %s", window)
     check(any(d == "U>P" and re.match(r"imapfresh\.\d+ OK .* => hidden$", l) for d, l in window),
           "our completions are hidden: %s", window)
     no_secrets({"trace": read(tf), "log": read(p.log)}, secret_forms("alice", USERS["alice"]) +
@@ -338,7 +342,8 @@ def t_trace_redis_streams(ctx):
         check(f in fields, "trace stream field %s missing: %s", f, fields)
     check(fields["instance"] == "it-redis" and fields["sid"].startswith("it-redis:s"), "%s", fields)
     everything = "\n".join(redis_cli(redis, "XRANGE", "imapfresh:trace", "-", "+"))
-    check("P>U*" in everything and "UID SEARCH ALL" in everything, "injected lines in the stream")
+    check("P>U*" in everything and "UID SEARCH RETURN (ALL) ALL" in everything,
+          "injected lines in the stream")
     check("<redacted>" in everything, "the login, redacted")
     no_secrets({"trace stream": everything, "log": read(p.log)},
                secret_forms("alice", USERS["alice"]), "passwords")
