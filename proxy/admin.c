@@ -636,7 +636,7 @@ admin_param(struct evhttp_request *req, const char *body, const char *name)
 static void
 admin_notify(struct admin *adm, struct evhttp_request *req)
 {
-	char *body = NULL, *user = NULL, *mailbox = NULL, canon[COMMAND_ARG_MAX + 1] = "";
+	char *body = NULL, *user = NULL, *mailbox = NULL, canon[2 * COMMAND_ARG_MAX + 1] = "";
 	char peer[96], detail[160];
 	struct evbuffer *out;
 	int local;
@@ -662,7 +662,7 @@ admin_notify(struct admin *adm, struct evhttp_request *req)
 		goto done;
 	}
 	if (mailbox != NULL)
-		track_canonical_mailbox(mailbox, canon, sizeof(canon));
+		track_canonical_mailbox(mailbox, 1, canon, sizeof(canon));	/* UTF-8 */
 	admin_peer(req, peer, sizeof(peer));
 	snprintf(detail, sizeof(detail), "notify from %s", peer);
 	local = store_notify_change(adm->srv->store, user, canon, detail);

@@ -406,7 +406,7 @@ resync_escalate(struct session *s)
 		session_inject(s, RESYNC_CMD_FETCH_UIDS, "FETCH 1:* (UID)");
 		r->pending++;
 	}
-	resync_quote(t->mailbox, quoted, sizeof(quoted));
+	resync_quote(t->mailbox_wire, quoted, sizeof(quoted));
 	session_inject(s, RESYNC_CMD_SELECT, "%s %s%s", t->readonly ? "EXAMINE" : "SELECT", quoted,
 	    t->condstore ? " (CONDSTORE)" : "");
 	uidset_clear(&r->truth);

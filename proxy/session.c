@@ -622,6 +622,7 @@ session_inflight_remove(struct session *s, struct inflight *f)
 	unsigned i = (unsigned)(f - s->inflight);
 
 	free(f->mailbox);
+	free(f->mailbox_wire);
 	free(f->user);
 	memmove(&s->inflight[i], &s->inflight[i + 1], (s->n_inflight - i - 1) * sizeof(*f));
 	s->n_inflight--;

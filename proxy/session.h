@@ -47,6 +47,7 @@ struct inflight {
 	int sasl_plain;		/* AUTHENTICATE PLAIN: the user can be read */
 	int readonly;		/* EXAMINE */
 	char *mailbox;		/* SELECT/EXAMINE/APPEND/COPY/MOVE target, canonical */
+	char *mailbox_wire;	/* SELECT/EXAMINE: the name as sent */
 	char *user;		/* LOGIN / AUTHENTICATE PLAIN identity, until the OK */
 	uint64_t sent_usec;	/* when it went upstream, for the latency histogram */
 	int expunge_issued;	/* it named messages expunged but not yet told: OK becomes NO */

@@ -7,6 +7,7 @@
 
 #include "feed.h"
 #include "log.h"
+#include "mutf7.h"
 #include "resync.h"
 #include "sasl.h"
 #include "session.h"
@@ -32,21 +33,25 @@ track_free(struct track *t)
 }
 
 void
-track_canonical_mailbox(const char *in, char *out, size_t outlen)
+track_canonical_mailbox(const char *in, int utf8, char *out, size_t outlen)
 {
 	if (strcasecmp(in, "INBOX") == 0)
 		in = "INBOX";
+	/* RFC 6855 3: after ENABLE UTF8=ACCEPT names are UTF-8 ('&' is '&');
+	 * before, modified UTF-7 (RFC 3501 5.1.3). One mailbox, one key. */
+	if (!utf8 && strchr(in, '&') != NULL && mutf7_to_utf8(in, out, outlen) == 0)
+		return;
 	snprintf(out, outlen, "%s", in);
 }
 
 static char *
-track_strdup_mailbox(const struct command_arg *a)
+track_strdup_mailbox(const struct session *s, const struct command_arg *a)
 {
-	char name[COMMAND_ARG_MAX + 1];
+	char name[COMMAND_ARG_MAX * 2 + 1];
 
 	if (!a->present || a->truncated)
 		return NULL;	/* a name we could not read whole is not tracked */
-	track_canonical_mailbox(a->val, name, sizeof(name));
+	track_canonical_mailbox(a->val, s->track.utf8, name, sizeof(name));
 	return strdup(name);
 }
 
@@ -74,12 +79,14 @@ track_command_sent(struct session *s, struct inflight *f, const struct command *
 	case CMD_SELECT:
 	case CMD_EXAMINE:
 	case CMD_APPEND:
-		f->mailbox = track_strdup_mailbox(command_arg(cmd, 0));
+		f->mailbox = track_strdup_mailbox(s, command_arg(cmd, 0));
 		f->readonly = cmd->kind == CMD_EXAMINE;
+		if (cmd->kind != CMD_APPEND && f->mailbox != NULL)
+			f->mailbox_wire = strdup(command_arg(cmd, 0)->val);
 		break;
 	case CMD_COPY:
 	case CMD_MOVE:
-		f->mailbox = track_strdup_mailbox(command_arg(cmd, 1));
+		f->mailbox = track_strdup_mailbox(s, command_arg(cmd, 1));
 		break;
 	case CMD_LOGIN:
 		if (command_arg(cmd, 0)->present && !command_arg(cmd, 0)->truncated)
@@ -462,7 +469,7 @@ void
 track_completed(struct session *s, struct inflight *f, int ok, const char *text)
 {
 	struct track *t = &s->track;
-	char detail[1400];
+	char detail[2 * COMMAND_ARG_MAX + 200];
 
 	switch (f->kind) {
 	case CMD_LOGIN:
@@ -480,6 +487,8 @@ track_completed(struct session *s, struct inflight *f, int ok, const char *text)
 			track_select_begins(s);
 		t->selected = 1;
 		snprintf(t->mailbox, sizeof(t->mailbox), "%s", f->mailbox);
+		snprintf(t->mailbox_wire, sizeof(t->mailbox_wire), "%s",
+		    f->mailbox_wire ? f->mailbox_wire : f->mailbox);
 		t->readonly = t->readonly || f->readonly;
 		track_synced(s, t->suser ? store_gen(t->suser, t->mailbox) : 0);
 		log_msg(LOG_LEVEL_DEBUG, s->sid, "mailbox \"%s\" selected: %u messages, UIDVALIDITY %u",

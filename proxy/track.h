@@ -32,7 +32,8 @@ struct track {
 	char user[256];			/* "" until authenticated */
 	struct store_user *suser;	/* the user's generations, once authenticated */
 	int selected;
-	char mailbox[COMMAND_ARG_MAX + 1];	/* canonical name (INBOX upper-cased) */
+	char mailbox[2 * COMMAND_ARG_MAX + 1];	/* canonical name: INBOX upper-cased, UTF-8 */
+	char mailbox_wire[COMMAND_ARG_MAX + 1];	/* as the client named it (the re-SELECT's) */
 	int readonly, condstore;
 	int qresync;			/* ENABLE QRESYNC: expunges are told as VANISHED (RFC 7162 3.2.10) */
 	int utf8;			/* ENABLE UTF8=ACCEPT (RFC 6855) */
@@ -63,8 +64,9 @@ struct track {
 void track_init(struct track *t);
 void track_free(struct track *t);
 
-/* "INBOX" in any case is INBOX; every other name is compared as is. */
-void track_canonical_mailbox(const char *in, char *out, size_t outlen);
+/* One name per mailbox, for generations: "INBOX" in any case is INBOX, a
+ * modified UTF-7 name (a session without UTF8=ACCEPT) is decoded to UTF-8. */
+void track_canonical_mailbox(const char *in, int utf8, char *out, size_t outlen);
 
 /* A client command went upstream whole: note what its completion will mean. */
 void track_command_sent(struct session *s, struct inflight *f, const struct command *cmd);

@@ -2,6 +2,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "mutf7.h"
 #include "track.h"
 #include "tap.h"
 
@@ -26,9 +27,44 @@ static const struct {
 	{ "* 5", 0, 0 },
 };
 
+static int
+canon_is(const char *in, int utf8, const char *want)
+{
+	char out[512];
+
+	track_canonical_mailbox(in, utf8, out, sizeof(out));
+	if (strcmp(out, want) != 0)
+		diag("%s (utf8 %d): got \"%s\", want \"%s\"", in, utf8, out, want);
+	return strcmp(out, want) == 0;
+}
+
+static void
+test_canonical(void)
+{
+	char out[8];
+
+	ok(canon_is("Entw&APw-rfe", 0, "Entw\xc3\xbcrfe") && canon_is("Entw\xc3\xbcrfe", 1,
+	    "Entw\xc3\xbcrfe"), "modified UTF-7 and UTF-8 name the same mailbox");
+	ok(canon_is("~peter/mail/&U,BTFw-/&ZeVnLIqe-", 0,
+	    "~peter/mail/\xe5\x8f\xb0\xe5\x8c\x97/\xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e"),
+	    "RFC 3501 5.1.3's example");
+	ok(canon_is("&2D3eAA-", 0, "\xf0\x9f\x98\x80"), "a surrogate pair");
+	ok(canon_is("a&-b", 0, "a&b") && canon_is("a&-b", 1, "a&-b") && canon_is("Entw&APw-rfe", 1,
+	    "Entw&APw-rfe"), "'&-' is '&'; after UTF8=ACCEPT '&' is itself");
+	ok(canon_is("inbox", 0, "INBOX") && canon_is("Inbox", 1, "INBOX") &&
+	    canon_is("INBOX.Sent", 0, "INBOX.Sent"), "INBOX in any case");
+	ok(canon_is("&AGE-", 0, "&AGE-") && canon_is("&Jjo!", 0, "&Jjo!") && canon_is("&APw", 0, "&APw") &&
+	    canon_is("&3gA-", 0, "&3gA-") && canon_is("&2D0-", 0, "&2D0-") &&
+	    canon_is("&APw-\xc3\xbc", 0, "&APw-\xc3\xbc") && canon_is("&APx-", 0, "&APx-"),
+	    "not modified UTF-7 (ASCII encoded, bad char, unterminated, lone surrogates, 8-bit, "
+	    "padding bits): kept as given");
+	ok(mutf7_to_utf8("&ZeVnLIqe-", out, sizeof(out)) < 0, "an output too small is refused");
+}
+
 int
 main(void)
 {
+	test_canonical();
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		uint32_t num = 0, uid = 0;
 		int want = cases[i].num != 0;

@@ -228,3 +228,31 @@ def t_wd_feed_idle(ctx):
       timeout=120)
 def t_wd_direct_copy(ctx):
     check(_scenario(ctx, "copy", through=False) == [], "WildDuck should be stale here")
+
+
+@test("wildduck: a UTF8=ACCEPT session and a modified-UTF-7 session of one user resync each "
+      "other (one mailbox, one name)", proxy_only=True, timeout=120)
+def t_wd_utf8_utf7(ctx):
+    b = wildduck(ctx)
+    p = feed_proxy(ctx, b, "wd-utf8", feed=False)     # the change passes through imapfresh
+    user = "wdutf%d" % (int(time.time() * 1000) % 10 ** 8)
+    uid_user = b.create_user(user, "wd-pw")
+    st, res = b.api("POST", "/users/%s/mailboxes" % uid_user, {"path": "Entw\u00fcrfe"})
+    check(st == 200 and res.get("success"), "create: %s %s", st, res)
+    inbox = b.mailboxes(uid_user)["INBOX"]
+    st, res = b.api("POST", "/users/%s/mailboxes/%s/messages" % (uid_user, inbox),
+                    raw=message(7))
+    msg = res["message"]["id"]
+    bb = raw_login(p.tls_port, "B", user, "wd-pw", tls=True, ctx=ctx)
+    _, lines, _ = bb.expect_ok("E1", "ENABLE UTF8=ACCEPT")
+    check(any(b"UTF8=ACCEPT" in l for l in lines), "UTF8=ACCEPT enabled: %r", lines)
+    bb.expect_ok("S1", 'SELECT "Entw\u00fcrfe"')        # UTF-8 in a quoted string (RFC 6855)
+    check(bb.uid_fetch_all("F0") == [], "empty at first")
+    time.sleep(0.3)
+    a = raw_login(p.tls_port, "A", user, "wd-pw", tls=True, ctx=ctx)
+    a.expect_ok("A1", "SELECT INBOX")
+    a.expect_ok("A2", "UID MOVE %d Entw&APw-rfe" % msg)     # modified UTF-7 (RFC 3501 5.1.3)
+    bb.expect_ok("T1", 'GETQUOTAROOT "Entw\u00fcrfe"')
+    seen = bb.uid_fetch_all("T2")
+    check(len(seen) == 1, "B (UTF-8) should see what A (UTF-7) moved in: %s", seen)
+    bb.assert_clean()
