@@ -33,6 +33,7 @@ command_reset(struct command *cmd)
 	cmd->uid = 0;
 	cmd->ntokens = 0;
 	cmd->literals = 0;
+	cmd->condstore = 0;
 	cmd->sasl_user[0] = '\0';
 	free(cmd->args);
 	cmd->args = NULL;
@@ -133,6 +134,34 @@ command_arg_append(struct command_arg *a, const char *s, size_t len)
 	a->present = 1;
 }
 
+static int
+command_word_is(const struct imap_tok *tok, const char *word)
+{
+	return tok->len == strlen(word) && strncasecmp(tok->str, word, tok->len) == 0;
+}
+
+/* SELECT/EXAMINE (CONDSTORE) or (QRESYNC ...), FETCH ... MODSEQ or
+ * (CHANGEDSINCE n), STORE (UNCHANGEDSINCE n), SEARCH MODSEQ. */
+static int
+command_enables_condstore(const struct command *cmd, const struct imap_tok *tok)
+{
+	switch (cmd->kind) {
+	case CMD_SELECT:
+	case CMD_EXAMINE:
+		return tok->depth == 1 && (command_word_is(tok, "CONDSTORE") ||
+		    command_word_is(tok, "QRESYNC"));
+	case CMD_FETCH:
+		return tok->depth >= 1 && (command_word_is(tok, "MODSEQ") ||
+		    command_word_is(tok, "CHANGEDSINCE"));
+	case CMD_STORE:
+		return tok->depth == 1 && command_word_is(tok, "UNCHANGEDSINCE");
+	case CMD_SEARCH:
+		return command_word_is(tok, "MODSEQ");
+	default:
+		return 0;
+	}
+}
+
 void
 command_feed(struct command *cmd, const struct imap_tok *tok)
 {
@@ -166,6 +195,10 @@ command_feed(struct command *cmd, const struct imap_tok *tok)
 		return;
 	}
 
+	/* RFC 7162 3.1: these turn CONDSTORE on for the rest of the session. */
+	if (tok->type == IMAP_TOK_ATOM && tok->index >= command_first_arg(cmd) &&
+	    command_enables_condstore(cmd, tok))
+		cmd->condstore = 1;
 	/* Arguments: keep top-level atoms, strings and literals, never secrets. */
 	if (tok->depth > 0 || tok->index < command_first_arg(cmd))
 		return;

@@ -59,6 +59,7 @@ struct command {
 	 * none. A secret (LOGIN's password, a SASL response) is never stored. */
 	struct command_arg *args;
 	unsigned literals;	/* literals in this command */
+	int condstore;		/* it turns CONDSTORE on (RFC 7162 3.1) */
 	char sasl_user[256];	/* AUTHENTICATE PLAIN initial response: the user only */
 };
 

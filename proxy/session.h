@@ -46,6 +46,7 @@ struct inflight {
 	int started;		/* SELECT: its untagged responses have begun */
 	int sasl_plain;		/* AUTHENTICATE PLAIN: the user can be read */
 	int readonly;		/* EXAMINE */
+	int condstore;		/* turns CONDSTORE on when it succeeds */
 	char *mailbox;		/* SELECT/EXAMINE/APPEND/COPY/MOVE target, canonical */
 	char *mailbox_wire;	/* SELECT/EXAMINE: the name as sent */
 	char *user;		/* LOGIN / AUTHENTICATE PLAIN identity, until the OK */

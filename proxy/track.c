@@ -75,6 +75,7 @@ track_deselect(struct session *s, const char *why)
 void
 track_command_sent(struct session *s, struct inflight *f, const struct command *cmd)
 {
+	f->condstore = cmd->condstore;
 	switch (cmd->kind) {
 	case CMD_SELECT:
 	case CMD_EXAMINE:
@@ -471,6 +472,8 @@ track_completed(struct session *s, struct inflight *f, int ok, const char *text)
 	struct track *t = &s->track;
 	char detail[2 * COMMAND_ARG_MAX + 200];
 
+	if (ok && f->condstore)
+		t->condstore = 1;	/* for the rest of the session: re-SELECTs ask for it */
 	switch (f->kind) {
 	case CMD_LOGIN:
 	case CMD_AUTHENTICATE:

@@ -43,6 +43,40 @@ main(void)
 	ok(strcmp(command_arg(&c, 0)->val, "bob") == 0, "LOGIN user kept");
 	ok(!command_arg(&c, 1)->present && strstr(command_arg(&c, 1)->val, "s3cret") == NULL, "LOGIN password never stored");
 
+	/* RFC 7162 3.1: commands that turn CONDSTORE on. */
+	command_reset(&c);
+	feed(&c, IMAP_TOK_ATOM, 0, 0, "s");
+	feed(&c, IMAP_TOK_ATOM, 1, 0, "SELECT");
+	feed(&c, IMAP_TOK_ATOM, 2, 0, "INBOX");
+	feed(&c, IMAP_TOK_LIST_BEGIN, 3, 0, NULL);
+	feed(&c, IMAP_TOK_ATOM, 3, 1, "condstore");
+	ok(c.condstore, "SELECT INBOX (CONDSTORE)");
+	command_reset(&c);
+	feed(&c, IMAP_TOK_ATOM, 0, 0, "s");
+	feed(&c, IMAP_TOK_ATOM, 1, 0, "SELECT");
+	feed(&c, IMAP_TOK_ATOM, 2, 0, "CONDSTORE");
+	ok(!c.condstore, "a mailbox named CONDSTORE does not");
+	command_reset(&c);
+	feed(&c, IMAP_TOK_ATOM, 0, 0, "f");
+	feed(&c, IMAP_TOK_ATOM, 1, 0, "UID");
+	feed(&c, IMAP_TOK_ATOM, 2, 0, "FETCH");
+	feed(&c, IMAP_TOK_ATOM, 3, 0, "1:*");
+	feed(&c, IMAP_TOK_LIST_BEGIN, 4, 0, NULL);
+	feed(&c, IMAP_TOK_ATOM, 4, 1, "FLAGS");
+	feed(&c, IMAP_TOK_LIST_END, 4, 0, NULL);
+	feed(&c, IMAP_TOK_LIST_BEGIN, 5, 0, NULL);
+	feed(&c, IMAP_TOK_ATOM, 5, 1, "CHANGEDSINCE");
+	ok(c.condstore, "UID FETCH ... (CHANGEDSINCE n)");
+	command_reset(&c);
+	feed(&c, IMAP_TOK_ATOM, 0, 0, "w");
+	feed(&c, IMAP_TOK_ATOM, 1, 0, "STORE");
+	feed(&c, IMAP_TOK_ATOM, 2, 0, "1");
+	feed(&c, IMAP_TOK_LIST_BEGIN, 3, 0, NULL);
+	feed(&c, IMAP_TOK_ATOM, 3, 1, "UNCHANGEDSINCE");
+	ok(c.condstore, "STORE 1 (UNCHANGEDSINCE n)");
+	command_reset(&c);
+	ok(!c.condstore, "reset");
+
 	command_reset(&c);
 	feed(&c, IMAP_TOK_ATOM, 0, 0, "a2");
 	feed(&c, IMAP_TOK_ATOM, 1, 0, "AUTHENTICATE");
