@@ -57,6 +57,8 @@ capability_rewrite(const char *in, size_t len, const struct capability_policy *p
 		o = capability_append(out, o, "STARTTLS", 8);
 	if (p->login_disabled)
 		o = capability_append(out, o, "LOGINDISABLED", 13);
+	if (p->offer_compress)
+		o = capability_append(out, o, "COMPRESS=DEFLATE", 16);
 	return o;
 }
 

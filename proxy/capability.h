@@ -7,11 +7,12 @@
 struct capability_policy {
 	int offer_starttls;	/* client link is plaintext and a certificate is loaded */
 	int login_disabled;	/* require_tls applies: LOGINDISABLED, no AUTH= */
+	int offer_compress;	/* COMPRESS=DEFLATE, terminated by imapfresh (compress.c) */
 };
 
 /* Rewrite a space-separated capability list (no "CAPABILITY" word). out must
  * hold len + CAPABILITY_EXTRA bytes. Returns the output length. */
-#define CAPABILITY_EXTRA 32
+#define CAPABILITY_EXTRA 64
 size_t capability_rewrite(const char *in, size_t len, const struct capability_policy *p, char *out);
 
 /* Rewrite resp-text when it starts with a [CAPABILITY ...] code; other text is

@@ -59,6 +59,7 @@ command_keeps_args(enum command_kind kind)
 	case CMD_MOVE:
 	case CMD_LOGIN:
 	case CMD_AUTHENTICATE:
+	case CMD_COMPRESS:
 		return 1;
 	default:
 		return 0;

@@ -15,7 +15,9 @@
 static int
 relay_is_plain(struct bufferevent *bev)
 {
-	return bev != NULL && bufferevent_getfd(bev) >= 0 && bufferevent_openssl_get_ssl(bev) == NULL;
+	/* A filter (COMPRESS) reports its underlying socket: never write around it. */
+	return bev != NULL && bufferevent_getfd(bev) >= 0 && bufferevent_openssl_get_ssl(bev) == NULL &&
+	    bufferevent_get_underlying(bev) == NULL;
 }
 
 void

@@ -3,6 +3,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "compress.h"
 #include "log.h"
 #include "relay.h"
 #include "session.h"
@@ -97,8 +98,17 @@ session_client_decide(struct session *s, int whole_line)
 			session_client_reject(s, SESSION_PRIVACY);
 		break;
 	case CMD_COMPRESS:
-		/* The proxy reads every byte; it does not advertise COMPRESS. */
-		session_client_reject(s, "NO [CANNOT] COMPRESS is not available");
+		/* RFC 4978: terminated here, like TLS; the upstream link stays as it is. */
+		if (!whole_line || strcasecmp(command_arg(&s->cmd, 0)->val, "DEFLATE") != 0)
+			session_client_reject(s, "BAD COMPRESS takes one argument: DEFLATE");
+		else if (compress_active(s->client))
+			session_client_reject(s, "NO [COMPRESSIONACTIVE] DEFLATE is already active");
+		else if (!s->authenticated)
+			session_client_reject(s, "BAD COMPRESS is valid only after authentication");
+		else if (s->n_inflight > 0)
+			session_client_reject(s, "BAD COMPRESS must not be pipelined");
+		else
+			s->cmd_local = 1;
 		break;
 	default:
 		break;
@@ -191,6 +201,30 @@ session_client_starttls(struct session *s)
 	session_client_reset(s);
 	bufferevent_disable(s->client, EV_READ);
 	session_enter(s, SESSION_CLIENT_STARTTLS, "client STARTTLS");
+}
+
+/*
+ * RFC 4978 3: "the server ... MUST start compression immediately after the
+ * tagged OK". The OK is queued on the link as it is; everything written
+ * after it goes through the compressor, in order. The client sends nothing
+ * more before it has the OK, so nothing read yet is compressed.
+ */
+static void
+session_client_compress(struct session *s)
+{
+	struct bufferevent *bev;
+
+	evbuffer_drain(s->cline, evbuffer_get_length(s->cline));	/* ours, not the server's */
+	session_reply(s, "%s OK DEFLATE active", s->cmd.tag);
+	session_client_reset(s);
+	if ((bev = compress_wrap(s->client)) == NULL) {
+		session_close(s, NULL, "cannot start DEFLATE (out of memory)");
+		return;
+	}
+	s->client = bev;
+	session_set_client_callbacks(s);
+	session_set_timeouts(s);
+	log_msg(LOG_LEVEL_INFO, s->sid, "client link compressed (COMPRESS=DEFLATE)");
 }
 
 void
@@ -340,7 +374,10 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 			}
 			if (s->cmd_local) {
 				session_client_fate(s, TRACE_LOCAL);
-				session_client_starttls(s);
+				if (s->cmd.kind == CMD_COMPRESS)
+					session_client_compress(s);
+				else
+					session_client_starttls(s);
 				break;
 			}
 		}

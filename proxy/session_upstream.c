@@ -6,6 +6,7 @@
 #include <strings.h>
 
 #include "capability.h"
+#include "compress.h"
 #include "log.h"
 #include "relay.h"
 #include "renumber.h"
@@ -39,6 +40,9 @@ session_upstream_policy(struct session *s, struct capability_policy *p)
 	p->offer_starttls = !s->client_tls && !s->authenticated && !session_upstream_logs_in(s) &&
 	    s->srv->tls_server != NULL;
 	p->login_disabled = s->srv->cfg.require_tls && !s->client_tls;
+	/* Like Dovecot: once authenticated (COMPRESS is valid only then). */
+	p->offer_compress = (s->authenticated || session_upstream_logs_in(s)) &&
+	    !compress_active(s->client);
 }
 
 static void
