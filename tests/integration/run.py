@@ -1286,6 +1286,7 @@ import notify_tests  # noqa: E402,F401  (issue 15: changes made behind imapfresh
 import feed_tests  # noqa: E402,F401  (issue 15: the backend's change feed)
 import wildduck_tests  # noqa: E402,F401  (issue 15: a real WildDuck)
 import compress_tests  # noqa: E402,F401  (issue 16: COMPRESS=DEFLATE)
+import clients_tests  # noqa: E402,F401  (issue 16: real client programs)
 
 
 def main():
