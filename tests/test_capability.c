@@ -7,7 +7,7 @@
 static void
 check_list(const char *in, int starttls, int logindisabled, const char *want)
 {
-	struct capability_policy p = { starttls, logindisabled };
+	struct capability_policy p = { starttls, logindisabled, 0 };
 	char out[1024];
 	size_t n = capability_rewrite(in, strlen(in), &p, out);
 
@@ -19,7 +19,7 @@ check_list(const char *in, int starttls, int logindisabled, const char *want)
 static void
 check_text(const char *in, int drop, const char *want)
 {
-	struct capability_policy p = { 0, 0 };
+	struct capability_policy p = { 0, 0, 0 };
 	char out[1024];
 	size_t n = capability_rewrite_text(in, strlen(in), &p, drop, out);
 
@@ -30,6 +30,16 @@ check_text(const char *in, int drop, const char *want)
 int
 main(void)
 {
+	{
+		struct capability_policy p = { 0, 0, 1 };
+		char out[256];
+		const char *in = "IMAP4rev1 COMPRESS=DEFLATE IDLE";
+		size_t n = capability_rewrite(in, strlen(in), &p, out);
+
+		out[n] = '\0';
+		ok(strcmp(out, "IMAP4rev1 IDLE COMPRESS=DEFLATE") == 0,
+		    "the server's COMPRESS= goes, imapfresh's own comes (%s)", out);
+	}
 	ok(capability_has("IMAP4rev1 ESEARCH IDLE", 22, "esearch") &&
 	    !capability_has("IMAP4rev1 ESEARCHX IDLE", 23, "ESEARCH") &&
 	    capability_has("[CAPABILITY IMAP4rev2 IDLE] Logged in", 37, "IMAP4rev2") &&
