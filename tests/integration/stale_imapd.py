@@ -49,13 +49,16 @@ What is modelled (and how)
   stays stale until the next SELECT), never emitted out of order.
 
 Protocol: IMAP4rev1 with LITERAL+ UIDPLUS MOVE IDLE QUOTA NAMESPACE UNSELECT;
-AUTH=PLAIN and SASL-IR are advertised before login only.
+AUTH=PLAIN and SASL-IR are advertised before login only. With qresync=True
+(--qresync yes) also ENABLE CONDSTORE QRESYNC: ENABLE QRESYNC makes the
+session report expunges as * VANISHED <uid> (RFC 7162 3.2.10), and SELECT
+accepts a (CONDSTORE) parameter; no MODSEQs are kept.
 
 CLI
 ---
   stale_imapd.py --port P [--host 127.0.0.1] [--user NAME:PASS]...
                  [--debounce-ms N] [--idle-push yes|no] [--copy-notifies yes|no]
-                 [--drop-notifications N] [--no-apply-after FETCH,STORE,APPEND]
+                 [--drop-notifications N] [--no-apply-after FETCH,STORE,APPEND] [--qresync yes|no]
                  [--log FILE]
 prints STALE_PORT=P and READY=1 once listening; runs until SIGTERM/SIGINT.
 --port 0 picks a free port.
@@ -711,7 +714,7 @@ COMMANDS = {
     "GETQUOTAROOT": AUTHED, "SUBSCRIBE": AUTHED, "UNSUBSCRIBE": AUTHED, "IDLE": AUTHED,
     "CHECK": (SELECTED,), "CLOSE": (SELECTED,), "UNSELECT": (SELECTED,), "EXPUNGE": (SELECTED,),
     "SEARCH": (SELECTED,), "FETCH": (SELECTED,), "STORE": (SELECTED,), "COPY": (SELECTED,),
-    "MOVE": (SELECTED,),
+    "MOVE": (SELECTED,), "ENABLE": AUTHED,
 }
 # tag = 1*<any ASTRING-CHAR except "+">
 TAG_RE = re.compile(r'[^\x00-\x20\x7f(){%*"\\+]+')
@@ -736,6 +739,7 @@ class Session:
         self.user = None
         self.selected = None
         self.read_only = False
+        self.qresync = False            # ENABLE QRESYNC: expunges told as VANISHED
         self.uid_list = []          # the session's view: seq n is uid_list[n-1]
         self.pending = []           # journal entries pulled, not yet emitted
         self.journal_pos = 0        # modseq up to which the journal was pulled
@@ -850,7 +854,12 @@ class Session:
             self.user.sessions.discard(self)
 
     def capabilities(self):
-        return CAPABILITIES + (" " + PREAUTH_EXTRA if self.state == NOT_AUTH else "")
+        extra = " ENABLE CONDSTORE QRESYNC" if self.opts.get("qresync") else ""
+        return CAPABILITIES + extra + (" " + PREAUTH_EXTRA if self.state == NOT_AUTH else "")
+
+    def send_expunge(self, seq, uid):
+        """RFC 7162 3.2.10: a QRESYNC session gets VANISHED, never EXPUNGE."""
+        self.send("* VANISHED %d" % uid if self.qresync else "* %d EXPUNGE" % seq)
 
     async def dispatch(self, tok):
         t = tok.tokens
@@ -938,7 +947,7 @@ class Session:
                 continue
             if e.kind == "EXPUNGE":
                 del self.uid_list[i]
-                self.send("* %d EXPUNGE" % (i + 1))
+                self.send_expunge(i + 1, e.uid)
             else:
                 msg = self.selected.messages.get(e.uid)
                 flags = msg.flags if msg is not None else set(e.flags)
@@ -995,7 +1004,7 @@ class Session:
                 if i is not None:
                     del self.uid_list[i]
                     if announce:
-                        self.send("* %d EXPUNGE" % (i + 1))
+                        self.send_expunge(i + 1, u)
 
     # ------------------------------------------------------------ any state
     async def cmd_capability(self, tag, args, uid):
@@ -1051,7 +1060,21 @@ class Session:
         return self._login(authcid, password.decode("utf-8", "surrogateescape"))
 
     # ------------------------------------------------------------ authenticated
+    async def cmd_enable(self, tag, args, uid):
+        if not self.opts.get("qresync"):
+            raise BadCommand("ENABLE is not offered (--qresync)")
+        names = [str(a).upper() for a in args]
+        if "QRESYNC" in names:
+            self.qresync = True
+            self.send("* ENABLED CONDSTORE QRESYNC")
+        elif "CONDSTORE" in names:
+            self.send("* ENABLED CONDSTORE")
+        return "OK ENABLE completed"
+
     async def cmd_select(self, tag, args, uid, read_only=False):
+        # SELECT box (CONDSTORE) is accepted where ENABLE is offered (no MODSEQs kept)
+        if len(args) == 2 and self.opts.get("qresync") and isinstance(args[1], list):
+            args = args[:1]
         if len(args) != 1:
             raise BadCommand("SELECT takes one mailbox name")
         name, mb = self.mailbox_arg(args[0])
@@ -1623,7 +1646,7 @@ class SearchQuery:
 
 def make_options(users=None, debounce_ms=100, idle_push=True, copy_notifies=True,
                  drop_notifications=0, no_apply_after=DEFAULT_NO_APPLY, log=None,
-                 quota_kb=QUOTA_LIMIT_KB):
+                 quota_kb=QUOTA_LIMIT_KB, qresync=False):
     if isinstance(no_apply_after, str):
         no_apply_after = [x for x in no_apply_after.split(",")]
     return {
@@ -1635,6 +1658,7 @@ def make_options(users=None, debounce_ms=100, idle_push=True, copy_notifies=True
         "no_apply_after": frozenset(x.strip().upper().replace("UID ", "") for x in no_apply_after if x.strip()),
         "log": log,
         "quota_kb": int(quota_kb),
+        "qresync": bool(qresync),
     }
 
 
@@ -1816,12 +1840,14 @@ def main(argv=None):
     p.add_argument("--no-apply-after", default=",".join(DEFAULT_NO_APPLY), metavar="LIST",
                    help="commands after which queued changes are NOT emitted (default %(default)s)")
     p.add_argument("--quota-kb", type=int, default=QUOTA_LIMIT_KB)
+    p.add_argument("--qresync", type=yes_no, default=False, metavar="yes|no",
+                   help="offer ENABLE CONDSTORE QRESYNC (expunges as VANISHED once enabled)")
     p.add_argument("--log", help="protocol log file (passwords redacted)")
     a = p.parse_args(argv)
     srv = StaleServer(host=a.host, port=a.port, users=dict(a.user) or None, debounce_ms=a.debounce_ms,
                       idle_push=a.idle_push, copy_notifies=a.copy_notifies,
                       drop_notifications=a.drop_notifications, no_apply_after=a.no_apply_after,
-                      log=a.log, quota_kb=a.quota_kb)
+                      log=a.log, quota_kb=a.quota_kb, qresync=a.qresync)
     srv.serve_forever()
     return 0
 

@@ -277,6 +277,31 @@ def _expunge_then_fetch(ctx, position):
     check('SELECT "Archive"' in fx.injected(), "the re-SELECT path was taken: %s", fx.injected())
 
 
+@test("stale/qresync: an escalation behind a QRESYNC client's FETCH tells it VANISHED, never "
+      "EXPUNGE, after the FETCH", proxy_only=True)
+def t_repair_expunge_qresync(ctx):
+    fx = Fixture(ctx, options=dict(NEVER, qresync=True))
+    a, b, uids, _ = prepare(ctx, fx)
+    _, lines, _ = b.expect_ok("E1", "ENABLE QRESYNC")
+    check(any(l.startswith(b"* ENABLED") for l in lines), "enabled: %r", lines)
+    a.expect_ok("M1", "UID MOVE %d:%d Archive" % (uids[0], uids[2]))
+    seen = b.uid_fetch_all("F1")
+    check(len(seen) == 3, "B sees the three moved messages: %s", seen)
+    a.expect_ok("S3", "SELECT Archive")
+    a.expect_ok("E1", "UID STORE %d +FLAGS.SILENT (\\Deleted)" % seen[0])
+    a.expect_ok("E2", "EXPUNGE")
+    tagged, lines, _ = b.command("F2", "FETCH 1:3 (UID)")
+    check(not any(re.match(rb"\* (\d+ EXPUNGE|VANISHED)", l) for l in lines),
+          "no EXPUNGE/VANISHED during FETCH: %r", lines)
+    _, lines, _ = b.expect_ok("N1", "NOOP")
+    check(not any(b"EXPUNGE" in l for l in lines), "never EXPUNGE to a QRESYNC client: %r", lines)
+    check([l for l in lines if l.startswith(b"* VANISHED")] == [b"* VANISHED %d\r\n" % seen[0]],
+          "VANISHED of the expunged UID: %r", lines)
+    check(b.uid_fetch_all("F3") == seen[1:], "B's view")
+    check('SELECT "Archive" (CONDSTORE)' in fx.injected(),
+          "the re-SELECT asked for CONDSTORE (QRESYNC enables it): %s", fx.injected())
+
+
 @test("stale: a plain FETCH after another session expunged B's first message: held, renumbered",
       proxy_only=True)
 def t_repair_expunge_seq_first(ctx):
