@@ -175,15 +175,14 @@ session_upstream_observe(struct session *s, const struct imap_tok *tok)
 	}
 }
 
-/* The tagged completion of a command imapfresh sent itself. */
-static int
-session_upstream_ours(struct session *s)
+/* The command a tagged response completes; NULL for "*", "+" or a tag in
+ * nothing in flight. */
+static struct inflight *
+session_upstream_completes(struct session *s)
 {
-	struct inflight *f;
-
 	if (strcmp(s->resp_tag, "*") == 0 || strcmp(s->resp_tag, "+") == 0)
-		return 0;
-	return (f = session_inflight_find(s, s->resp_tag)) != NULL && f->injected;
+		return NULL;
+	return session_inflight_find(s, s->resp_tag);
 }
 
 /* "* n WORD" goes on as "* k WORD": the bytes read so far are replaced,
@@ -243,17 +242,15 @@ session_upstream_renumber_vanished(struct session *s, const struct imap_tok *tok
  * when the response is decided (or must wait for its next token).
  */
 static int
-session_upstream_renumber(struct session *s, const struct imap_tok *tok)
+session_upstream_renumber(struct session *s, const struct imap_tok *tok, struct inflight *f)
 {
 	struct pending *p = &s->track.pending;
-	struct inflight *f;
 
 	if (s->n_inflight > 0 && !s->inflight[0].injected && !s->inflight[0].started &&
 	    (s->inflight[0].kind == CMD_SELECT || s->inflight[0].kind == CMD_EXAMINE))
 		pending_clear(p);	/* what arrives now describes the new mailbox */
 	if (strcmp(s->resp_tag, "*") != 0) {
-		if (strcmp(s->resp_tag, "+") == 0 || (f = session_inflight_find(s, s->resp_tag)) == NULL ||
-		    f->injected)
+		if (f == NULL)	/* "+", or a tag in nothing in flight (ours are decided already) */
 			return 0;
 		renumber_flush(s);	/* before the completion: the client may hear them now */
 		if (f->expunge_issued && (f->kind == CMD_FETCH || f->kind == CMD_STORE) &&
@@ -304,6 +301,8 @@ session_upstream_renumber(struct session *s, const struct imap_tok *tok)
 static void
 session_upstream_decide(struct session *s, const struct imap_tok *tok)
 {
+	struct inflight *f;
+
 	if (s->state == SESSION_UPSTREAM_STARTTLS) {
 		session_upstream_set_mode(s, RESP_SWALLOW);
 		return;
@@ -313,11 +312,13 @@ session_upstream_decide(struct session *s, const struct imap_tok *tok)
 			session_upstream_set_mode(s, resync_response_hidden(s) ? RESP_SWALLOW : RESP_PASS);
 		return;	/* wait for the word after the tag */
 	}
-	if (resync_response_hidden(s) || session_upstream_ours(s)) {
+	/* One look-up of the command a tagged response completes, for both uses. */
+	f = session_upstream_completes(s);
+	if (resync_response_hidden(s) || (f != NULL && f->injected)) {
 		session_upstream_set_mode(s, RESP_SWALLOW);
 		return;
 	}
-	if (s->state == SESSION_RUNNING && session_upstream_renumber(s, tok))
+	if (s->state == SESSION_RUNNING && session_upstream_renumber(s, tok, f))
 		return;
 	if (s->id_responses_hidden > 0 && strcmp(s->resp_tag, "*") == 0 &&
 	    strcmp(s->resp_word, "ID") == 0) {
