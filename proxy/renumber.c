@@ -328,13 +328,12 @@ renumber_flush(struct session *s)
 		return;
 	}
 	/* Highest first: each one leaves the numbers of those below as they are. */
-	for (size_t i = p->pos.n; i > 0; i--)
-		for (uint64_t k = p->pos.r[i - 1].hi; k >= p->pos.r[i - 1].lo; k--) {
-			if (!s->track.qresync)
+	if (!s->track.qresync)
+		for (size_t i = p->pos.n; i > 0; i--)
+			for (uint64_t k = p->pos.r[i - 1].hi; k >= p->pos.r[i - 1].lo; k--)
 				session_reply(s, "* %llu EXPUNGE", (unsigned long long)k);
-			seqmap_expunge(&s->track.view, (uint32_t)k);
-			told++;
-		}
+	seqmap_expunge_set(&s->track.view, &p->pos);
+	told = pending_count(p);
 	pending_clear(p);
 	s->track.dirty = 1;
 	log_msg(LOG_LEVEL_DEBUG, s->sid, "told the client of %u held expunges", told);

@@ -31,9 +31,7 @@ repair_view_matches(const struct seqmap *view, const struct pending *held,
 		seqmap_free(&server);
 		return 0;
 	}
-	for (size_t i = held->pos.n; i > 0; i--)
-		for (uint64_t k = held->pos.r[i - 1].hi; k >= held->pos.r[i - 1].lo; k--)
-			seqmap_expunge(&server, (uint32_t)k);
+	seqmap_expunge_set(&server, &held->pos);
 	same = seqmap_consistent(&server, truth);
 	seqmap_free(&server);
 	return same;

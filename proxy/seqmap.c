@@ -186,6 +186,14 @@ seqmap_expunge(struct seqmap *m, uint32_t seq)
 }
 
 void
+seqmap_expunge_set(struct seqmap *m, const struct uidset *positions)
+{
+	for (size_t i = positions->n; i > 0; i--)
+		for (uint64_t k = positions->r[i - 1].hi; k >= positions->r[i - 1].lo; k--)
+			seqmap_expunge(m, (uint32_t)k);
+}
+
+void
 seqmap_vanished(struct seqmap *m, uint32_t uid)
 {
 	seqmap_vanished_range(m, uid, uid);

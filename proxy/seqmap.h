@@ -25,6 +25,9 @@ void seqmap_reset(struct seqmap *m, uint32_t count);	/* after SELECT: count know
 
 void seqmap_exists(struct seqmap *m, uint32_t count);
 void seqmap_expunge(struct seqmap *m, uint32_t seq);
+/* Every position in the set is expunged; removed highest first, so each
+ * removal leaves the numbers of those below as they are. */
+void seqmap_expunge_set(struct seqmap *m, const struct uidset *positions);
 /* VANISHED (QRESYNC): the message with this UID is gone; its position need
  * not be known, only that it lies between the known runs around its UID. */
 void seqmap_vanished(struct seqmap *m, uint32_t uid);
