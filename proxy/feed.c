@@ -33,17 +33,16 @@
 #include "log.h"
 #include "server.h"
 #include "store.h"
+#include "strmap.h"
 
 #define FEED_CHANNEL "wd_events"
-#define FEED_BUCKETS 4096		/* chains stay short up to ~100k users */
 #define FEED_BACKOFF_MAX 30
 #define FEED_HTTP_TIMEOUT 5
 
 enum feed_lookup { FEED_UNRESOLVED, FEED_PENDING, FEED_RESOLVED, FEED_FAILED };
 
-/* A user with sessions here (or had), in two chains: by name and by id. */
+/* A user with sessions here (or had), in two maps: by name and by id. */
 struct feed_user {
-	struct feed_user *next_name, *next_id;
 	char id[25];			/* "" until resolved */
 	enum feed_lookup lookup;
 	time_t at;			/* when the lookup ended */
@@ -62,7 +61,8 @@ struct feed {
 	struct event *retry;
 	uint64_t epoch;
 	struct evhttp_connection *http;
-	struct feed_user *by_name[FEED_BUCKETS], *by_id[FEED_BUCKETS];
+	struct strmap by_name;	/* owns its struct feed_user values */
+	struct strmap by_id;	/* the resolved ones again */
 	struct feed_stats stats;
 };
 
@@ -70,46 +70,20 @@ struct feed {
  * kept (it may be gone by the time they come). */
 static struct feed *feed_current;
 
-static uint32_t
-feed_hash(const char *s)
-{
-	uint32_t h = 2166136261u;
-
-	while (*s)
-		h = (h ^ (unsigned char)*s++) * 16777619u;
-	return h % FEED_BUCKETS;
-}
-
 static struct feed_user *
 feed_find_name(const struct feed *f, const char *name)
 {
-	struct feed_user *u = f->by_name[feed_hash(name)];
+	const struct strmap_entry *e = strmap_find(&f->by_name, name);
 
-	while (u && strcmp(u->name, name) != 0)
-		u = u->next_name;
-	return u;
+	return e ? e->v.ptr : NULL;
 }
 
 static struct feed_user *
 feed_find_id(const struct feed *f, const char *id)
 {
-	struct feed_user *u = f->by_id[feed_hash(id)];
+	const struct strmap_entry *e = strmap_find(&f->by_id, id);
 
-	while (u && strcmp(u->id, id) != 0)
-		u = u->next_id;
-	return u;
-}
-
-static void
-feed_unlink_id(struct feed *f, struct feed_user *u)
-{
-	struct feed_user **pp = &f->by_id[feed_hash(u->id)];
-
-	while (*pp && *pp != u)
-		pp = &(*pp)->next_id;
-	if (*pp)
-		*pp = u->next_id;
-	u->next_id = NULL;
+	return e ? e->v.ptr : NULL;
 }
 
 int
@@ -339,11 +313,15 @@ static void
 feed_set_id(struct feed *f, struct feed_user *u, const char *id)
 {
 	if (strcmp(u->id, id) != 0) {
+		struct strmap_entry *e;
+
 		if (u->id[0])
-			feed_unlink_id(f, u);
+			strmap_del(&f->by_id, u->id);
+		u->id[0] = '\0';
+		if ((e = strmap_get(&f->by_id, id)) == NULL)
+			return;	/* out of memory: unresolved, asked again at the next login */
 		memcpy(u->id, id, 25);
-		u->next_id = f->by_id[feed_hash(u->id)];
-		f->by_id[feed_hash(u->id)] = u;
+		e->v.ptr = u;
 	}
 	u->lookup = FEED_RESOLVED;
 	u->at = time(NULL);
@@ -374,11 +352,16 @@ feed_user_joined(struct feed *f, const char *user)
 	if (f == NULL || user[0] == '#')	/* a session whose user could not be read */
 		return;
 	if ((u = feed_find_name(f, user)) == NULL) {
+		struct strmap_entry *e;
+
 		if ((u = calloc(1, sizeof(*u) + strlen(user) + 1)) == NULL)
 			return;
+		if ((e = strmap_get(&f->by_name, user)) == NULL) {
+			free(u);
+			return;
+		}
 		strcpy(u->name, user);
-		u->next_name = f->by_name[feed_hash(user)];
-		f->by_name[feed_hash(user)] = u;
+		e->v.ptr = u;
 	}
 	if (u->lookup == FEED_PENDING && time(NULL) - u->at < 3 * FEED_HTTP_TIMEOUT)
 		return;	/* under way (or lost with its connection: asked again) */
@@ -467,11 +450,7 @@ feed_free(struct feed *f)
 		evhttp_connection_free(f->http);
 	if (f->retry != NULL)
 		event_free(f->retry);
-	for (size_t i = 0; i < FEED_BUCKETS; i++)
-		while (f->by_name[i]) {
-			struct feed_user *u = f->by_name[i];
-			f->by_name[i] = u->next_name;
-			free(u);
-		}
+	strmap_clear(&f->by_id, NULL);
+	strmap_clear(&f->by_name, free);
 	free(f);
 }

@@ -57,33 +57,17 @@
 
 #include "log.h"
 #include "store.h"
+#include "strmap.h"
 
 #define STORE_BACKOFF_FIRST 1	/* seconds before the first reconnection */
 #define STORE_BACKOFF_MAX 30
 #define STORE_NOTIFY_STACK 16	/* members notified without a malloc */
 
-/* A string-keyed hash map with chained, heap-allocated entries, so that an
- * entry (and its key) stays put while the table grows. */
-struct store_entry {
-	struct store_entry *next;
-	uint32_t hash;
-	char *key;
-	union {
-		void *ptr;
-		uint64_t n;
-	} v;
-};
-
-struct store_map {
-	struct store_entry **b;
-	size_t nb, n;
-};
-
 struct store_user {
 	char *name;
 	void **members;
 	size_t n, cap;
-	struct store_map gens;	/* mailbox -> local generation (v.n) */
+	struct strmap gens;	/* mailbox -> local generation (v.n) */
 	uint64_t all;		/* changes to every mailbox at once (notify without one) */
 	char last_change[160];	/* what the last change was, for the resync's reason */
 	unsigned busy;		/* notify loops running: freeing waits for them */
@@ -106,7 +90,7 @@ struct store {
 	struct event_base *base;
 	store_notify_fn notify;
 	char instance[256];
-	struct store_map users;	/* name -> struct store_user (v.ptr) */
+	struct strmap users;	/* name -> struct store_user (v.ptr) */
 
 	/* Redis only */
 	int redis;
@@ -114,7 +98,7 @@ struct store {
 	char where[1300];	/* the server, for the log */
 	char *prefix, *channel;
 	int ttl;
-	struct store_map live;	/* sid -> struct store_live (v.ptr) */
+	struct strmap live;	/* sid -> struct store_live (v.ptr) */
 	struct store_link cmd, sub;
 	struct event *retry, *tick;
 	int healthy;		/* both links up: nothing is being missed */
@@ -136,113 +120,6 @@ struct store_pub {
 
 static void store_lost(struct store *st, const char *what, const char *why);
 static void store_register_write(struct store *st);
-
-/* --- hash map --- */
-
-static uint32_t
-store_hash(const char *s)
-{
-	uint32_t h = 2166136261u;	/* FNV-1a */
-
-	for (; *s; s++)
-		h = (h ^ (unsigned char)*s) * 16777619u;
-	return h;
-}
-
-static struct store_entry *
-store_map_find(const struct store_map *m, const char *key)
-{
-	uint32_t h = store_hash(key);
-	struct store_entry *e;
-
-	if (m->nb == 0)
-		return NULL;
-	for (e = m->b[h & (m->nb - 1)]; e; e = e->next)
-		if (e->hash == h && strcmp(e->key, key) == 0)
-			return e;
-	return NULL;
-}
-
-/* Double the buckets once entries outnumber them; chains are relinked, not copied. */
-static int
-store_map_grow(struct store_map *m)
-{
-	size_t nb = m->nb ? m->nb * 2 : 16, i;
-	struct store_entry **b = calloc(nb, sizeof *b), *e, *next;
-
-	if (!b)
-		return -1;
-	for (i = 0; i < m->nb; i++)
-		for (e = m->b[i]; e; e = next) {
-			next = e->next;
-			e->next = b[e->hash & (nb - 1)];
-			b[e->hash & (nb - 1)] = e;
-		}
-	free(m->b);
-	m->b = b;
-	m->nb = nb;
-	return 0;
-}
-
-/* The entry for key, created zeroed when missing; NULL when out of memory. */
-static struct store_entry *
-store_map_get(struct store_map *m, const char *key)
-{
-	struct store_entry *e = store_map_find(m, key);
-	size_t slot;
-
-	if (e)
-		return e;
-	if (m->n >= m->nb && store_map_grow(m) < 0)
-		return NULL;
-	if (!(e = calloc(1, sizeof *e)) || !(e->key = strdup(key))) {
-		free(e);
-		return NULL;
-	}
-	e->hash = store_hash(key);
-	slot = e->hash & (m->nb - 1);
-	e->next = m->b[slot];
-	m->b[slot] = e;
-	m->n++;
-	return e;
-}
-
-/* Unlink and free key's entry; its value is the caller's. */
-static void
-store_map_del(struct store_map *m, const char *key)
-{
-	struct store_entry **p, *e;
-
-	if (m->nb == 0)
-		return;
-	for (p = &m->b[store_hash(key) & (m->nb - 1)]; (e = *p); p = &e->next)
-		if (strcmp(e->key, key) == 0) {
-			*p = e->next;
-			free(e->key);
-			free(e);
-			m->n--;
-			return;
-		}
-}
-
-/* Free every entry, and with free_value each v.ptr. */
-static void
-store_map_clear(struct store_map *m, void (*free_value)(void *))
-{
-	struct store_entry *e, *next;
-	size_t i;
-
-	for (i = 0; i < m->nb; i++)
-		for (e = m->b[i]; e; e = next) {
-			next = e->next;
-			if (free_value)
-				free_value(e->v.ptr);
-			free(e->key);
-			free(e);
-		}
-	free(m->b);
-	memset(m, 0, sizeof *m);
-}
 
 static char *
 store_strf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -272,7 +149,7 @@ store_user_destroy(void *p)
 {
 	struct store_user *u = p;
 
-	store_map_clear(&u->gens, NULL);
+	strmap_clear(&u->gens, NULL);
 	free(u->members);
 	free(u->name);
 	free(u);
@@ -281,7 +158,7 @@ store_user_destroy(void *p)
 static void
 store_user_free(struct store *st, struct store_user *u)
 {
-	store_map_del(&st->users, u->name);
+	strmap_del(&st->users, u->name);
 	store_user_destroy(u);
 }
 
@@ -299,7 +176,7 @@ store_user_has(const struct store_user *u, const void *member)
 struct store_user *
 store_user_join(struct store *st, const char *user, void *member)
 {
-	struct store_entry *e = store_map_get(&st->users, user);
+	struct strmap_entry *e = strmap_get(&st->users, user);
 	struct store_user *u;
 	void **grown;
 
@@ -308,7 +185,7 @@ store_user_join(struct store *st, const char *user, void *member)
 	if (!(u = e->v.ptr)) {
 		if (!(u = calloc(1, sizeof *u)) || !(u->name = strdup(user))) {
 			free(u);
-			store_map_del(&st->users, user);
+			strmap_del(&st->users, user);
 			goto oom;
 		}
 		e->v.ptr = u;
@@ -361,7 +238,7 @@ store_user_last_change(const struct store_user *u)
 uint64_t
 store_gen(struct store_user *u, const char *mailbox)
 {
-	const struct store_entry *e = u ? store_map_find(&u->gens, mailbox) : NULL;
+	const struct strmap_entry *e = u ? strmap_find(&u->gens, mailbox) : NULL;
 
 	return (e ? e->v.n : 0) + (u ? u->all : 0);
 }
@@ -407,7 +284,7 @@ static uint64_t
 store_changed(struct store *st, struct store_user *u, const char *mailbox, const void *except,
     const char *detail)
 {
-	struct store_entry *e = store_map_get(&u->gens, mailbox);
+	struct strmap_entry *e = strmap_get(&u->gens, mailbox);
 	uint64_t gen;
 
 	if (!e) {
@@ -641,7 +518,7 @@ static void
 store_heard(struct store *st, const char *payload, size_t len)
 {
 	char *msg = malloc(len + 1), *user, *mailbox, *gen, *detail;
-	struct store_entry *e;
+	struct strmap_entry *e;
 
 	if (!msg)
 		return;
@@ -664,7 +541,7 @@ store_heard(struct store *st, const char *payload, size_t len)
 	if (strcmp(msg, st->instance) == 0)	/* our own, counted when made */
 		goto out;
 	st->stats.received++;
-	if ((e = store_map_find(&st->users, user))) {
+	if ((e = strmap_find(&st->users, user))) {
 		log_debug("store: change from %s: %s \"%s\" (%s)", msg, user, mailbox, detail + 1);
 		char from[200];
 
@@ -786,7 +663,7 @@ store_on_tick(evutil_socket_t fd, short what, void *arg)
 {
 	struct store *st = arg;
 	struct store_live *l;
-	struct store_entry *e;
+	struct strmap_entry *e;
 	size_t i;
 
 	for (i = 0; i < st->live.nb; i++)
@@ -808,7 +685,7 @@ store_on_tick(evutil_socket_t fd, short what, void *arg)
 static void
 store_live_saved(struct store *st, const char *sid, const char *user)
 {
-	struct store_entry *e = store_map_get(&st->live, sid);
+	struct strmap_entry *e = strmap_get(&st->live, sid);
 	struct store_live *l;
 
 	if (!e)
@@ -817,7 +694,7 @@ store_live_saved(struct store *st, const char *sid, const char *user)
 	if (!l || strcmp(l->user, user) != 0) {
 		free(l);
 		if (!(l = malloc(sizeof *l + strlen(user) + 1))) {
-			store_map_del(&st->live, sid);
+			strmap_del(&st->live, sid);
 			return;
 		}
 		strcpy(l->user, user);
@@ -881,13 +758,13 @@ store_session_save(struct store *st, const struct store_session_record *rec)
 void
 store_session_forget(struct store *st, const char *user, const char *sid)
 {
-	struct store_entry *e;
+	struct strmap_entry *e;
 
 	if (!st->redis)
 		return;
-	if ((e = store_map_find(&st->live, sid))) {
+	if ((e = strmap_find(&st->live, sid))) {
 		free(e->v.ptr);
-		store_map_del(&st->live, sid);
+		strmap_del(&st->live, sid);
 	}
 	if (!store_link_ok(&st->cmd)) {
 		st->stats.errors++;	/* dropped; the key expires on its own */
@@ -966,7 +843,7 @@ store_bump(struct store *st, struct store_user *u, const char *mailbox, void *ex
 int
 store_notify_local(struct store *st, const char *user, const char *mailbox, const char *detail)
 {
-	struct store_entry *e = store_map_find(&st->users, user);
+	struct strmap_entry *e = strmap_find(&st->users, user);
 	int local = e ? (int)((struct store_user *)e->v.ptr)->n : 0;
 
 	if (e == NULL)
@@ -1195,8 +1072,8 @@ store_free(struct store *st)
 		event_free(st->retry);
 	if (st->tick)
 		event_free(st->tick);
-	store_map_clear(&st->live, free);
-	store_map_clear(&st->users, store_user_destroy);
+	strmap_clear(&st->live, free);
+	strmap_clear(&st->users, store_user_destroy);
 	free(st->prefix);
 	free(st->channel);
 	free(st->reg_admin);
