@@ -75,6 +75,15 @@ pending_hold(struct pending *p, uint32_t n)
 	return k;
 }
 
+int
+pending_hold_positions(struct pending *p, const struct uidset *positions)
+{
+	for (size_t i = 0; i < positions->n; i++)
+		if (uidset_add_range(&p->pos, positions->r[i].lo, positions->r[i].hi) < 0)
+			return -1;
+	return 0;
+}
+
 /* One seq-number ("*" is star) at s[*i..len). */
 static int
 pending_parse_number(const char *s, size_t len, size_t *i, uint32_t star, uint64_t *v)

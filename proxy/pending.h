@@ -48,6 +48,10 @@ uint32_t pending_to_client(const struct pending *p, uint32_t n);
  * Returns the client position held. */
 uint32_t pending_hold(struct pending *p, uint32_t n);
 
+/* Hold these client positions (a VANISHED placed in the client's view, a
+ * repair's expunges): -1 when out of memory. */
+int pending_hold_positions(struct pending *p, const struct uidset *positions);
+
 /*
  * A client's sequence set (RFC 3501 sequence-set, '*' = client_count) as the
  * server numbers it: the server positions of the messages it names that the

@@ -453,8 +453,7 @@ resync_apply(struct session *s)
 	}
 	seqmap_append(&t->view, &plan.added);
 	pending_clear(&t->pending);
-	for (size_t i = 0; i < plan.expunge.n; i++)
-		uidset_add_range(&t->pending.pos, plan.expunge.r[i].lo, plan.expunge.r[i].hi);
+	pending_hold_positions(&t->pending, &plan.expunge);
 	if (renumber_expunge_allowed(s)) {
 		for (size_t i = plan.expunge.n; i > 0; i--)
 			for (uint64_t k = plan.expunge.r[i - 1].hi; k >= plan.expunge.r[i - 1].lo; k--)

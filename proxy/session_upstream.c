@@ -580,9 +580,7 @@ session_upstream_eol(struct session *s)
 		if (s->resp_held_expunge > 0)
 			session_upstream_hold_expunge(s, s->resp_held_expunge);
 		if (s->resp_held_vanished) {
-			struct uidset *p = &s->resp_held_positions;
-			for (size_t i = 0; i < p->n; i++)
-				uidset_add_range(&s->track.pending.pos, p->r[i].lo, p->r[i].hi);
+			pending_hold_positions(&s->track.pending, &s->resp_held_positions);
 			s->track.dirty = 1;
 		}
 	} else if (st == SESSION_RUNNING)
