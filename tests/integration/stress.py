@@ -139,6 +139,8 @@ EXPUNGEs them; A has not been told yet (its view still has them):
     +FLAGS of the same flag gets no FETCH), so STOREs are not checked for
     coverage. Flag lists may hold \Recent.
   * MOVE: `* OK [COPYUID v src dst]` untagged, then the EXPUNGEs, then OK.
+    Two pipelined MOVEs may run in parallel, so the untagged COPYUID of the
+    second can come first: it goes to the MOVE that named its source UIDs.
   * Pipelined commands that Dovecot finds unambiguous run in parallel: a UID
     SEARCH behind an EXPUNGE may answer `* SEARCH` (already without the
     messages being expunged, or with messages the EXPUNGE's sync brought in
@@ -818,10 +820,24 @@ class Client:
         elif code == b"UIDNEXT" and self.selecting():
             self.check_uidnext(self.mailbox, int(arg), "SELECT")
         elif code == b"COPYUID":
-            for c in self.inflight.values():
-                if c.base == "MOVE" and c.copyuid is None:
-                    c.copyuid = arg
-                    break
+            # Dovecot runs pipelined MOVEs in parallel: the COPYUID belongs
+            # to the MOVE that named its source UIDs, not to the oldest one.
+            moves = [c for c in self.inflight.values() if c.base == "MOVE" and c.copyuid is None]
+            owner = next((c for c in moves if self._names_copyuid_source(c, arg)), None)
+            if owner is None and moves:
+                owner = moves[0]
+            if owner is not None:
+                owner.copyuid = arg
+
+    def _names_copyuid_source(self, c, arg):
+        try:
+            src = expand_copyuid(arg.split()[1].decode())
+        except (ValueError, IndexError):
+            return False
+        if c.uid:
+            return all(in_uid_set(u, c.uidset, c.top) for u in src)
+        meant = self.meant_uids(c)
+        return meant is not None and set(src) <= set(meant)
 
     def status_data(self, segs, rest):
         try:
