@@ -17,6 +17,7 @@ import time
 import traceback
 
 TESTS = []
+REPEAT_LINES = 60     # of a failure's message, repeated after its logs
 
 
 class Skip(Exception):
@@ -122,6 +123,10 @@ def run(make_ctx, mode_direct=False, select=None, on_failure=None):
                     diag(on_failure(ctx))
                 except Exception as e:
                     diag("(collecting logs failed: %s)" % e)
+                # The logs are long and a CI excerpt shows a failure's tail:
+                # say what failed once more, after them.
+                head = result.get("error", "unknown failure").splitlines()[:REPEAT_LINES]
+                diag("not ok %d, once more after the logs:\n%s" % (n, "\n".join(head)))
             diag("%.2fs" % elapsed)
             failed += 1
     out("1..%d" % n)
