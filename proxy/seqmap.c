@@ -235,21 +235,24 @@ seqmap_merge_next(struct seqmap *m, size_t i)
 	}
 }
 
-void
+int
 seqmap_learn(struct seqmap *m, uint32_t seq, uint32_t uid)
 {
 	size_t i;
+	int grew = 0;
 
 	if (seq < 1 || uid == 0)
-		return;
-	if (seq > m->count)
+		return 0;
+	if (seq > m->count) {
 		m->count = seq;	/* FETCH implies the message exists */
+		grew = 1;
+	}
 	for (i = 0; i < m->n && (uint64_t)m->runs[i].seq + m->runs[i].len <= seq; i++)
 		;
 	if (i < m->n && m->runs[i].seq <= seq) {
 		struct seqmap_run *r = &m->runs[i];
 		if ((uint64_t)r->uid + (seq - r->seq) == uid)
-			return;
+			return grew;
 		/* The server contradicts what we knew: trust it, forget the run. */
 		seqmap_delete(m, i);
 	}
@@ -266,11 +269,12 @@ seqmap_learn(struct seqmap *m, uint32_t seq, uint32_t uid)
 	{
 		struct seqmap_run run = { seq, uid, 1 };
 		if (seqmap_insert(m, i, run) < 0)
-			return;
+			return grew;
 	}
 	seqmap_merge_next(m, i);
 	if (i > 0)
 		seqmap_merge_next(m, i - 1);
+	return 1;
 }
 
 int

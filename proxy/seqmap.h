@@ -33,8 +33,9 @@ void seqmap_expunge_set(struct seqmap *m, const struct uidset *positions);
 void seqmap_vanished(struct seqmap *m, uint32_t uid);
 /* The same for every UID of lo:hi, in time proportional to the runs. */
 void seqmap_vanished_range(struct seqmap *m, uint32_t lo, uint32_t hi);
-/* A FETCH response showed that seq has this UID. */
-void seqmap_learn(struct seqmap *m, uint32_t seq, uint32_t uid);
+/* A FETCH response showed that seq has this UID. 1 when the view changed,
+ * 0 when it already knew (a FLAGS sweep over known messages writes nothing). */
+int seqmap_learn(struct seqmap *m, uint32_t seq, uint32_t uid);
 
 /* UID at seq, 0 when unknown. */
 uint32_t seqmap_uid(const struct seqmap *m, uint32_t seq);

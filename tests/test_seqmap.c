@@ -111,7 +111,7 @@ test_seqmap_random(void)
 {
 	struct model md;
 	struct seqmap m;
-	unsigned seed = 12345, mismatches = 0, steps = 0;
+	unsigned seed = 12345, mismatches = 0, steps = 0, learn_wrong = 0;
 	uint32_t next_uid = 1;
 
 	memset(&md, 0, sizeof(md));
@@ -143,8 +143,11 @@ test_seqmap_random(void)
 			seqmap_vanished(&m, uid);
 		} else if (md.count > 0) {	/* FETCH reveals a UID */
 			uint32_t s = 1 + rand_r(&seed) % md.count;
+			int was_known = md.uid[s - 1] != 0;
 			md.uid[s - 1] = real[s - 1];
-			seqmap_learn(&m, s, real[s - 1]);
+			/* A FLAGS sweep over known messages must report no change. */
+			if (seqmap_learn(&m, s, real[s - 1]) == was_known)
+				learn_wrong++;
 		}
 		steps += i % 7 == 0;
 		if (i % 7 == 0 && !model_matches(&md, &m))
@@ -152,6 +155,7 @@ test_seqmap_random(void)
 	}
 	ok(mismatches == 0, "random operations: view matches the model at every 7th step (%u of %u checks off)",
 	    mismatches, steps);
+	ok(learn_wrong == 0, "learn says changed exactly when the UID was unknown (%u wrong)", learn_wrong);
 	{
 		struct uidset truth;
 		uidset_init(&truth);
