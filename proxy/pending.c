@@ -10,18 +10,21 @@ void
 pending_init(struct pending *p)
 {
 	uidset_init(&p->pos);
+	uidset_init(&p->vanished);
 }
 
 void
 pending_clear(struct pending *p)
 {
 	uidset_clear(&p->pos);
+	uidset_clear(&p->vanished);
 }
 
 void
 pending_free(struct pending *p)
 {
 	uidset_free(&p->pos);
+	uidset_free(&p->vanished);
 }
 
 int

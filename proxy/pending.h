@@ -18,6 +18,11 @@
  */
 struct pending {
 	struct uidset pos;	/* client positions the server has expunged */
+	/* UIDs the server said VANISHED (RFC 7162) at client positions not
+	 * known when they came (after SELECT ... QRESYNC the client was told
+	 * only some UIDs): placed by the server's list (repair_place), or told
+	 * as they are, by UID, once the client may hear them. */
+	struct uidset vanished;
 };
 
 void pending_init(struct pending *p);
@@ -28,6 +33,13 @@ static inline int
 pending_any(const struct pending *p)
 {
 	return p->pos.count > 0;
+}
+
+/* VANISHED UIDs not placed yet: the two numberings differ in unknown places. */
+static inline int
+pending_unplaced(const struct pending *p)
+{
+	return p->vanished.count > 0;
 }
 
 static inline uint32_t

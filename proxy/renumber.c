@@ -273,6 +273,29 @@ renumber_expunge_allowed(const struct session *s)
 	return in_progress;
 }
 
+/* A set of UIDs told in lines of "prefix" and ranges, none too long. */
+static void
+renumber_reply_uids(struct session *s, const char *prefix, const struct uidset *uids)
+{
+	char line[900];
+	size_t o = 0;
+
+	for (size_t i = 0; i <= uids->n; i++) {
+		char part[32];
+		int n = 0;
+
+		if (i < uids->n)
+			n = uids->r[i].lo == uids->r[i].hi ? snprintf(part, sizeof(part), "%u", uids->r[i].lo) :
+			    snprintf(part, sizeof(part), "%u:%u", uids->r[i].lo, uids->r[i].hi);
+		if (o > 0 && (i == uids->n || o + (size_t)n + 1 >= sizeof(line))) {
+			session_reply(s, "%s%.*s", prefix, (int)o, line);
+			o = 0;
+		}
+		if (i < uids->n)
+			o += (size_t)snprintf(line + o, sizeof(line) - o, "%s%s", o ? "," : "", part);
+	}
+}
+
 /*
  * A QRESYNC client is told as "* VANISHED uids" (RFC 7162 3.2.10: "the
  * server MUST NOT send EXPUNGE responses"), in lines of bounded length.
@@ -283,8 +306,6 @@ renumber_flush_vanished(struct session *s)
 {
 	struct pending *p = &s->track.pending;
 	struct uidset uids;
-	char line[900];
-	size_t o = 0;
 
 	uidset_init(&uids);
 	for (size_t i = 0; i < p->pos.n; i++)
@@ -296,21 +317,33 @@ renumber_flush_vanished(struct session *s)
 			}
 			uidset_add(&uids, uid);
 		}
-	for (size_t i = 0; i <= uids.n; i++) {
-		char part[32];
-		int n = 0;
-
-		if (i < uids.n)
-			n = uids.r[i].lo == uids.r[i].hi ? snprintf(part, sizeof(part), "%u", uids.r[i].lo) :
-			    snprintf(part, sizeof(part), "%u:%u", uids.r[i].lo, uids.r[i].hi);
-		if (o > 0 && (i == uids.n || o + (size_t)n + 1 >= sizeof(line))) {
-			session_reply(s, "* VANISHED %.*s", (int)o, line);
-			o = 0;
-		}
-		if (i < uids.n)
-			o += (size_t)snprintf(line + o, sizeof(line) - o, "%s%s", o ? "," : "", part);
-	}
+	renumber_reply_uids(s, "* VANISHED ", &uids);
 	uidset_free(&uids);
+	return 0;
+}
+
+/* VANISHED UIDs never placed: told by UID, as the server said them (RFC
+ * 7162 3.2.10: a QRESYNC client hears expunges as VANISHED), now that the
+ * client may hear them. The view drops them where their UIDs fall. */
+static int
+renumber_flush_unplaced(struct session *s)
+{
+	struct pending *p = &s->track.pending;
+	struct uidset *v = &p->vanished;
+
+	if (!s->track.qresync || pending_any(p)) {
+		/* Positions held beside UIDs not placed: no order to tell both in. */
+		session_close(s, "[UNAVAILABLE] Mailbox state changed; please reconnect",
+		    "VANISHED UIDs at positions never known");
+		return -1;
+	}
+	renumber_reply_uids(s, "* VANISHED ", v);
+	for (size_t i = 0; i < v->n; i++)
+		seqmap_vanished_range(&s->track.view, v->r[i].lo, v->r[i].hi);
+	log_msg(LOG_LEVEL_DEBUG, s->sid, "told the client of %llu VANISHED UIDs held",
+	    (unsigned long long)v->count);
+	uidset_clear(v);
+	s->track.dirty = 1;
 	return 0;
 }
 
@@ -320,7 +353,11 @@ renumber_flush(struct session *s)
 	struct pending *p = &s->track.pending;
 	uint32_t told = 0;
 
-	if (!pending_any(p) || !renumber_expunge_allowed(s))
+	if ((!pending_any(p) && !pending_unplaced(p)) || !renumber_expunge_allowed(s))
+		return;
+	if (pending_unplaced(p) && renumber_flush_unplaced(s) < 0)
+		return;
+	if (!pending_any(p))
 		return;
 	if (s->track.qresync && renumber_flush_vanished(s) < 0) {
 		session_close(s, "[UNAVAILABLE] Mailbox state changed; please reconnect",

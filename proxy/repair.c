@@ -37,6 +37,66 @@ repair_view_matches(const struct seqmap *view, const struct pending *held,
 	return same;
 }
 
+/* The UIDs of a set in ascending order, one at a time. */
+struct repair_walk {
+	const struct uidset *set;
+	size_t i;
+	uint64_t next;
+};
+
+static uint32_t
+repair_walk_next(struct repair_walk *w)
+{
+	if (w->i < w->set->n && w->next > w->set->r[w->i].hi)
+		w->i++;
+	if (w->i >= w->set->n)
+		return 0;
+	if (w->next < w->set->r[w->i].lo)
+		w->next = w->set->r[w->i].lo;
+	return (uint32_t)w->next++;
+}
+
+int
+repair_place(struct seqmap *view, const struct pending *held, const struct uidset *truth,
+    struct uidset *positions)
+{
+	struct uidset all;
+	struct repair_walk w;
+	int fits = 1;
+
+	uidset_init(&all);
+	for (size_t i = 0; i < truth->n && fits; i++)
+		fits = uidset_add_range(&all, truth->r[i].lo, truth->r[i].hi) == 0;
+	/* A vanished UID the list still holds: it was read before the VANISHED. */
+	for (size_t i = 0; i < held->vanished.n && fits; i++)
+		fits = !uidset_covers_any(truth, held->vanished.r[i].lo, held->vanished.r[i].hi) &&
+		    uidset_add_range(&all, held->vanished.r[i].lo, held->vanished.r[i].hi) == 0;
+	if (fits && all.count != (uint64_t)view->count - pending_count(held))
+		fits = 0;
+	/* Two passes: check every known UID first, so a misfit changes nothing. */
+	for (int learn = 0; learn < 2 && fits; learn++) {
+		w = (struct repair_walk){ &all, 0, 0 };
+		for (uint32_t pos = 1; pos <= view->count && fits; pos++) {
+			uint32_t known, uid;
+
+			if (pending_is(held, pos))
+				continue;
+			uid = repair_walk_next(&w);
+			known = seqmap_uid(view, pos);
+			if (!learn)
+				fits = known == 0 || known == uid;
+			else {
+				if (known == 0)
+					seqmap_learn(view, pos, uid);
+				if (uidset_contains(&held->vanished, uid))
+					fits = uidset_add(positions, pos) == 0;
+			}
+		}
+	}
+	uidset_free(&all);
+	return fits ? 0 : -1;
+}
+
 int
 repair_needs_server_list(const struct seqmap *view, const struct pending *held)
 {

@@ -26,6 +26,18 @@ const char *repair_why_stale(const struct repair_staleness *in);
 int repair_view_matches(const struct seqmap *view, const struct pending *held,
     const struct uidset *truth);
 
+/*
+ * The server's list (truth, read after the VANISHED UIDs in held->vanished
+ * were said) places what the client's view does not know: the positions the
+ * client has that are not held are, in order, truth and those UIDs together
+ * (RFC 3501 2.3.1.1: UIDs ascend with sequence numbers). When they fit the
+ * UIDs the view knows, every position's UID is learnt and the client
+ * positions of the vanished UIDs are added to positions; 0. Otherwise -1 and
+ * the view is left as it was (the caller escalates).
+ */
+int repair_place(struct seqmap *view, const struct pending *held, const struct uidset *truth,
+    struct uidset *positions);
+
 /* Must the server's own list be read to know every position the client has
  * (some UIDs the client was never shown)? */
 int repair_needs_server_list(const struct seqmap *view, const struct pending *held);

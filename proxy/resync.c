@@ -498,8 +498,25 @@ resync_apply(struct session *s)
 void
 resync_search_result(struct session *s)
 {
-	if (s->resync.phase == RESYNC_CHECK)
-		s->resync.matched_at_search = repair_view_matches(&s->track.view, &s->track.pending, &s->resync.truth);
+	struct track *t = &s->track;
+
+	if (s->resync.phase != RESYNC_CHECK)
+		return;
+	/* The server's list fills in what the view does not know: UIDs the
+	 * client was never shown, and where VANISHED UIDs held so far sit. */
+	if (pending_unplaced(&t->pending) || seqmap_known(&t->view) < t->view.count) {
+		struct uidset positions;
+
+		uidset_init(&positions);
+		if (repair_place(&t->view, &t->pending, &s->resync.truth, &positions) == 0 &&
+		    pending_hold_positions(&t->pending, &positions) == 0) {
+			uidset_clear(&t->pending.vanished);
+			t->dirty = 1;
+		}
+		uidset_free(&positions);
+	}
+	s->resync.matched_at_search = !pending_unplaced(&t->pending) &&
+	    repair_view_matches(&t->view, &t->pending, &s->resync.truth);
 }
 
 void
@@ -527,7 +544,8 @@ resync_completed(struct session *s, struct inflight *f, int ok, const char *text
 		if (r->failed) {
 			resync_event(s, "refused", NULL);
 			resync_finish(s, 0, "check refused by the server; going on unchecked");
-		} else if (r->matched_at_search || repair_view_matches(&t->view, &t->pending, &r->truth)) {
+		} else if (r->matched_at_search || (!pending_unplaced(&t->pending) &&
+		    repair_view_matches(&t->view, &t->pending, &r->truth))) {
 			resync_event(s, "in-sync", NULL);
 			resync_finish(s, 1, "in sync");
 		} else

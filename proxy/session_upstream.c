@@ -220,16 +220,30 @@ session_upstream_renumber_vanished(struct session *s, const struct imap_tok *tok
 	}
 	uidset_init(&uids);
 	uidset_clear(&s->resp_held_positions);
-	if (uidset_parse(&uids, tok->str, tok->len) == 0 &&
-	    seqmap_positions_of(&s->track.view, &uids, &s->resp_held_positions) == 0)
-		held = 1;
-	uidset_free(&uids);
-	if (!held) {
+	if (uidset_parse(&uids, tok->str, tok->len) < 0) {
+		uidset_free(&uids);
 		log_msg(LOG_LEVEL_NOTICE, s->sid, "a VANISHED the client may not hear yet names "
-		    "messages at positions it does not know: passed on as it came");
+		    "no UID set: passed on as it came");
 		return 0;
 	}
-	s->resp_held_vanished = 1;
+	if (!pending_unplaced(&s->track.pending) &&
+	    seqmap_positions_of(&s->track.view, &uids, &s->resp_held_positions) == 0)
+		held = 1;	/* placed at the response's end */
+	else {
+		/* Positions the view does not know (after SELECT ... QRESYNC it
+		 * knows only the changed messages): held by UID until the
+		 * resync's list places them or the client may hear them. */
+		for (size_t i = 0; i < uids.n; i++)
+			if (uidset_add_range(&s->track.pending.vanished, uids.r[i].lo, uids.r[i].hi) < 0) {
+				uidset_free(&uids);
+				session_close(s, "[UNAVAILABLE] Out of memory", "out of memory");
+				return 1;
+			}
+		log_msg(LOG_LEVEL_DEBUG, s->sid, "VANISHED %.*s held by UID: its positions are "
+		    "not known yet", (int)tok->len, tok->str);
+	}
+	uidset_free(&uids);
+	s->resp_held_vanished = held;
 	session_upstream_set_mode(s, RESP_SWALLOW);
 	return 1;
 }

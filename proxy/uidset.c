@@ -130,6 +130,16 @@ uidset_covers(const struct uidset *set, uint32_t lo, uint32_t hi)
 	return i < set->n && set->r[i].lo <= lo && hi <= set->r[i].hi;
 }
 
+int
+uidset_covers_any(const struct uidset *set, uint32_t lo, uint32_t hi)
+{
+	size_t i = uidset_lower(set, lo);
+
+	if (i < set->n && set->r[i].hi < lo)
+		i++;	/* it ends just below lo */
+	return i < set->n && set->r[i].lo <= hi;
+}
+
 uint32_t
 uidset_max(const struct uidset *set)
 {

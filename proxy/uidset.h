@@ -33,6 +33,8 @@ uint64_t uidset_rank(const struct uidset *set, uint32_t uid);
 uint32_t uidset_max(const struct uidset *set);
 /* Does the set hold every UID from lo to hi? */
 int uidset_covers(const struct uidset *set, uint32_t lo, uint32_t hi);
+/* Does it hold any UID from lo to hi? */
+int uidset_covers_any(const struct uidset *set, uint32_t lo, uint32_t hi);
 int uidset_equal(const struct uidset *a, const struct uidset *b);
 
 /* Parse "1:5,7,9:12" (a sequence set without '*'), or with space as the

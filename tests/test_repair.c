@@ -311,6 +311,121 @@ test_view_matches(void)
 	    "list: %u cases (%u matching), %u wrong", cases, matches, bad);
 }
 
+/* repair_place against a model: a mailbox, what the client knows of it,
+ * expunges held by position and VANISHED UIDs held because their positions
+ * were unknown; the server's list then places them all. */
+static void
+test_place(void)
+{
+	unsigned wrong = 0, unchanged_bad = 0, cases = 0, vanished_cases = 0;
+
+	for (unsigned seed = 1; seed <= 3000; seed++) {
+		unsigned r = seed * 2654435761u;
+		uint32_t count = 1 + (r >> 8) % 40, uid[64], next = 1;
+		unsigned char known[64] = { 0 }, held_at[64] = { 0 }, gone[64] = { 0 };
+		struct seqmap view;
+		struct pending held;
+		struct uidset truth, positions, want;
+
+		seqmap_init(&view);
+		pending_init(&held);
+		uidset_init(&truth);
+		uidset_init(&positions);
+		uidset_init(&want);
+		seqmap_reset(&view, count);
+		for (uint32_t k = 1; k <= count; k++) {
+			r = r * 1103515245u + 12345u;
+			next += 1 + (r >> 16) % 3;
+			uid[k] = next;
+			known[k] = (r >> 20) % 3 == 0;
+			held_at[k] = (r >> 22) % 7 == 0;
+			gone[k] = !held_at[k] && (r >> 25) % 5 == 0;
+			if (known[k])
+				seqmap_learn(&view, k, uid[k]);
+			if (held_at[k])
+				uidset_add(&held.pos, k);
+			else if (gone[k]) {
+				uidset_add(&held.vanished, uid[k]);
+				uidset_add(&want, k);
+			} else
+				uidset_add(&truth, uid[k]);
+		}
+		vanished_cases += held.vanished.count > 0;
+		if (seed % 3 == 0 && truth.count > 0) {
+			/* A list that does not fit (one message short): nothing changes. */
+			struct uidset short_truth;
+			uint32_t before[64];
+
+			uidset_init(&short_truth);
+			for (uint64_t i = 2; i <= truth.count; i++)
+				uidset_add(&short_truth, uidset_nth(&truth, i));
+			for (uint32_t k = 1; k <= count; k++)
+				before[k] = seqmap_uid(&view, k);
+			if (repair_place(&view, &held, &short_truth, &positions) != -1 || positions.count)
+				wrong++;
+			for (uint32_t k = 1; k <= count; k++)
+				unchanged_bad += seqmap_uid(&view, k) != before[k];
+			uidset_free(&short_truth);
+		} else {
+			if (repair_place(&view, &held, &truth, &positions) != 0 ||
+			    !uidset_equal(&positions, &want))
+				wrong++;
+			for (uint32_t k = 1; k <= count; k++)
+				if (!held_at[k] && seqmap_uid(&view, k) != uid[k])
+					wrong++;
+		}
+		cases++;
+		seqmap_free(&view);
+		pending_free(&held);
+		uidset_free(&truth);
+		uidset_free(&positions);
+		uidset_free(&want);
+	}
+	ok(wrong == 0 && unchanged_bad == 0 && vanished_cases > 100,
+	    "the server's list places unknown UIDs and held VANISHED UIDs: %u cases (%u with "
+	    "VANISHED held), %u wrong, %u changed by a list that did not fit", cases, vanished_cases,
+	    wrong, unchanged_bad);
+}
+
+/* The case a QRESYNC client met: after SELECT (QRESYNC ...) only message 2's
+ * UID is known; another session expunges UID 5. */
+static void
+test_place_example(void)
+{
+	struct seqmap view;
+	struct pending held;
+	struct uidset truth, positions;
+
+	seqmap_init(&view);
+	pending_init(&held);
+	uidset_init(&truth);
+	uidset_init(&positions);
+	seqmap_reset(&view, 4);
+	seqmap_learn(&view, 2, 3);
+	uidset_parse(&truth, "1,3,6", 5);
+	uidset_add(&held.vanished, 5);
+	ok(repair_place(&view, &held, &truth, &positions) == 0 && positions.count == 1 &&
+	    uidset_contains(&positions, 3) && seqmap_uid(&view, 1) == 1 && seqmap_uid(&view, 3) == 5 &&
+	    seqmap_uid(&view, 4) == 6, "VANISHED 5 held before the list: the client's message 3");
+	uidset_clear(&truth);
+	uidset_parse(&truth, "1,4,5,6", 7);	/* message 2 is UID 3, not 4 */
+	uidset_clear(&held.vanished);
+	seqmap_reset(&view, 4);
+	seqmap_learn(&view, 2, 3);
+	uidset_clear(&positions);
+	ok(repair_place(&view, &held, &truth, &positions) == -1 && seqmap_uid(&view, 1) == 0,
+	    "a list that contradicts a known UID places nothing");
+	uidset_clear(&truth);
+	uidset_parse(&truth, "1,3,5,6", 7);	/* read before the VANISHED: still holds 5 */
+	uidset_add(&held.vanished, 5);
+	ok(repair_place(&view, &held, &truth, &positions) == -1,
+	    "a list that still holds a vanished UID places nothing");
+	seqmap_free(&view);
+	pending_free(&held);
+	uidset_free(&truth);
+	uidset_free(&positions);
+}
+
 int
 main(void)
 {
@@ -318,5 +433,7 @@ main(void)
 	test_model();
 	test_staleness();
 	test_view_matches();
+	test_place();
+	test_place_example();
 	return tap_done();
 }

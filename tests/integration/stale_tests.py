@@ -302,6 +302,38 @@ def t_repair_expunge_qresync(ctx):
           "the re-SELECT asked for CONDSTORE (QRESYNC enables it): %s", fx.injected())
 
 
+@test("stale/qresync: a VANISHED for a message the client was never shown a UID of is held by "
+      "UID, placed by the server's list, and told after the FETCH", proxy_only=True)
+def t_qresync_vanished_unplaced(ctx):
+    # debounce 0: the fixture queues the expunge for B at once; B's injected
+    # NOOP then answers VANISHED before imapfresh has read the server's list.
+    fx = Fixture(ctx, options=dict(qresync=True, debounce_ms=0))
+    a = login(ctx, fx.proxy.tls_port, "A")
+    b = login(ctx, fx.proxy.tls_port, "B")
+    uids = [append(a, "P%d" % i, "Archive", message(i)) for i in range(6)]
+    a.expect_ok("S2", "SELECT Archive")
+    # Gaps in the UIDs: from the count and UIDNEXT alone no position follows.
+    a.expect_ok("D0", "UID STORE %d,%d +FLAGS.SILENT (\\Deleted)" % (uids[1], uids[3]))
+    a.expect_ok("X0", "EXPUNGE")
+    uids = [uids[0], uids[2], uids[4], uids[5]]
+    b.expect_ok("E1", "ENABLE QRESYNC")
+    b.expect_ok("S1", "SELECT Archive")     # 4 EXISTS, and no UID at all
+    a.expect_ok("M1", "UID MOVE %d Trash" % uids[2])   # an expunge, no flag change first
+    _, lines, _ = b.command("F1", "FETCH 3:4 (UID)")
+    check(not any(re.match(rb"\* (\d+ EXPUNGE|VANISHED)", l) for l in lines),
+          "no EXPUNGE/VANISHED during FETCH: %r", lines)
+    got = [(int(m.group(1)), int(m.group(2))) for m in
+           (re.match(rb"\* (\d+) FETCH \(UID (\d+)\)", l) for l in lines) if m]
+    check(got == [(4, uids[3])], "B's message 4 is UID %d, its 3 (expunged) names no other: %r",
+          uids[3], lines)
+    check(fx.injected() == ["NOOP", "UID SEARCH ALL"],
+          "placed by the list, no re-SELECT: %s", fx.injected())
+    _, lines, _ = b.expect_ok("N1", "NOOP")
+    check([l for l in lines if re.match(rb"\* (\d+ EXPUNGE|VANISHED)", l)] ==
+          [b"* VANISHED %d\r\n" % uids[2]], "VANISHED of the expunged UID: %r", lines)
+    check(b.uid_fetch_all("F2") == uids[:2] + uids[3:], "B's view")
+
+
 @test("stale: a plain FETCH after another session expunged B's first message: held, renumbered",
       proxy_only=True)
 def t_repair_expunge_seq_first(ctx):
