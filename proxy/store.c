@@ -277,7 +277,12 @@ store_notify(struct store *st, struct store_user *u, const char *mailbox, const 
 static void
 store_note_change(struct store_user *u, const char *detail)
 {
-	snprintf(u->last_change, sizeof(u->last_change), "%s", detail ? detail : "");
+	/* Cut to fit, on purpose (a log and /sessions field). */
+	size_t n = detail ? strnlen(detail, sizeof(u->last_change) - 1) : 0;
+
+	if (n > 0)
+		memcpy(u->last_change, detail, n);
+	u->last_change[n] = '\0';
 }
 
 static uint64_t
