@@ -510,6 +510,35 @@ class RedisPair:
         return self.log(p).count("change from") >= n
 
 
+def redis_calls(redis, command):
+    """How many times Redis has run command (INFO commandstats)."""
+    for line in redis_cli(redis, "INFO", "commandstats"):
+        if line.startswith("cmdstat_%s:" % command.lower()):
+            return int(re.search(r"calls=(\d+)", line).group(1))
+    return 0
+
+
+@test("stale/redis: a GETQUOTAROOT + UID FETCH that shows nothing new writes nothing to Redis; "
+      "a FETCH that shows a new message does", proxy_only=True)
+def t_redis_unchanged_round(ctx):
+    rp = RedisPair(ctx)
+    a = login(ctx, rp.a.tls_port, "A")
+    for i in range(3):
+        append(a, "P%d" % i, "INBOX", message(i, "quiet"))
+    a.expect_ok("S1", "SELECT INBOX")
+    a.uid_fetch_all("F0")
+    wait_for(lambda: redis_cli(rp.redis, "KEYS", "imapfresh:{alice}:session:*"), "the session's record")
+    before = redis_calls(rp.redis, "HSET")
+    for i in range(10):
+        a.expect_ok("Q%d" % i, 'GETQUOTAROOT "INBOX"')
+        a.uid_fetch_all("F%d" % (i + 1))
+    check(redis_calls(rp.redis, "HSET") == before, "no session record written for 10 unchanged "
+          "rounds: HSET ran %d times", redis_calls(rp.redis, "HSET") - before)
+    append(a, "P9", "INBOX", message(9, "quiet"))
+    check(len(a.uid_fetch_all("F99")) == 4, "the new message")
+    wait_for(lambda: redis_calls(rp.redis, "HSET") > before, "the record written for a new UID")
+
+
 @test("stale/redis: session keys as documented, with a TTL, gone after LOGOUT", proxy_only=True)
 def t_redis_keys(ctx):
     rp = RedisPair(ctx)
