@@ -15,10 +15,23 @@
 #include "trace.h"
 #include "track.h"
 
+static char track_no_name[1];
+
+void
+track_set_name(char **name, const char *value)
+{
+	if (*name != NULL && *name != track_no_name)
+		free(*name);
+	*name = value != NULL && value[0] != '\0' ? strdup(value) : NULL;
+	if (*name == NULL)
+		*name = track_no_name;
+}
+
 void
 track_init(struct track *t)
 {
 	memset(t, 0, sizeof(*t));
+	t->user = t->mailbox = t->mailbox_wire = track_no_name;
 	seqmap_init(&t->view);
 	pending_init(&t->pending);
 	uidset_init(&t->vanished);
@@ -30,6 +43,9 @@ track_free(struct track *t)
 	seqmap_free(&t->view);
 	pending_free(&t->pending);
 	uidset_free(&t->vanished);
+	track_set_name(&t->user, NULL);
+	track_set_name(&t->mailbox, NULL);
+	track_set_name(&t->mailbox_wire, NULL);
 }
 
 void
@@ -63,7 +79,7 @@ track_deselect(struct session *s, const char *why)
 	if (t->selected)
 		log_msg(LOG_LEVEL_DEBUG, s->sid, "mailbox \"%s\" deselected (%s)", t->mailbox, why);
 	t->selected = 0;
-	t->mailbox[0] = '\0';
+	track_set_name(&t->mailbox, NULL);
 	t->uidvalidity = t->uidnext = 0;
 	t->highestmodseq = 0;
 	t->readonly = 0;	/* the next SELECT's [READ-ONLY] (or EXAMINE) says it again */
@@ -414,9 +430,13 @@ track_join_user(struct session *s, const char *user)
 	if (t->suser != NULL)
 		store_user_leave(s->srv->store, t->suser, s);
 	if (user != NULL)
-		snprintf(t->user, sizeof(t->user), "%s", user);
-	else
-		snprintf(t->user, sizeof(t->user), "#%s", s->sid);
+		track_set_name(&t->user, user);
+	else {
+		char private[sizeof(s->sid) + 1];
+
+		snprintf(private, sizeof(private), "#%s", s->sid);
+		track_set_name(&t->user, private);
+	}
 	t->suser = store_user_join(s->srv->store, t->user, s);
 	feed_user_joined(s->srv->feed, t->user);	/* its backend id, looked up async */
 	t->dirty = 1;
@@ -487,9 +507,8 @@ track_completed(struct session *s, struct inflight *f, int ok, const char *text)
 		if (!f->started)	/* no untagged data came: still a fresh view */
 			track_select_begins(s);
 		t->selected = 1;
-		snprintf(t->mailbox, sizeof(t->mailbox), "%s", f->mailbox);
-		snprintf(t->mailbox_wire, sizeof(t->mailbox_wire), "%s",
-		    f->mailbox_wire ? f->mailbox_wire : f->mailbox);
+		track_set_name(&t->mailbox, f->mailbox);
+		track_set_name(&t->mailbox_wire, f->mailbox_wire ? f->mailbox_wire : f->mailbox);
 		t->readonly = t->readonly || f->readonly;
 		track_synced(s, t->suser ? store_gen(t->suser, t->mailbox) : 0);
 		log_msg(LOG_LEVEL_DEBUG, s->sid, "mailbox \"%s\" selected: %u messages, UIDVALIDITY %u",
@@ -511,7 +530,7 @@ track_completed(struct session *s, struct inflight *f, int ok, const char *text)
 			if (t->suser != NULL)
 				store_user_leave(s->srv->store, t->suser, s);
 			t->suser = NULL;
-			t->user[0] = '\0';
+			track_set_name(&t->user, NULL);
 		}
 		break;
 	case CMD_MOVE:

@@ -28,12 +28,14 @@ enum track_resp {
 	TRACK_RESP_ENABLED,	/* ENABLED: what the server enabled (RFC 5161) */
 };
 
+/* Names are heap strings as long as they are (an idle session's memory is
+ * mostly what it holds), never NULL: "" until set (track_set_name()). */
 struct track {
-	char user[256];			/* "" until authenticated */
+	char *user;			/* "" until authenticated */
 	struct store_user *suser;	/* the user's generations, once authenticated */
 	int selected;
-	char mailbox[2 * COMMAND_ARG_MAX + 1];	/* canonical name: INBOX upper-cased, UTF-8 */
-	char mailbox_wire[COMMAND_ARG_MAX + 1];	/* as the client named it (the re-SELECT's) */
+	char *mailbox;			/* canonical name: INBOX upper-cased, UTF-8 */
+	char *mailbox_wire;		/* as the client named it (the re-SELECT's) */
 	int readonly, condstore;
 	int qresync;			/* ENABLE QRESYNC: expunges are told as VANISHED (RFC 7162 3.2.10) */
 	int utf8;			/* ENABLE UTF8=ACCEPT (RFC 6855) */
@@ -66,6 +68,8 @@ void track_free(struct track *t);
 
 /* One name per mailbox, for generations: "INBOX" in any case is INBOX, a
  * modified UTF-7 name (a session without UTF8=ACCEPT) is decoded to UTF-8. */
+/* *name = a copy of value ("" for NULL, or when out of memory). */
+void track_set_name(char **name, const char *value);
 void track_canonical_mailbox(const char *in, int utf8, char *out, size_t outlen);
 
 /* A client command went upstream whole: note what its completion will mean. */

@@ -24,6 +24,7 @@ new_session(uint64_t id, const char *addr)
 {
 	struct session *s = calloc(1, sizeof(*s));
 
+	track_init(&s->track);
 	s->id = id;
 	snprintf(s->sid, sizeof(s->sid), "s%llu", (unsigned long long)id);
 	snprintf(s->client_addr, sizeof(s->client_addr), "%s", addr);
@@ -41,6 +42,7 @@ end_session(struct session *s)
 	trace_session_end(s);
 	TAILQ_REMOVE(&srv.sessions, s, entry);
 	srv.n_sessions--;
+	track_free(&s->track);
 	free(s);
 }
 
@@ -432,10 +434,10 @@ test_rules(void)
 	feed(a, TRACE_C2P, "f1 LOGIN alice pw\r\n", TRACE_FORWARDED, 0);
 	feed(b, TRACE_C2P, "f1 LOGIN bob pw\r\n", TRACE_FORWARDED, 0);
 	ok(slurp(trace_path)[0] == '\0', "nothing written while the user is unknown");
-	snprintf(a->track.user, sizeof(a->track.user), "alice");
+	track_set_name(&a->track.user, "alice");
 	a->authenticated = 1;
 	trace_session_update(a);
-	snprintf(b->track.user, sizeof(b->track.user), "bob");
+	track_set_name(&b->track.user, "bob");
 	b->authenticated = 1;
 	trace_session_update(b);
 	t = slurp(trace_path);
@@ -478,9 +480,9 @@ test_events(struct session *s)
 	uidset_init(&set);
 	uidset_add_range(&set, 1, 5);
 	uidset_add(&set, 7);
-	snprintf(s->track.user, sizeof(s->track.user), "al\"ice\n\xff");
+	track_set_name(&s->track.user, "al\"ice\n\xff");
 	s->track.selected = 1;
-	snprintf(s->track.mailbox, sizeof(s->track.mailbox), "Caf\xc3\xa9");
+	track_set_name(&s->track.mailbox, "Caf\xc3\xa9");
 	ev.step = "stale";
 	ev.trigger = "UID FETCH";
 	ev.reason = "generation changed";

@@ -112,9 +112,10 @@ static void
 check_view(const struct session *s)
 {
 	check_seqmap(&s->track.view);
-	FUZZ_CHECK(memchr(s->track.mailbox, '\0', sizeof(s->track.mailbox)) != NULL,
-	    "mailbox not terminated");
-	FUZZ_CHECK(memchr(s->track.user, '\0', sizeof(s->track.user)) != NULL, "user not terminated");
+	FUZZ_CHECK(s->track.mailbox != NULL && s->track.user != NULL &&
+	    s->track.mailbox_wire != NULL, "a name is NULL");
+	FUZZ_CHECK(s->track.selected || s->track.mailbox[0] == '\0',
+	    "a mailbox name while none is selected");
 }
 
 static const enum command_kind kinds[16] = {
@@ -277,7 +278,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (flags & 0x01) {
 		struct track *t = &s->track;
 		t->selected = 1;
-		snprintf(t->mailbox, sizeof(t->mailbox), "INBOX");
+		track_set_name(&t->mailbox, "INBOX");
 		t->uidvalidity = 1234;
 		t->uidnext = 2 * count + 3;
 		seqmap_reset(&t->view, count);
