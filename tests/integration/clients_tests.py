@@ -1,7 +1,8 @@
 """Real client programs through imapfresh (issue 16, part 4), each compared
 with the same program run directly against Dovecot: isync's mbsync,
 offlineimap3, interimap (a QRESYNC client, once per run and with its session
-kept open) and neomutt (driven in a pseudo-terminal). Each syncs a mailbox
+kept open), neomutt (driven in a pseudo-terminal) and curl (UID SEARCH ALL,
+then a UID FETCH per message it lacks). Each syncs a mailbox
 to a local store over TLS, another connection then moves a message in and
 expunges one (and flags one), and the program syncs again: the local store
 must hold exactly what the server holds, through imapfresh and directly
@@ -173,6 +174,125 @@ def t_offlineimap(ctx):
     now = server_bodies(ctx, box)
     check(offlineimap(ctx, ctx.tls_port, box, via, "via") == now, "through imapfresh")
     check(offlineimap(ctx, ctx.dovecot.tls_port, box, direct, "direct") == now, "directly")
+
+
+SEARCHED = re.compile(rb"^\* SEARCH((?: \d+)*)\s*$", re.M)
+
+
+def server_uid_bodies(ctx, box):
+    """UID -> body of each message of box, from Dovecot directly."""
+    c = imapraw.Conn(HOST, ctx.dovecot.tls_port, tls=True, ctx=ctx.sslctx(), server_hostname=HOST)
+    ctx.closers.append(c.close)
+    c.readline()
+    c.login("carol", USERS["carol"])
+    c.expect_ok("S", "EXAMINE " + box)
+    _, lines, lits = c.command("F", "UID FETCH 1:* BODY.PEEK[]")
+    c.close()
+    fetched = [l for l in lines if b" FETCH " in l]
+    check(len(fetched) == len(lits), "one literal per FETCH: %d, %d", len(fetched), len(lits))
+    return {int(FETCH_UID.search(l[:l.index(lit)]).group(1)): lit for l, lit in zip(fetched, lits)}
+
+
+class CurlClient:
+    """curl as a mail client of box on the server on port (imaps, carol): sync() lists the
+    mailbox's UIDs (UID SEARCH ALL as a custom command: curl SELECTs the URL's mailbox, then
+    prints the untagged responses; its URL search form imaps://.../BOX?ALL sends SEARCH, which
+    names sequence numbers), drops what the server no longer lists and downloads what it does
+    not hold yet, all in one curl run (one session, a UID FETCH ... BODY[] per message), into
+    held: UID -> body."""
+
+    def __init__(self, ctx, port, box, name):
+        self.name, self.box = name, box
+        self.url = "imaps://localhost:%d/%s" % (port, box)
+        self.dir = os.path.join(ctx.env.tmp, "curl-%s" % name)
+        os.makedirs(self.dir, exist_ok=True)
+        # "carol:<password>" is one argv element: the password holds a space and a quote.
+        self.common = ["curl", "-s", "-S", "--max-time", "20", "--cacert", ctx.env.ca,
+                       "--user", "carol:" + USERS["carol"]]
+        self.held = {}
+        self.runs = 0
+
+    def curl(self, *args):
+        r = subprocess.run(self.common + list(args), stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=40)
+        check(r.returncode == 0, "curl (%s) %s: rc %d %s", self.name, " ".join(args[:2]),
+              r.returncode, r.stderr.decode(errors="replace")[-500:])
+        return r.stdout
+
+    def listed(self):
+        """The UIDs curl lists in box."""
+        out = self.curl(self.url, "-X", "UID SEARCH ALL")
+        found = SEARCHED.findall(out)
+        check(len(found) == 1, "curl (%s): one * SEARCH line, got %r", self.name, out[:300])
+        return [int(u) for u in found[0].split()]
+
+    def sync(self):
+        """One sync; returns a copy of what curl holds (UID -> body)."""
+        self.runs += 1
+        uids = self.listed()
+        for u in set(self.held) - set(uids):
+            del self.held[u]
+        new = [u for u in uids if u not in self.held]
+        if new:
+            args = []
+            for u in new:
+                args += ["%s;UID=%d" % (self.url, u), "-o",
+                         os.path.join(self.dir, "%d-%d.eml" % (self.runs, u))]
+            self.curl(*args)
+            for u in new:
+                with open(os.path.join(self.dir, "%d-%d.eml" % (self.runs, u)), "rb") as f:
+                    self.held[u] = f.read()
+        return dict(self.held)
+
+
+def curl_client(ctx, port, name):
+    """curl's life on a fresh mailbox of its own through port: a full sync, another
+    connection (to Dovecot directly) moves a message in from a second mailbox and expunges
+    one, a sync again. Returns what curl held after each sync; each equals the server's."""
+    a = imapraw.Conn(HOST, ctx.dovecot.tls_port, tls=True, ctx=ctx.sslctx(),
+                     server_hostname=HOST)
+    ctx.closers.append(a.close)
+    a.readline()
+    a.login("carol", USERS["carol"])
+    box = "Cu%d_%s_%04x" % (os.getpid(), name, random.getrandbits(16))
+    other = box + "_src"
+    for b in (box, other):
+        a.expect_ok("C" + b[-2:], "CREATE " + b)
+    for i in range(5):
+        m = message(600 + i, 300 + 4000 * i)
+        a.expect_ok("P%d" % i, b"APPEND %s {%d+}\r\n%s" % (box.encode(), len(m), m))
+    m = message(699)
+    a.expect_ok("P9", b"APPEND %s {%d+}\r\n%s" % (other.encode(), len(m), m))
+    c = CurlClient(ctx, port, box, name)
+    first = c.sync()
+    now = server_uid_bodies(ctx, box)
+    check(first == now, "first sync (%s): curl holds UIDs %s, the server %s (bodies %s)",
+          name, sorted(first), sorted(now), "equal" if sorted(first.values()) ==
+          sorted(now.values()) else "differ")
+    # Another connection: one message moved in, one expunged, nothing else.
+    a.expect_ok("S1", "SELECT " + other)
+    a.expect_ok("M1", "MOVE 1 " + box)
+    a.expect_ok("S2", "SELECT " + box)
+    a.expect_ok("D1", "STORE 2 +FLAGS.SILENT (\\Deleted)")
+    a.expect_ok("X1", "EXPUNGE")
+    a.close()
+    second = c.sync()
+    now = server_uid_bodies(ctx, box)
+    check(second == now, "second sync (%s): curl holds UIDs %s, the server %s (bodies %s)",
+          name, sorted(second), sorted(now), "equal" if sorted(second.values()) ==
+          sorted(now.values()) else "differ")
+    return first, second
+
+
+@test("clients: curl as a mail client (UID SEARCH ALL, a UID FETCH per new message) syncs, "
+      "then resyncs after another connection's move and expunge, the same through imapfresh "
+      "as directly", proxy_only=True, timeout=60)
+def t_curl_client(ctx):
+    need("curl")
+    via = curl_client(ctx, ctx.tls_port, "via")
+    direct = curl_client(ctx, ctx.dovecot.tls_port, "direct")
+    check(via == direct, "through imapfresh UIDs %s, directly %s",
+          [sorted(x) for x in via], [sorted(x) for x in direct])
 
 
 @test("clients: a CONDSTORE client (Python imaplib) is never told a modseq that skips a change: "
