@@ -559,7 +559,7 @@ session_inflight_push(struct session *s, const struct command *cmd)
 	struct inflight *f;
 
 	if (s->n_inflight == s->cap_inflight) {
-		unsigned cap = s->cap_inflight ? s->cap_inflight * 2 : 4;
+		unsigned cap = s->cap_inflight ? s->cap_inflight * 2 : 1;	/* most clients send one at a time */
 		struct inflight *n = realloc(s->inflight, cap * sizeof(*n));
 		if (n == NULL)
 			return NULL;
