@@ -134,7 +134,7 @@ imap_lex_new(enum imap_lex_mode mode, const struct imap_lex_limits *limits)
 	lx->mode = mode;
 	imap_lex_set_limits(lx, limits);
 	/* Start small: most tokens are short, and there is one lexer per direction per session. */
-	lx->tcap = lx->lim.max_token < 256 ? lx->lim.max_token : 256;
+	lx->tcap = lx->lim.max_token < 64 ? lx->lim.max_token : 64;
 	lx->tbuf = malloc(lx->tcap);
 	if (lx->tbuf == NULL) {
 		free(lx);
