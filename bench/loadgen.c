@@ -175,6 +175,7 @@ static struct options {
 	int threads;
 	double duration, warmup;
 	long long count;
+	int change_every;	/* resync: one round in N changes the mailbox first (0: none) */
 	const char *mailbox;
 	int json;
 	int connect_burst;	/* connections being set up at once, per thread */
@@ -191,7 +192,7 @@ static struct options {
 } opt = {
 	.host = "127.0.0.1", .port = 143, .user = NULL, .pass = NULL, .wl = WL_NOOP,
 	.concurrency = 0, .threads = 1, .duration = 10, .warmup = -1, .count = 0,
-	.mailbox = "INBOX", .connect_burst = 64, .setup_timeout = 300, .stall_timeout = 15,
+	.mailbox = "INBOX", .change_every = 2, .connect_burst = 64, .setup_timeout = 300, .stall_timeout = 15,
 	.command = "UID FETCH 1:* (FLAGS)",
 	.seed_big = 50, .seed_small = 1000, .big_size = 1024 * 1024, .small_size = 2048,
 };
@@ -766,6 +767,13 @@ conn_compress_start(struct conn *c)
 
 /* ---------------------------------------------------------- workloads */
 
+/* Does this resync round change the mailbox first? */
+static int
+rs_changes(const struct conn *a)
+{
+	return opt.change_every > 0 && a->iter % opt.change_every == 1 % opt.change_every;
+}
+
 static void
 rs_observer_next(struct conn *a)
 {
@@ -775,7 +783,7 @@ rs_observer_next(struct conn *a)
 		return;
 	a->iter++;
 	a->rs_step = 0;
-	if (a->iter % 2 == 1) {
+	if (rs_changes(a)) {
 		/* change the mailbox through the second connection first */
 		size_t len;
 		const char *msg = "From: bench@example.org\r\nSubject: resync bench\r\n\r\nchange\r\n";
@@ -1185,7 +1193,7 @@ on_tagged(struct conn *c, int ok, const char *text)
 		{
 			uint64_t total = t - c->t_gqr;
 			uint64_t gqr = c->gqr_lat;
-			int changed = c->iter % 2 == 1;
+			int changed = rs_changes(c);
 			w->st.progress++;
 			w->errors_since_progress = 0;
 			if (measuring()) {
@@ -1687,6 +1695,8 @@ usage(FILE *f)
 	    "  --setup-timeout S     idle: how long to wait for all sessions (default 300)\n"
 	    "  --stall-timeout S     idle: stop waiting after S seconds without progress (15)\n"
 	    "  --mailbox M           mailbox to SELECT / seed (default INBOX)\n"
+	    "  --change-every N      resync: one round in N changes the mailbox first (default 2:\n"
+	    "                        alternate; 0: never)\n"
 	    "  --command TEXT        the command workload's command (no tag, no CRLF)\n"
 	    "  --seed-big N --seed-small N --big-size B --small-size B   seed sizes\n"
 	    "                        (default 50 x 1 MiB + 1000 x 2 KiB; sizes take k/m suffixes)\n"
@@ -1892,6 +1902,7 @@ main(int argc, char **argv)
 		{ "command", required_argument, NULL, 5 },
 		{ "compress", no_argument, NULL, 7 },
 		{ "seed-content", required_argument, NULL, 8 },
+		{ "change-every", required_argument, NULL, 9 },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -1932,6 +1943,7 @@ main(int argc, char **argv)
 		case 5: opt.command = optarg; break;
 		case 6: opt.stall_timeout = atof(optarg); break;
 		case 7: opt.compress = 1; break;
+		case 9: opt.change_every = atoi(optarg); break;
 		case 8:
 			if (strcmp(optarg, "mail") == 0)
 				opt.seed_pattern = 0;
