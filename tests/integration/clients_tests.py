@@ -55,11 +55,17 @@ def body_hashes(maildir):
     return sorted(out)
 
 
-def server_bodies(ctx, box):
-    c = imapraw.Conn(HOST, ctx.dovecot.tls_port, tls=True, ctx=ctx.sslctx(), server_hostname=HOST)
+def logged_in(ctx, port, user="carol"):
+    """A TLS connection to port, logged in as user, closed with the test."""
+    c = imapraw.Conn(HOST, port, tls=True, ctx=ctx.sslctx(), server_hostname=HOST)
     ctx.closers.append(c.close)
     c.readline()
-    c.login("carol", USERS["carol"])
+    c.login(user, USERS[user])
+    return c
+
+
+def server_bodies(ctx, box):
+    c = logged_in(ctx, ctx.dovecot.tls_port)
     c.expect_ok("S", "EXAMINE " + box)
     _, _, lits = c.command("F", "FETCH 1:* BODY.PEEK[]")
     c.close()
@@ -88,23 +94,29 @@ def message(i, size=300):
             + bytes(rnd.randrange(32, 127) for _ in range(size)) + b"\r\n")
 
 
+def fill(a, prefix, first, n, step=4000, flags=b"", sources=1):
+    """Through a: a fresh mailbox (prefix + pid + random) of n messages, message(first + i,
+    300 + step * i), with flags, and a source mailbox (its name + "_src") of `sources`
+    messages numbered from first + 90. Returns (box, source)."""
+    box = "%s%d_%04x" % (prefix, os.getpid(), random.getrandbits(16))
+    other = box + "_src"
+    for b in (box, other):
+        a.expect_ok("C" + b[-2:], "CREATE " + b)
+    for i in range(n):
+        m = message(first + i, 300 + step * i)
+        a.expect_ok("P%d" % i, b"APPEND %s %s{%d+}\r\n%s" % (box.encode(), flags, len(m), m))
+    for i in range(sources):
+        m = message(first + 90 + i)
+        a.expect_ok("Q%d" % i, b"APPEND %s {%d+}\r\n%s" % (other.encode(), len(m), m))
+    return box, other
+
+
 @test("clients: mbsync (isync) syncs, then resyncs after another connection's move and expunge, "
       "the same through imapfresh as directly", proxy_only=True, timeout=180)
 def t_mbsync(ctx):
     need("mbsync")
-    a = imapraw.Conn(HOST, ctx.tls_port, tls=True, ctx=ctx.sslctx(), server_hostname=HOST)
-    ctx.closers.append(a.close)
-    a.readline()
-    a.login("carol", USERS["carol"])
-    box = "Mb%d_%04x" % (os.getpid(), random.getrandbits(16))
-    other = box + "_src"
-    for b in (box, other):
-        a.expect_ok("C" + b[-2:], "CREATE " + b)
-    for i in range(5):
-        m = message(i, 300 + 4000 * i)
-        a.expect_ok("P%d" % i, b"APPEND %s {%d+}\r\n%s" % (box.encode(), len(m), m))
-    m = message(99)
-    a.expect_ok("P9", b"APPEND %s {%d+}\r\n%s" % (other.encode(), len(m), m))
+    a = logged_in(ctx, ctx.tls_port)
+    box, other = fill(a, "Mb", 0, 5)
     via, direct = os.path.join(ctx.env.tmp, "mb-via"), os.path.join(ctx.env.tmp, "mb-direct")
     first_via = mbsync(ctx, ctx.tls_port, box, via, "via")
     first_direct = mbsync(ctx, ctx.dovecot.tls_port, box, direct, "direct")
@@ -148,19 +160,8 @@ def offlineimap(ctx, port, box, local, name):
       "the same through imapfresh as directly", proxy_only=True, timeout=180)
 def t_offlineimap(ctx):
     need("offlineimap")
-    a = imapraw.Conn(HOST, ctx.tls_port, tls=True, ctx=ctx.sslctx(), server_hostname=HOST)
-    ctx.closers.append(a.close)
-    a.readline()
-    a.login("carol", USERS["carol"])
-    box = "Oi%d_%04x" % (os.getpid(), random.getrandbits(16))
-    other = box + "_src"
-    for b in (box, other):
-        a.expect_ok("C" + b[-2:], "CREATE " + b)
-    for i in range(4):
-        m = message(200 + i, 500 + 3000 * i)
-        a.expect_ok("P%d" % i, b"APPEND %s {%d+}\r\n%s" % (box.encode(), len(m), m))
-    m = message(299)
-    a.expect_ok("P9", b"APPEND %s {%d+}\r\n%s" % (other.encode(), len(m), m))
+    a = logged_in(ctx, ctx.tls_port)
+    box, other = fill(a, "Oi", 200, 4, step=3000)
     via, direct = os.path.join(ctx.env.tmp, "oi-via"), os.path.join(ctx.env.tmp, "oi-direct")
     first_via = offlineimap(ctx, ctx.tls_port, box, via, "via")
     first_direct = offlineimap(ctx, ctx.dovecot.tls_port, box, direct, "direct")
@@ -181,10 +182,7 @@ SEARCHED = re.compile(rb"^\* SEARCH((?: \d+)*)\s*$", re.M)
 
 def server_uid_bodies(ctx, box):
     """UID -> body of each message of box, from Dovecot directly."""
-    c = imapraw.Conn(HOST, ctx.dovecot.tls_port, tls=True, ctx=ctx.sslctx(), server_hostname=HOST)
-    ctx.closers.append(c.close)
-    c.readline()
-    c.login("carol", USERS["carol"])
+    c = logged_in(ctx, ctx.dovecot.tls_port)
     c.expect_ok("S", "EXAMINE " + box)
     _, lines, lits = c.command("F", "UID FETCH 1:* BODY.PEEK[]")
     c.close()
@@ -249,20 +247,8 @@ def curl_client(ctx, port, name):
     """curl's life on a fresh mailbox of its own through port: a full sync, another
     connection (to Dovecot directly) moves a message in from a second mailbox and expunges
     one, a sync again. Returns what curl held after each sync; each equals the server's."""
-    a = imapraw.Conn(HOST, ctx.dovecot.tls_port, tls=True, ctx=ctx.sslctx(),
-                     server_hostname=HOST)
-    ctx.closers.append(a.close)
-    a.readline()
-    a.login("carol", USERS["carol"])
-    box = "Cu%d_%s_%04x" % (os.getpid(), name, random.getrandbits(16))
-    other = box + "_src"
-    for b in (box, other):
-        a.expect_ok("C" + b[-2:], "CREATE " + b)
-    for i in range(5):
-        m = message(600 + i, 300 + 4000 * i)
-        a.expect_ok("P%d" % i, b"APPEND %s {%d+}\r\n%s" % (box.encode(), len(m), m))
-    m = message(699)
-    a.expect_ok("P9", b"APPEND %s {%d+}\r\n%s" % (other.encode(), len(m), m))
+    a = logged_in(ctx, ctx.dovecot.tls_port)
+    box, other = fill(a, "Cu%s_" % name, 600, 5)
     c = CurlClient(ctx, port, box, name)
     first = c.sync()
     now = server_uid_bodies(ctx, box)
@@ -347,10 +333,7 @@ def maildir_messages(maildir, norm=None):
 
 def server_messages(ctx, box, user="carol"):
     """(flags, body) of each message of box as Dovecot holds it, sorted."""
-    c = imapraw.Conn(HOST, ctx.dovecot.tls_port, tls=True, ctx=ctx.sslctx(), server_hostname=HOST)
-    ctx.closers.append(c.close)
-    c.readline()
-    c.login(user, USERS[user])
+    c = logged_in(ctx, ctx.dovecot.tls_port, user)
     c.expect_ok("S", "EXAMINE " + box)
     _, lines, lits = c.command("F", "FETCH 1:* (FLAGS BODY.PEEK[])")
     c.close()
@@ -486,20 +469,8 @@ class Interimap:
 def client_scene(ctx, prefix):
     """carol's connection through the port under test, a fresh mailbox of five messages (all
     \\Seen) and a source mailbox of one; returns (conn, box, source)."""
-    a = imapraw.Conn(HOST, ctx.tls_port, tls=True, ctx=ctx.sslctx(), server_hostname=HOST)
-    ctx.closers.append(a.close)
-    a.readline()
-    a.login("carol", USERS["carol"])
-    box = "%s%d_%04x" % (prefix, os.getpid(), random.getrandbits(16))
-    other = box + "_src"
-    for b in (box, other):
-        a.expect_ok("C" + b[-2:], "CREATE " + b)
-    for i in range(5):
-        m = message(400 + i, 300 + 3000 * i)
-        a.expect_ok("P%d" % i, b"APPEND %s (\\Seen) {%d+}\r\n%s" % (box.encode(), len(m), m))
-    for i in range(2):
-        m = message(490 + i)
-        a.expect_ok("Q%d" % i, b"APPEND %s {%d+}\r\n%s" % (other.encode(), len(m), m))
+    a = logged_in(ctx, ctx.tls_port)
+    box, other = fill(a, prefix, 400, 5, step=3000, flags=b"(\\Seen) ", sources=2)
     return a, box, other
 
 
@@ -817,10 +788,7 @@ class QresyncClient(imaplib.IMAP4_SSL):
 
 def server_flags(ctx, box, user="carol"):
     """The server's count and UID -> flags of box, from Dovecot directly."""
-    c = imapraw.Conn(HOST, ctx.dovecot.tls_port, tls=True, ctx=ctx.sslctx(), server_hostname=HOST)
-    ctx.closers.append(c.close)
-    c.readline()
-    c.login(user, USERS[user])
+    c = logged_in(ctx, ctx.dovecot.tls_port, user)
     c.expect_ok("S", "EXAMINE " + box)
     _, lines, _ = c.command("F", "UID FETCH 1:* (FLAGS)")
     c.close()
@@ -859,10 +827,7 @@ def qresync_client(ctx, port, name):
     changes while it is away, a QRESYNC SELECT (VANISHED (EARLIER) and the changed flags),
     then two rounds of changes on another connection while it stays selected, each followed
     by a trigger and NOOP. Returns its view at each step; each equals the server's."""
-    a = imapraw.Conn(HOST, ctx.tls_port, tls=True, ctx=ctx.sslctx(), server_hostname=HOST)
-    ctx.closers.append(a.close)
-    a.readline()
-    a.login("carol", USERS["carol"])
+    a = logged_in(ctx, ctx.tls_port)
     box = "Qc%d_%s_%04x" % (os.getpid(), name, random.getrandbits(16))
     other = box + "_src"
     for b in (box, other):
