@@ -200,8 +200,9 @@ session_upstream_renumber_prefix(struct session *s, uint32_t k, const struct ima
 /*
  * "* VANISHED uids" (RFC 7162 3.2.10: what a QRESYNC session gets instead of
  * EXPUNGE, under the same rule): held like an EXPUNGE where the client may
- * not hear it, as the client positions of those UIDs. Where the view cannot
- * place them all (unknown positions), it goes on as it came.
+ * not hear it, as the client positions of those UIDs; where the view cannot
+ * place them (unknown positions), by UID in pending.vanished until the
+ * resync's list places them (repair_place()).
  * "* VANISHED (EARLIER) ..." answers a command and changes no number.
  */
 static int
