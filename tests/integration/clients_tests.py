@@ -111,6 +111,16 @@ def fill(a, prefix, first, n, step=4000, flags=b"", sources=1):
     return box, other
 
 
+def move_in_and_expunge(a, box, other, k, n=""):
+    """Through a: the first message of other moved into box, then box's message k expunged
+    (n suffixes the tags); box stays selected."""
+    a.expect_ok("S1%s" % n, "SELECT " + other)
+    a.expect_ok("M1%s" % n, "MOVE 1 " + box)
+    a.expect_ok("S2%s" % n, "SELECT " + box)
+    a.expect_ok("D1%s" % n, "STORE %d +FLAGS.SILENT (\\Deleted)" % k)
+    a.expect_ok("X1%s" % n, "EXPUNGE")
+
+
 @test("clients: mbsync (isync) syncs, then resyncs after another connection's move and expunge, "
       "the same through imapfresh as directly", proxy_only=True, timeout=180)
 def t_mbsync(ctx):
@@ -123,11 +133,7 @@ def t_mbsync(ctx):
     check(first_via == first_direct == server_bodies(ctx, box), "first sync: %d via, %d direct",
           len(first_via), len(first_direct))
     # A change on another connection: one message moved in, one expunged.
-    a.expect_ok("S1", "SELECT " + other)
-    a.expect_ok("M1", "MOVE 1 " + box)
-    a.expect_ok("S2", "SELECT " + box)
-    a.expect_ok("D1", "STORE 2 +FLAGS.SILENT (\\Deleted)")
-    a.expect_ok("X1", "EXPUNGE")
+    move_in_and_expunge(a, box, other, 2)
     now = server_bodies(ctx, box)
     second_via = mbsync(ctx, ctx.tls_port, box, via, "via")
     second_direct = mbsync(ctx, ctx.dovecot.tls_port, box, direct, "direct")
@@ -167,11 +173,7 @@ def t_offlineimap(ctx):
     first_direct = offlineimap(ctx, ctx.dovecot.tls_port, box, direct, "direct")
     check(first_via == first_direct == server_bodies(ctx, box), "first sync: %d via, %d direct",
           len(first_via), len(first_direct))
-    a.expect_ok("S1", "SELECT " + other)
-    a.expect_ok("M1", "MOVE 1 " + box)
-    a.expect_ok("S2", "SELECT " + box)
-    a.expect_ok("D1", "STORE 1 +FLAGS.SILENT (\\Deleted)")
-    a.expect_ok("X1", "EXPUNGE")
+    move_in_and_expunge(a, box, other, 1)
     now = server_bodies(ctx, box)
     check(offlineimap(ctx, ctx.tls_port, box, via, "via") == now, "through imapfresh")
     check(offlineimap(ctx, ctx.dovecot.tls_port, box, direct, "direct") == now, "directly")
@@ -256,11 +258,7 @@ def curl_client(ctx, port, name):
           name, sorted(first), sorted(now), "equal" if sorted(first.values()) ==
           sorted(now.values()) else "differ")
     # Another connection: one message moved in, one expunged, nothing else.
-    a.expect_ok("S1", "SELECT " + other)
-    a.expect_ok("M1", "MOVE 1 " + box)
-    a.expect_ok("S2", "SELECT " + box)
-    a.expect_ok("D1", "STORE 2 +FLAGS.SILENT (\\Deleted)")
-    a.expect_ok("X1", "EXPUNGE")
+    move_in_and_expunge(a, box, other, 2)
     a.close()
     second = c.sync()
     now = server_uid_bodies(ctx, box)
@@ -477,11 +475,7 @@ def client_scene(ctx, prefix):
 def client_change(a, box, other, n):
     """Another connection's change: one message moved in from other, message 2 expunged,
     message 3 flagged (n numbers the tags)."""
-    a.expect_ok("S1%d" % n, "SELECT " + other)
-    a.expect_ok("M1%d" % n, "MOVE 1 " + box)
-    a.expect_ok("S2%d" % n, "SELECT " + box)
-    a.expect_ok("D1%d" % n, "STORE 2 +FLAGS.SILENT (\\Deleted)")
-    a.expect_ok("X1%d" % n, "EXPUNGE")
+    move_in_and_expunge(a, box, other, 2, n)
     a.expect_ok("F1%d" % n, "STORE 3 +FLAGS.SILENT (\\Flagged)")
     a.expect_ok("U1%d" % n, "UNSELECT")
 
@@ -805,13 +799,9 @@ def qresync_round(ctx, a, box, other, c, n, trigger):
     """Another connection (a) expunges message 3, moves the next message of other in and
     flags message 1; then client c sends trigger (a FETCH or UID FETCH: through imapfresh
     it resyncs first) and NOOP. Returns c's view, which must be the server's."""
-    a.expect_ok("S1%d" % n, "SELECT " + other)
-    a.expect_ok("M1%d" % n, "MOVE 1 " + box)
-    a.expect_ok("S2%d" % n, "SELECT " + box)
     # Message 3: after the QRESYNC SELECT the client was told the UIDs of changed
     # messages only, so where this one sits is known from the server's list alone.
-    a.expect_ok("D1%d" % n, "STORE 3 +FLAGS.SILENT (\\Deleted)")
-    a.expect_ok("X1%d" % n, "EXPUNGE")
+    move_in_and_expunge(a, box, other, 3, n)
     a.expect_ok("F1%d" % n, "STORE 1 +FLAGS.SILENT (\\Answered)")
     a.expect_ok("U1%d" % n, "UNSELECT")
     c.run(*trigger)
