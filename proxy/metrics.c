@@ -218,6 +218,11 @@ metrics_render(struct server *srv, struct evbuffer *out)
 	    "the other instances.", ss.published);
 	metrics_counter(out, "imapfresh_redis_received_total", "Mailbox changes heard from the "
 	    "other instances.", ss.received);
+	metrics_counter(out, "imapfresh_store_changes_received_total", "Change messages Redis "
+	    "delivered to this instance (its own included): only those of users with sessions "
+	    "here.", ss.messages);
+	metrics_gauge(out, "imapfresh_redis_user_channels", "Users' change channels subscribed "
+	    "(users with sessions here).", ss.channels);
 
 	feed_get_stats(srv->feed, &fs);
 	metrics_gauge(out, "imapfresh_backend_feed_configured", "1 when backend_events is set.",

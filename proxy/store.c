@@ -17,12 +17,19 @@
  *                        forget, EXPIRE state_ttl with each save and refresh.
  *                        Sids of an instance that died linger until the set
  *                        expires: check that P{U}:session:<sid> exists.
- *   channel Pchanges     one PUBLISH per change:
+ *   channel P{U}:changes one SPUBLISH (PUBLISH without sharded pub/sub)
+ *                        per change of U's:
  *                        "<I>\t<U>\t<mailbox>\t<generation>\t<detail>",
  *                        generation being the HINCRBY result. Receivers skip
  *                        their own instance's messages. Users with a tab or
  *                        a line break in their name are not published;
  *                        tabs and line breaks in detail become spaces.
+ *                        An instance is subscribed (SSUBSCRIBE, or
+ *                        SUBSCRIBE) while it has a session of U: instances
+ *                        without one hear nothing of U. The channel carries
+ *                        U's hash tag, so it maps to U's slot.
+ *   channel Pchanges     the same messages, from outside (an MTA hook) or
+ *                        an older instance; every instance subscribes.
  *
  * A change is published from the HINCRBY reply, so that the message carries
  * the shared generation; receivers do not rely on it (each process counts
@@ -35,7 +42,21 @@
  * and joins the user's set; later saves are one HSET (it keeps the TTL), so
  * a command that changes the record costs Redis one command, not four.
  *
+ * Sharded pub/sub (Redis 7) is used when the server knows SPUBLISH (COMMAND
+ * INFO when the command link comes up), plain pub/sub otherwise. A user's
+ * channel is subscribed with the user's first session here and unsubscribed
+ * with its last one. A change published before the subscription took effect
+ * would be missed: the user's generations are read (HGETALL P{U}:gen) when
+ * subscribing and again once the subscription is confirmed, and every
+ * mailbox whose shared generation moved in between counts as changed (at
+ * worst a change heard twice: one resync too many). Regaining Redis
+ * subscribes every user with sessions here again.
+ *
  * Two connections: commands, and SUBSCRIBE (which allows nothing else).
+ * hiredis 0.14 cannot route sharded pub/sub replies (it knows SUBSCRIBE and
+ * PSUBSCRIBE only): the subscriber link reads its replies itself (its own
+ * libevent events around the hiredis context, store_sub_*), and writes its
+ * commands straight into the context's output buffer.
  * Either one failing, or a command failing, starts an outage: both are
  * dropped, the epoch grows, and reconnection is tried after 1 s, 2 s, 4 s...
  * up to 30 s. Regaining both grows the epoch again, rewrites this instance's
@@ -73,7 +94,13 @@ struct store_user {
 	uint64_t all;		/* changes to every mailbox at once (notify without one) */
 	char last_change[160];	/* what the last change was, for the resync's reason */
 	unsigned busy;		/* notify loops running: freeing waits for them */
+	/* Redis: the user's channel on the subscriber link. */
+	int sub;		/* STORE_SUB_* */
+	uint64_t sub_seq;	/* this subscription, for the snapshot replies */
+	struct strmap *snap;	/* shared generations read when subscribing */
 };
+
+enum { STORE_SUB_NONE, STORE_SUB_ASKED, STORE_SUB_ON };
 
 /* A session saved here and not forgotten yet, for the TTL refresh. */
 struct store_live {
@@ -99,6 +126,9 @@ struct store {
 	struct config_redis url;
 	char where[1300];	/* the server, for the log */
 	char *prefix, *channel;
+	int sharded;		/* SSUBSCRIBE/SPUBLISH: the server knows SPUBLISH */
+	struct strmap inflight;	/* user -> subscribe requests not answered yet */
+	uint64_t sub_seq;
 	int ttl;
 	struct strmap live;	/* sid -> struct store_live (v.ptr) */
 	struct store_link cmd, sub;
@@ -117,12 +147,23 @@ struct store {
 /* A change waiting for its HINCRBY reply, to be published then. */
 struct store_pub {
 	size_t head_len;	/* "<I>\t<U>\t<mailbox>", then NUL, then detail */
+	size_t user_off, user_len;	/* U in text */
 	char text[];
+};
+
+/* A generations snapshot asked for while subscribing u. */
+struct store_snap_req {
+	uint64_t seq;		/* u->sub_seq when asked */
+	char user[];
 };
 
 static void store_lost(struct store *st, const char *what, const char *why);
 static void store_register_write(struct store *st);
 static void store_live_unkeyed(struct store *st);
+static void store_user_subscribe(struct store *st, struct store_user *u);
+static void store_user_unsubscribe(struct store *st, struct store_user *u);
+static void store_subs_reset(struct store *st);
+static void store_subs_all(struct store *st);
 
 static char *
 store_strf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -148,10 +189,21 @@ store_strf(const char *fmt, ...)
 /* --- users and notification (no I/O) --- */
 
 static void
+store_user_snap_free(struct store_user *u)
+{
+	if (u->snap) {
+		strmap_clear(u->snap, NULL);
+		free(u->snap);
+		u->snap = NULL;
+	}
+}
+
+static void
 store_user_destroy(void *p)
 {
 	struct store_user *u = p;
 
+	store_user_snap_free(u);
 	strmap_clear(&u->gens, NULL);
 	free(u->members);
 	free(u->name);
@@ -161,6 +213,7 @@ store_user_destroy(void *p)
 static void
 store_user_free(struct store *st, struct store_user *u)
 {
+	store_user_unsubscribe(st, u);
 	strmap_del(&st->users, u->name);
 	store_user_destroy(u);
 }
@@ -203,6 +256,8 @@ store_user_join(struct store *st, const char *user, void *member)
 		u->cap = u->cap ? u->cap * 2 : 4;
 	}
 	u->members[u->n++] = member;
+	if (u->sub == STORE_SUB_NONE)	/* the user's first session here */
+		store_user_subscribe(st, u);
 	return u;
 oom:
 	log_error("store: out of memory; user %s not tracked", user);
@@ -376,6 +431,7 @@ store_lost(struct store *st, const char *what, const char *why)
 	}
 	store_teardown(st);
 	store_live_unkeyed(st);
+	store_subs_reset(st);
 	store_schedule_retry(st);
 }
 
@@ -399,6 +455,7 @@ store_link_up(struct store_link *link)
 		log_notice("redis %s: connected", st->where);
 	}
 	st->ever_up = 1;
+	store_subs_all(st);
 	/* A restarted Redis has none of our keys, and what was saved during the
 	 * outage was dropped: write the registry entry and every live session's
 	 * state again now, not when each next changes. */
@@ -430,11 +487,25 @@ store_on_reply(redisAsyncContext *ac, void *reply, void *privdata)
 	store_reply_ok(ac, reply, privdata);
 }
 
+/* COMMAND INFO SPUBLISH answered, the last of the command link's first
+ * commands: [nil] when the server has no sharded pub/sub (before Redis 7),
+ * an error when it has no COMMAND (or the ACL forbids it): plain then. */
 static void
-store_on_ready(redisAsyncContext *ac, void *reply, void *privdata)
+store_on_probe(redisAsyncContext *ac, void *reply, void *privdata)
 {
-	if (store_reply_ok(ac, reply, privdata))
-		store_link_up(ac->data);
+	const redisReply *r = reply;
+	struct store_link *link = ac->data;
+	struct store *st;
+
+	(void)privdata;
+	if (!r || !link)
+		return;
+	st = link->st;
+	st->sharded = r->type == REDIS_REPLY_ARRAY && r->elements == 1
+	    && r->element[0]->type == REDIS_REPLY_ARRAY;
+	log_info("redis %s: %s pub/sub for users' changes", st->where,
+	    st->sharded ? "sharded" : "plain");
+	store_link_up(link);
 }
 
 static void
@@ -465,6 +536,25 @@ store_command(struct store *st, redisCallbackFn *fn, const char *name, const cha
 		store_lost(st, "command", name);
 }
 
+/* Our own change, counted in Redis between the snapshots taken while
+ * subscribing its user (this link runs in order: after the first snapshot,
+ * before the second): not one to hear of again. */
+static void
+store_snap_own(struct store *st, const struct store_pub *p)
+{
+	char user[1024];
+	struct strmap_entry *e;
+	struct store_user *u;
+
+	if (p->user_len >= sizeof user)
+		return;
+	memcpy(user, p->text + p->user_off, p->user_len);
+	user[p->user_len] = '\0';
+	if ((e = strmap_find(&st->users, user)) && (u = e->v.ptr)->snap
+	    && (e = strmap_get(u->snap, p->text + p->user_off + p->user_len + 1)))
+		e->v.n++;
+}
+
 /* HINCRBY answered: publish the change with the shared generation. */
 static void
 store_on_hincrby(redisAsyncContext *ac, void *reply, void *privdata)
@@ -472,14 +562,20 @@ store_on_hincrby(redisAsyncContext *ac, void *reply, void *privdata)
 	struct store_pub *p = privdata;
 	const redisReply *r = reply;
 	struct store *st;
-	char *msg;
+	char *msg, *chan;
 
 	if (store_reply_ok(ac, r, "HINCRBY") && r->type == REDIS_REPLY_INTEGER) {
 		st = ((struct store_link *)ac->data)->st;
+		store_snap_own(st, p);
 		msg = store_strf("%s\t%lld\t%s", p->text, r->integer, p->text + p->head_len + 1);
-		if (msg)
-			store_command(st, store_on_published, "PUBLISH", "PUBLISH %s %s", st->channel, msg);
+		/* To the instances with a session of the user only. */
+		chan = store_strf("%s{%.*s}:changes", st->prefix, (int)p->user_len,
+		    p->text + p->user_off);
+		if (msg && chan)
+			store_command(st, store_on_published, "PUBLISH", "%s %s %s",
+			    st->sharded ? "SPUBLISH" : "PUBLISH", chan, msg);
 		free(msg);
+		free(chan);
 	}
 	free(p);
 }
@@ -509,6 +605,8 @@ store_publish(struct store *st, const char *user, const char *mailbox, const cha
 		return;
 	}
 	p->head_len = (size_t)sprintf(p->text, "%s\t%s\t%s", st->instance, user, mailbox);
+	p->user_off = strlen(st->instance) + 1;
+	p->user_len = strlen(user);
 	strcpy(p->text + p->head_len + 1, detail);
 	/* The receiver splits detail off at the last tab. */
 	for (i = p->head_len + 1; p->text[i]; i++)
@@ -547,6 +645,7 @@ store_heard(struct store *st, const char *payload, size_t len)
 	*user++ = '\0';
 	*mailbox++ = '\0';
 	*gen = '\0';
+	st->stats.messages++;
 	if (strcmp(msg, st->instance) == 0)	/* our own, counted when made */
 		goto out;
 	st->stats.received++;
@@ -564,21 +663,391 @@ out:
 	free(msg);
 }
 
-static void
-store_on_message(redisAsyncContext *ac, void *reply, void *privdata)
-{
-	const redisReply *r = reply;
-	struct store_link *link = ac->data;
-	const char *kind;
+/* --- the subscriber link: its own reading, for sharded pub/sub --- */
 
-	if (!store_reply_ok(ac, r, privdata) || r->type != REDIS_REPLY_ARRAY || r->elements < 3
-	    || r->element[0]->type != REDIS_REPLY_STRING)
+/* Libevent events around the subscriber link's hiredis context, in place
+ * of hiredis's adapter: replies are read and routed here, never by hiredis
+ * (it would take an "ssubscribe" or "smessage" for an unknown reply). */
+struct store_sub_events {
+	struct store *st;
+	redisAsyncContext *ac;
+	struct event *rev, *wev;
+};
+
+/* Queue one command on the subscriber link; no reply callback: its answer
+ * (a subscribe confirmation, or an error) comes through store_sub_reply(). */
+static void
+store_sub_send(struct store *st, const char *command, const char *channel)
+{
+	redisAsyncContext *ac = st->sub.ac;
+	char *cmd;
+	int len;
+
+	if (!ac)
+		return;
+	if ((len = redisFormatCommand(&cmd, "%s %s", command, channel)) < 0) {
+		store_lost(st, "subscriber link", "out of memory");
+		return;
+	}
+	if (redisAppendFormattedCommand(&ac->c, cmd, (size_t)len) != REDIS_OK) {
+		redisFreeCommand(cmd);
+		store_lost(st, "subscriber link", command);
+		return;
+	}
+	redisFreeCommand(cmd);
+	if (ac->ev.addWrite)
+		ac->ev.addWrite(ac->ev.data);
+}
+
+/* The user whose channel this is ("P{U}:changes"), copied to out; NULL for
+ * another channel. */
+static const char *
+store_channel_user(const struct store *st, const char *channel, size_t len, char *out,
+    size_t outlen)
+{
+	size_t plen = strlen(st->prefix), slen = sizeof("}:changes") - 1;
+
+	if (len < plen + 1 + slen || len - plen - 1 - slen >= outlen
+	    || memcmp(channel, st->prefix, plen) != 0 || channel[plen] != '{'
+	    || memcmp(channel + len - slen, "}:changes", slen) != 0)
+		return NULL;
+	memcpy(out, channel + plen + 1, len - plen - 1 - slen);
+	out[len - plen - 1 - slen] = '\0';
+	return out;
+}
+
+static void store_sub_confirmed(struct store *st, const char *user);
+
+/* One reply on the subscriber link. */
+static void
+store_sub_reply(struct store *st, const redisReply *r)
+{
+	const char *kind;
+	char user[1024], why[300];
+
+	if (r->type == REDIS_REPLY_ERROR) {
+		snprintf(why, sizeof why, "refused: %.*s", (int)(r->len > 200 ? 200 : r->len), r->str);
+		store_lost(st, "subscriber link", why);
+		return;
+	}
+	if (r->type != REDIS_REPLY_ARRAY || r->elements < 3 || r->element[0]->type !=
+	    REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_STRING)
 		return;
 	kind = r->element[0]->str;
-	if (strcmp(kind, "subscribe") == 0)
-		store_link_up(link);
-	else if (strcmp(kind, "message") == 0 && r->element[2]->type == REDIS_REPLY_STRING)
-		store_heard(link->st, r->element[2]->str, r->element[2]->len);
+	if (strcmp(kind, "message") == 0 || strcmp(kind, "smessage") == 0) {
+		if (r->element[2]->type == REDIS_REPLY_STRING)
+			store_heard(st, r->element[2]->str, r->element[2]->len);
+	} else if (strcmp(kind, "subscribe") == 0 || strcmp(kind, "ssubscribe") == 0) {
+		if (strcmp(r->element[1]->str, st->channel) == 0)
+			store_link_up(&st->sub);
+		else if (store_channel_user(st, r->element[1]->str, r->element[1]->len, user,
+		    sizeof user))
+			store_sub_confirmed(st, user);
+	}
+	/* (s)unsubscribe confirmations: nothing waits for them. */
+}
+
+static void
+store_sub_on_read(evutil_socket_t fd, short what, void *arg)
+{
+	struct store_sub_events *e = arg;
+	struct store *st = e->st;
+	redisAsyncContext *ac = e->ac;
+	void *reply;
+	char why[200];
+
+	(void)fd;
+	(void)what;
+	if (!(ac->c.flags & REDIS_CONNECTED)) {
+		/* Completes (or fails: the context is gone then) the connection. */
+		redisAsyncHandleWrite(ac);
+		return;
+	}
+	if (redisBufferRead(&ac->c) != REDIS_OK) {
+		snprintf(why, sizeof why, "%s", ac->c.errstr[0] ? ac->c.errstr : "connection closed");
+		store_lost(st, "subscriber link", why);
+		return;
+	}
+	for (;;) {
+		if (redisGetReply(&ac->c, &reply) != REDIS_OK) {
+			snprintf(why, sizeof why, "%s", ac->c.errstr[0] ? ac->c.errstr : "bad reply");
+			store_lost(st, "subscriber link", why);
+			return;
+		}
+		if (!reply)
+			break;
+		store_sub_reply(st, reply);
+		freeReplyObject(reply);
+		if (st->sub.ac != ac)	/* lost meanwhile: the context is freed */
+			return;
+	}
+}
+
+static void
+store_sub_on_write(evutil_socket_t fd, short what, void *arg)
+{
+	(void)fd;
+	(void)what;
+	redisAsyncHandleWrite(((struct store_sub_events *)arg)->ac);
+}
+
+static void
+store_sub_add_read(void *p)
+{
+	event_add(((struct store_sub_events *)p)->rev, NULL);
+}
+
+static void
+store_sub_del_read(void *p)
+{
+	event_del(((struct store_sub_events *)p)->rev);
+}
+
+static void
+store_sub_add_write(void *p)
+{
+	event_add(((struct store_sub_events *)p)->wev, NULL);
+}
+
+static void
+store_sub_del_write(void *p)
+{
+	event_del(((struct store_sub_events *)p)->wev);
+}
+
+static void
+store_sub_cleanup(void *p)
+{
+	struct store_sub_events *e = p;
+
+	event_free(e->rev);
+	event_free(e->wev);
+	free(e);
+}
+
+static int
+store_sub_attach(struct store *st, redisAsyncContext *ac)
+{
+	struct store_sub_events *e;
+
+	if (ac->ev.data || !(e = calloc(1, sizeof *e)))
+		return -1;
+	e->st = st;
+	e->ac = ac;
+	e->rev = event_new(st->base, ac->c.fd, EV_READ | EV_PERSIST, store_sub_on_read, e);
+	e->wev = event_new(st->base, ac->c.fd, EV_WRITE, store_sub_on_write, e);
+	if (!e->rev || !e->wev) {
+		if (e->rev)
+			event_free(e->rev);
+		if (e->wev)
+			event_free(e->wev);
+		free(e);
+		return -1;
+	}
+	ac->ev.addRead = store_sub_add_read;
+	ac->ev.delRead = store_sub_del_read;
+	ac->ev.addWrite = store_sub_add_write;
+	ac->ev.delWrite = store_sub_del_write;
+	ac->ev.cleanup = store_sub_cleanup;
+	ac->ev.data = e;
+	event_add(e->rev, NULL);
+	event_add(e->wev, NULL);
+	return 0;
+}
+
+/* --- users' channels --- */
+
+static void
+store_snap_ask(struct store *st, struct store_user *u, redisCallbackFn *fn)
+{
+	struct store_snap_req *q;
+
+	if (!st->cmd.ac || !(q = malloc(sizeof *q + strlen(u->name) + 1))) {
+		st->stats.errors++;
+		return;
+	}
+	q->seq = u->sub_seq;
+	strcpy(q->user, u->name);
+	if (redisAsyncCommand(st->cmd.ac, fn, q, "HGETALL %s{%s}:gen", st->prefix, u->name)
+	    != REDIS_OK) {
+		free(q);
+		store_lost(st, "command", "HGETALL");
+	}
+}
+
+/* A snapshot reply for the subscription it was asked for, or NULL. */
+static struct store_user *
+store_snap_user(redisAsyncContext *ac, const redisReply *r, const struct store_snap_req *q)
+{
+	struct store_link *link = ac->data;
+	struct strmap_entry *e;
+	struct store_user *u;
+
+	if (!store_reply_ok(ac, r, "HGETALL") || r->type != REDIS_REPLY_ARRAY)
+		return NULL;
+	e = strmap_find(&link->st->users, q->user);
+	u = e ? e->v.ptr : NULL;
+	return u && u->sub_seq == q->seq && u->sub != STORE_SUB_NONE ? u : NULL;
+}
+
+/* The user's generations before subscribing. */
+static void
+store_on_snap_before(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	const redisReply *r = reply;
+	struct store_user *u = store_snap_user(ac, r, privdata);
+	struct strmap_entry *e;
+	size_t i;
+
+	free(privdata);
+	if (!u)
+		return;
+	store_user_snap_free(u);
+	if (!(u->snap = calloc(1, sizeof *u->snap)))
+		return;
+	for (i = 0; i + 1 < r->elements; i += 2)
+		if (r->element[i]->type == REDIS_REPLY_STRING
+		    && r->element[i + 1]->type == REDIS_REPLY_STRING
+		    && (e = strmap_get(u->snap, r->element[i]->str)))
+			e->v.n = strtoull(r->element[i + 1]->str, NULL, 10);
+}
+
+/* The user's generations once subscribed: what moved since the snapshot
+ * was published while the subscription was not there yet. */
+static void
+store_on_snap_after(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	const redisReply *r = reply;
+	struct store_snap_req *q = privdata;
+	struct store_user *u = store_snap_user(ac, r, q);
+	struct store *st;
+	struct strmap *snap;
+	struct strmap_entry *e;
+	const char *mailbox;
+	uint64_t was;
+	size_t i;
+
+	if (!u || !u->snap) {	/* no snapshot before: HGETALL refused, the link lost */
+		free(q);
+		return;
+	}
+	st = ((struct store_link *)ac->data)->st;
+	snap = u->snap;
+	u->snap = NULL;
+	for (i = 0; i + 1 < r->elements; i += 2) {
+		if (r->element[i]->type != REDIS_REPLY_STRING
+		    || r->element[i + 1]->type != REDIS_REPLY_STRING)
+			continue;
+		mailbox = r->element[i]->str;
+		e = strmap_find(snap, mailbox);
+		was = e ? e->v.n : 0;
+		if (strtoull(r->element[i + 1]->str, NULL, 10) == was)
+			continue;
+		/* Notifying may free the user: look it up again each time. */
+		e = strmap_find(&st->users, q->user);
+		if (!e || ((struct store_user *)e->v.ptr)->sub_seq != q->seq)
+			break;
+		log_debug("store: %s \"%s\" changed while subscribing", q->user, mailbox);
+		if (mailbox[0] == '\0')
+			store_changed_all(st, e->v.ptr, "a change through another instance");
+		else
+			store_changed(st, e->v.ptr, mailbox, NULL, "a change through another instance");
+	}
+	strmap_clear(snap, NULL);
+	free(snap);
+	free(q);
+}
+
+/* Subscribe u's channel (its first session here, or Redis regained): the
+ * generations are read now and again once subscribed. */
+static void
+store_user_subscribe(struct store *st, struct store_user *u)
+{
+	struct strmap_entry *e;
+
+	if (!st->redis || !st->healthy || strpbrk(u->name, "\t\r\n"))
+		return;
+	if (!(e = strmap_get(&st->inflight, u->name))) {
+		st->stats.errors++;
+		return;
+	}
+	e->v.n++;
+	u->sub = STORE_SUB_ASKED;
+	u->sub_seq = ++st->sub_seq;
+	store_user_snap_free(u);
+	store_snap_ask(st, u, store_on_snap_before);
+	{
+		char *chan = store_strf("%s{%s}:changes", st->prefix, u->name);
+
+		if (chan)
+			store_sub_send(st, st->sharded ? "SSUBSCRIBE" : "SUBSCRIBE", chan);
+		free(chan);
+	}
+}
+
+/* A subscribe confirmed; once the last one asked for u is, u hears every
+ * change from now on, and what was published before is read. */
+static void
+store_sub_confirmed(struct store *st, const char *user)
+{
+	struct strmap_entry *e = strmap_find(&st->inflight, user);
+	struct store_user *u;
+
+	if (e && e->v.n > 1) {
+		e->v.n--;
+		return;
+	}
+	if (e)
+		strmap_del(&st->inflight, user);
+	if (!(e = strmap_find(&st->users, user)) || (u = e->v.ptr)->sub != STORE_SUB_ASKED)
+		return;
+	u->sub = STORE_SUB_ON;
+	st->stats.channels++;
+	store_snap_ask(st, u, store_on_snap_after);
+}
+
+/* u's last session here is gone. */
+static void
+store_user_unsubscribe(struct store *st, struct store_user *u)
+{
+	char *chan;
+
+	if (u->sub == STORE_SUB_NONE)
+		return;
+	if (u->sub == STORE_SUB_ON)
+		st->stats.channels--;
+	u->sub = STORE_SUB_NONE;
+	store_user_snap_free(u);
+	if (!st->sub.ac || !(chan = store_strf("%s{%s}:changes", st->prefix, u->name)))
+		return;
+	store_sub_send(st, st->sharded ? "SUNSUBSCRIBE" : "UNSUBSCRIBE", chan);
+	free(chan);
+}
+
+/* Redis lost: no channel is subscribed any more. */
+static void
+store_subs_reset(struct store *st)
+{
+	struct store_user *u;
+
+	strmap_clear(&st->inflight, NULL);
+	for (size_t i = 0; i < st->users.nb; i++)
+		for (struct strmap_entry *e = st->users.b[i]; e; e = e->next)
+			if ((u = e->v.ptr)) {
+				u->sub = STORE_SUB_NONE;
+				store_user_snap_free(u);
+			}
+	st->stats.channels = 0;
+}
+
+/* Redis (re)gained: every user with sessions here listens again. */
+static void
+store_subs_all(struct store *st)
+{
+	for (size_t i = 0; i < st->users.nb; i++)
+		for (struct strmap_entry *e = st->users.b[i]; e; e = e->next)
+			if (e->v.ptr && ((struct store_user *)e->v.ptr)->sub == STORE_SUB_NONE)
+				store_user_subscribe(st, e->v.ptr);
 }
 
 static void
@@ -631,7 +1100,8 @@ store_link_open(struct store *st, struct store_link *link)
 	ac->data = link;
 	link->ac = ac;
 	link->up = 0;
-	if (redisLibeventAttach(ac, st->base) != REDIS_OK) {
+	if ((link == &st->sub ? store_sub_attach(st, ac) : redisLibeventAttach(ac, st->base))
+	    != REDIS_OK) {
 		store_lost(st, link->name, "cannot attach to the event loop");
 		return -1;
 	}
@@ -648,13 +1118,13 @@ store_connect(struct store *st)
 	if (store_link_open(st, &st->cmd) < 0 || store_link_open(st, &st->sub) < 0)
 		return;
 	if (st->url.db)
-		store_command(st, store_on_ready, "SELECT", "SELECT %d", st->url.db);
+		store_command(st, store_on_reply, "SELECT", "SELECT %d", st->url.db);
 	else
-		store_command(st, store_on_ready, "PING", "PING");
-	/* Channels are not per database: no SELECT on this one. */
-	if (st->sub.ac && redisAsyncCommand(st->sub.ac, store_on_message, "SUBSCRIBE",
-	    "SUBSCRIBE %s", st->channel) != REDIS_OK)
-		store_lost(st, "command", "SUBSCRIBE");
+		store_command(st, store_on_reply, "PING", "PING");
+	store_command(st, store_on_probe, "COMMAND", "COMMAND INFO SPUBLISH");
+	/* Channels are not per database: no SELECT on this one. Users' channels
+	 * are subscribed once both links are up (the kind of pub/sub known). */
+	store_sub_send(st, "SUBSCRIBE", st->channel);
 }
 
 static void
@@ -1095,6 +1565,7 @@ store_free(struct store *st)
 		event_free(st->tick);
 	strmap_clear(&st->live, free);
 	strmap_clear(&st->users, store_user_destroy);
+	strmap_clear(&st->inflight, NULL);
 	free(st->prefix);
 	free(st->channel);
 	free(st->reg_admin);

@@ -12,7 +12,8 @@ struct store;
 struct store_user;	/* one user with live sessions on this instance */
 
 /* Called for every member of a user when one of the user's mailboxes changed
- * (through this instance, or another one sharing the Redis). It may make
+ * (through this instance, or another one sharing the Redis: an instance
+ * hears of the users it has sessions of only, see store.c). It may make
  * members leave, itself or others, even the last one: those not notified yet
  * are skipped. mailbox is valid during the call only; "" is every mailbox. */
 typedef void (*store_notify_fn)(void *member, const char *mailbox);
@@ -119,6 +120,8 @@ struct store_stats {
 	uint64_t errors;		/* failed commands and connections, writes dropped while down */
 	uint64_t reconnects;		/* outages ended (the first connection is not one) */
 	uint64_t published, received;	/* change notifications; received: from other instances */
+	uint64_t messages;		/* change messages Redis delivered here, our own included */
+	uint64_t channels;		/* users' channels subscribed (users with sessions here) */
 };
 /* All zero when st is NULL (no store yet). */
 void store_get_stats(const struct store *st, struct store_stats *out);

@@ -485,13 +485,22 @@ test_redis(void)
 	    (unsigned long long)store_gen(ua, "INBOX"), (unsigned long long)stats(a).received);
 	ok(query_int("HGET t:{alice}:gen Archive") == 1, "Redis: Archive 1 too");
 
-	/* A change of a user with no members on B: ignored there. */
+	/* A change of a user with no members on B does not reach B: A's next
+	 * change of alice, published after it, does. */
+	sb = stats(b);
 	store_bump(a, ubob, "Sent", NULL, NULL);
-	WAIT(stats(b).received == 2, 5);
+	store_bump(a, ua, "Drafts", NULL, NULL);
+	WAIT(store_gen(ub, "Drafts") == 1, 5);
+	ok(store_gen(ub, "Drafts") == 1 && stats(b).received == sb.received + 1
+	    && stats(b).messages == sb.messages + 1,
+	    "B hears nothing of users without members there (messages %llu -> %llu)",
+	    (unsigned long long)sb.messages, (unsigned long long)stats(b).messages);
 	ucarol = store_user_join(b, "bob", &mb2);
-	ok(stats(b).received == 2 && ucarol && store_gen(ucarol, "Sent") == 0,
-	    "B ignores changes of users without members there");
+	ok(ucarol && store_gen(ucarol, "Sent") == 0, "B's new member of bob starts at 0");
 	store_user_leave(b, ucarol, &mb2);
+	ok(stats(a).channels == 2 && stats(b).channels == 1,
+	    "one channel per user with members (A %llu, B %llu)",
+	    (unsigned long long)stats(a).channels, (unsigned long long)stats(b).channels);
 
 	test_save(a);
 

@@ -338,11 +338,12 @@ class Dovecot:
 # ------------------------------------------------------------------- Redis
 
 class Redis:
-    def __init__(self, d, port=None):
+    def __init__(self, d, port=None, args=()):
         self.dir = os.path.abspath(d)
         self.port = port or free_port()
         self.proc = None
         self.log = os.path.join(self.dir, "redis.log")
+        self.args = list(args)      # more redis-server options, e.g. ["--rename-command", ...]
 
     def start(self, deadline=15.0):
         exe = shutil.which("redis-server")
@@ -352,7 +353,7 @@ class Redis:
         self.proc = spawn([exe, "--bind", HOST, "--port", str(self.port),
                            "--save", "", "--appendonly", "no",
                            "--dir", self.dir, "--daemonize", "no",
-                           "--protected-mode", "yes"], self.log)
+                           "--protected-mode", "yes"] + self.args, self.log)
         wait_ports([self.port], self.proc, deadline, "redis-server", self.log)
         end = time.monotonic() + deadline
         while self.command("PING") != b"+PONG":
