@@ -1583,7 +1583,7 @@ def t_secrets(ctx):
     r = ctx.env.redis
     p = ctx.proxy("secrets", [("log_level", "debug"), ("state", r.url),
                               ("instance_id", "secrets-" + tag)])
-    pub = RedisSubscriber(r)
+    pub = RedisSubscriber(r, shard=["imapfresh:{%s}:changes" % user])   # the user's changes
     ctx.closers.append(pub.close)
     plain = base64.b64encode(b"\0" + user.encode() + b"\0" + pw.encode())
     plain2 = base64.b64encode(user.encode() + b"\0" + user.encode() + b"\0" + pw.encode())
@@ -1631,7 +1631,10 @@ def t_secrets(ctx):
                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.DEVNULL, timeout=10)
             dump += out.stdout
-    dump += pub.data()
+    heard = pub.data()
+    check(b"\t%s\tINBOX\t" % user.encode() in heard, "the subscriber heard none of %s's "
+          "changes: wrong channel?", user)
+    dump += heard
     with open(p.log, "rb") as f:
         log = f.read()
     check(user.encode() in log, "the debug log does not even name the user: wrong log?")
@@ -1670,11 +1673,15 @@ def admin_pages(p):
 
 
 class RedisSubscriber:
-    """PSUBSCRIBE * on a Redis: everything published while it listens."""
+    """PSUBSCRIBE * on a Redis: everything published while it listens; and
+    SSUBSCRIBE to shard channels (sharded pub/sub has no patterns)."""
 
-    def __init__(self, r):
+    def __init__(self, r, shard=()):
         self.sock = socket.create_connection((HOST, r.port), timeout=5)
         self.sock.sendall(b"*2\r\n$10\r\nPSUBSCRIBE\r\n$1\r\n*\r\n")
+        for ch in shard:
+            ch = ch.encode()
+            self.sock.sendall(b"*2\r\n$10\r\nSSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(ch), ch))
         self.buf = bytearray()
         self.stopped = False
         threading.Thread(target=self._run, daemon=True).start()
