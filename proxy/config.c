@@ -92,6 +92,9 @@ static const char *config_check_http_url(const char *value);
 	    .help = "also resync a session not synced for this long; 0 = off") \
 	X(redis_prefix, STRING, .def = "imapfresh:", .min = 1, .check = config_check_prefix, \
 	    .help = "prefix of every Redis key and channel") \
+	X(redis_publish_global, BOOL, .def = "no", \
+	    .help = "also publish every change on <redis_prefix>changes, for instances of " \
+	    "earlier versions during a rolling upgrade") \
 	X(instance_id, STRING, .check = config_check_instance, \
 	    .help = "this instance's name in Redis keys and messages; empty = host name") \
 	X(state_ttl, DURATION, .def = "1h", .min = 60, \

@@ -80,6 +80,7 @@ struct config {
 	char resync_on[256];		/* trigger commands: "GETQUOTAROOT, FETCH, UID FETCH" */
 	int resync_after;		/* seconds; 0 = only on detected changes */
 	char redis_prefix[128];		/* key prefix, "imapfresh:" */
+	int redis_publish_global;	/* changes on Pchanges too (rolling upgrades) */
 	char instance_id[128];		/* this instance in keys and messages; "" = host name */
 	int state_ttl;			/* seconds a session key outlives its last refresh */
 

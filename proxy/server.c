@@ -256,8 +256,10 @@ server_reload(struct server *srv)
 		log_warning("reload: listener changes take effect only after a restart");
 	if (strcmp(srv->cfg.state, next->state) != 0 ||
 	    strcmp(srv->cfg.redis_prefix, next->redis_prefix) != 0 ||
-	    strcmp(srv->cfg.instance_id, next->instance_id) != 0)
-		log_warning("reload: state, redis_prefix and instance_id take effect only after a restart");
+	    strcmp(srv->cfg.instance_id, next->instance_id) != 0 ||
+	    srv->cfg.redis_publish_global != next->redis_publish_global)
+		log_warning("reload: state, redis_prefix, redis_publish_global and instance_id take "
+		    "effect only after a restart");
 	if (srv->cfg.backend_events != next->backend_events ||
 	    strcmp(srv->cfg.backend_redis, next->backend_redis) != 0 ||
 	    strcmp(srv->cfg.backend_api, next->backend_api) != 0 ||

@@ -29,7 +29,9 @@
  *                        without one hear nothing of U. The channel carries
  *                        U's hash tag, so it maps to U's slot.
  *   channel Pchanges     the same messages, from outside (an MTA hook) or
- *                        an older instance; every instance subscribes.
+ *                        an older instance; every instance subscribes. With
+ *                        redis_publish_global, every change is published
+ *                        there too (a rolling upgrade from an older version).
  *
  * A change is published from the HINCRBY reply, so that the message carries
  * the shared generation; receivers do not rely on it (each process counts
@@ -127,6 +129,7 @@ struct store {
 	char where[1300];	/* the server, for the log */
 	char *prefix, *channel;
 	int sharded;		/* SSUBSCRIBE/SPUBLISH: the server knows SPUBLISH */
+	int publish_global;	/* every change on Pchanges too, for older instances */
 	struct strmap inflight;	/* user -> subscribe requests not answered yet */
 	uint64_t sub_seq;
 	int ttl;
@@ -571,6 +574,10 @@ store_on_hincrby(redisAsyncContext *ac, void *reply, void *privdata)
 		/* To the instances with a session of the user only. */
 		chan = store_strf("%s{%.*s}:changes", st->prefix, (int)p->user_len,
 		    p->text + p->user_off);
+		/* Heard by every instance, this one and those with the user too:
+		 * those hear it twice, one resync too many at most. */
+		if (msg && st->publish_global)
+			store_command(st, store_on_reply, "PUBLISH", "PUBLISH %s %s", st->channel, msg);
 		if (msg && chan)
 			store_command(st, store_on_published, "PUBLISH", "%s %s %s",
 			    st->sharded ? "SPUBLISH" : "PUBLISH", chan, msg);
@@ -1497,6 +1504,7 @@ store_setup_redis(struct store *st, const struct config *cfg, char *err, size_t 
 	}
 	st->redis = 1;
 	st->ttl = cfg->state_ttl;
+	st->publish_global = cfg->redis_publish_global;
 	st->backoff = STORE_BACKOFF_FIRST;
 	if (st->url.path[0])
 		snprintf(st->where, sizeof st->where, "%s", st->url.path);

@@ -77,6 +77,7 @@ test_defaults(void)
 	    c.resync_on);
 	ok(c.resync_after == 0, "default resync_after = 0 (off)");
 	ok(strcmp(c.redis_prefix, "imapfresh:") == 0, "default redis_prefix = imapfresh:");
+	ok(c.redis_publish_global == 0, "default redis_publish_global = no");
 	ok(c.instance_id[0] == '\0', "default instance_id empty (the host name)");
 	ok(c.state_ttl == 3600, "default state_ttl = 1h");
 	ok(c.max_clients == 10000, "default max_clients = 10000");
@@ -122,7 +123,7 @@ test_table(void)
 			no_help++;
 	}
 	ok(n > 0 && names_match && config_keys[n] == NULL, "config_keys[] lists the %d table rows in order", n);
-	ok(n == 44, "44 keys (got %d); update the tests and docs when adding one", n);
+	ok(n == 45, "45 keys (got %d); update the tests and docs when adding one", n);
 	ok(dups == 0, "no key twice in the table");
 	ok(bad_defaults == 0, "every default parses");
 	ok(bad_ranges == 0, "every numeric range fits its field");
@@ -170,6 +171,7 @@ static const struct {
 	{ "state", "redis://:pw@h", "state: expected memory, redis://host[:port][/db] or redis+unix:///path, got \"redis://:pw@h\"" },
 	{ "state", "redis+unix://rel.sock", "state: expected memory, redis://host[:port][/db] or redis+unix:///path, got \"redis+unix://rel.sock\"" },
 	{ "resync", "sometimes", "resync: expected yes or no, got \"sometimes\"" },
+	{ "redis_publish_global", "both", "redis_publish_global: expected yes or no, got \"both\"" },
 	{ "resync_on", "", "resync_on: must not be empty" },
 	{ "resync_on", "FETCH,", "resync_on: expected comma-separated IMAP commands, as in FETCH, UID FETCH, got \"FETCH,\"" },
 	{ "resync_on", "FETCH,,STATUS", "resync_on: expected comma-separated IMAP commands, as in FETCH, UID FETCH, got \"FETCH,,STATUS\"" },
@@ -265,6 +267,7 @@ static const struct {
 	{ "state", "redis://127.0.0.1" }, { "resync", "no" }, { "resync_on", "fetch" },
 	{ "resync_on", "UID FETCH, GETQUOTAROOT, X-CUSTOM2" }, { "resync_after", "15m" },
 	{ "redis_prefix", "mail:imapfresh:" }, { "instance_id", "mx1.example.org" },
+	{ "redis_publish_global", "yes" },
 	{ "instance_id", "" }, { "state_ttl", "60" }, { "state_ttl", "24h" },
 	{ "max_clients", "1" }, { "workers", "64" }, { "busy_poll", "50" }, { "max_line", "16M" },
 	{ "max_literal", "1" }, { "timeout_connect", "1" }, { "timeout_tls_handshake", "1m" },

@@ -221,3 +221,28 @@ def t_fanout_subscribe_race(ctx):
     check(b.uid_fetch_all("F1") == [uid], "B sees the delivery")
     check(received(pb) == 0, "b heard no message: it read the change (%d)", received(pb))
     b.assert_clean()
+
+
+@test("fanout: redis_publish_global = yes also publishes every change on the global channel, "
+      "for older instances during a rolling upgrade; no (the default) does not", proxy_only=True,
+      timeout=60)
+def t_fanout_publish_global(ctx):
+    from fault_tests import RedisSubscriber
+    redis = start_redis(ctx, "fanout-global")
+    server, up = start_upstream(ctx, "fanout-global")
+    old = RedisSubscriber(redis)        # as an older instance listens: PSUBSCRIBE * sees it
+    ctx.closers.append(old.close)
+    pa = ctx.proxy("fo-g", upstream=up, options=[("state", redis.url), ("redis_prefix", PREFIX),
+                                                 ("instance_id", "fo-g"),
+                                                 ("redis_publish_global", "yes")])
+    pb = instance(ctx, "fo-h", redis.url, up)
+    both_up(redis)
+    notify(pa.admin_port, "user=alice&mailbox=Archive")
+    notify(pb.admin_port, "user=bob&mailbox=Archive")
+    # The global PUBLISH goes before the user's SPUBLISH on an instance's link.
+    wait_for(lambda: calls(redis, "spublish") == 2, "both instances to publish")
+    check(calls(redis, "publish") == 1, "one PUBLISH on the global channel, a's: %d",
+          calls(redis, "publish"))
+    heard = old.data()
+    check(b"fo-g\talice\tArchive\t1\t" in heard and b"\tbob\t" not in heard,
+          "the global channel carried a's change only: %r", heard[-300:])
