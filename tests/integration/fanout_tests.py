@@ -206,10 +206,11 @@ def t_fanout_subscribe_race(ctx):
     pa = instance(ctx, "fo-a", redis.url, up)
     pb = instance(ctx, "fo-b", "redis://%s:%d" % (HOST, relay.port), up)
     both_up(redis)
+    reads = calls(redis, "hgetall")
     b = login(ctx, pb.tls_port, "B")
     b.expect_ok("S1", "SELECT Archive")
     wait_for(relay.seen.is_set, "b to ask for alice's channel (held by the relay)")
-    wait_for(lambda: calls(redis, "hgetall") >= 1, "b to read alice's generations first")
+    wait_for(lambda: calls(redis, "hgetall") > reads, "b to read alice's generations first")
     # Another instance's change, published while b is not subscribed yet.
     uid = server.deliver("alice", "Archive", message(2, "fanout-race"))
     notify(pa.admin_port, "user=alice&mailbox=Archive")
