@@ -107,6 +107,7 @@ struct imap_lex {
 
 #define IMAP_LEX_DEFAULT_MAX 65536
 #define IMAP_LEX_MAX_DIGITS 20
+#define IMAP_LEX_START_CAP 64	/* token buffer bytes of a new or quiet lexer */
 
 void
 imap_lex_set_limits(struct imap_lex *lx, const struct imap_lex_limits *limits)
@@ -134,7 +135,7 @@ imap_lex_new(enum imap_lex_mode mode, const struct imap_lex_limits *limits)
 	lx->mode = mode;
 	imap_lex_set_limits(lx, limits);
 	/* Start small: most tokens are short, and there is one lexer per direction per session. */
-	lx->tcap = lx->lim.max_token < 64 ? lx->lim.max_token : 64;
+	lx->tcap = lx->lim.max_token < IMAP_LEX_START_CAP ? lx->lim.max_token : IMAP_LEX_START_CAP;
 	lx->tbuf = malloc(lx->tcap);
 	if (lx->tbuf == NULL) {
 		free(lx);
@@ -913,6 +914,20 @@ int
 imap_lex_at_command_start(const struct imap_lex *lx)
 {
 	return lx->fresh && lx->st == LX_START;
+}
+
+void
+imap_lex_shrink(struct imap_lex *lx)
+{
+	char *nb;
+
+	if (!imap_lex_at_command_start(lx) || lx->tlen != 0 || lx->tcap <= IMAP_LEX_START_CAP)
+		return;
+	nb = realloc(lx->tbuf, IMAP_LEX_START_CAP);
+	if (nb == NULL)
+		return;		/* the bigger one stays: still correct */
+	lx->tbuf = nb;
+	lx->tcap = IMAP_LEX_START_CAP;
 }
 
 size_t

@@ -673,6 +673,50 @@ sweep(const char *name, enum imap_lex_mode mode, const char *in, const char *suf
 }
 
 /* Direct calls, to pin down what *used and the accessors report. */
+/* A quiet session gives back a grown token buffer; lexing goes on unchanged,
+ * and a shrink in the middle of a token keeps it whole. */
+static void
+test_shrink(void)
+{
+	struct imap_lex_limits lim = { .max_line = 4096, .max_token = 2048, .max_literal = 0 };
+	struct imap_lex *lx = imap_lex_new(IMAP_LEX_SERVER, &lim);
+	char line[1200], want[600];
+	struct imap_tok tok;
+	size_t used, half;
+	enum imap_lex_status r;
+	int good = 1;
+
+	memset(want, 'x', 500);
+	want[500] = '\0';
+	snprintf(line, sizeof(line), "* %s\r\n", want);
+	for (int round = 0; round < 3; round++) {
+		const char *in = line;
+
+		while ((r = imap_lex_next(lx, in, strlen(in), &used, &tok)) == IMAP_LEX_TOKEN) {
+			in += used;
+			if (tok.type == IMAP_TOK_ATOM && tok.len == 500)
+				good &= memcmp(tok.str, want, 500) == 0;
+			if (tok.type == IMAP_TOK_EOL)
+				break;
+		}
+		good &= imap_lex_at_command_start(lx);
+		imap_lex_shrink(lx);
+	}
+	ok(good, "shrink: a 500-byte token lexes the same after each shrink");
+
+	/* Half a token, a shrink (must not give it up), then the rest. */
+	half = 2 + 250;
+	r = imap_lex_next(lx, line, 2, &used, &tok);
+	ok(r == IMAP_LEX_TOKEN && tok.type == IMAP_TOK_ATOM && tok.len == 1, "shrink: the '*' first");
+	r = imap_lex_next(lx, line + 2, half - 2, &used, &tok);
+	ok(r == IMAP_LEX_MORE, "shrink: half a token is held");
+	imap_lex_shrink(lx);
+	r = imap_lex_next(lx, line + half, strlen(line) - half, &used, &tok);
+	ok(r == IMAP_LEX_TOKEN && tok.type == IMAP_TOK_ATOM && tok.len == 500 &&
+	    memcmp(tok.str, want, 500) == 0, "shrink: mid-token it changes nothing");
+	imap_lex_free(lx);
+}
+
 static void
 test_api(void)
 {
@@ -1079,6 +1123,7 @@ main(void)
 	    "ERR(toolong) EOL A(*) A(3) A(EXISTS) EOL", 12, 38, 0);
 
 	test_api();
+	test_shrink();
 	test_plain_line();
 	test_big_literal(IMAP_LEX_CLIENT, "a APPEND INBOX (\\Seen) {10485760+}\r\n", "\r\n",
 	    "a,APPEND,INBOX,(\\Seen,)LEEOL");
