@@ -112,7 +112,7 @@ track_command_sent(struct session *s, struct inflight *f, const struct command *
 	case CMD_AUTHENTICATE:
 		f->sasl_plain = command_arg(cmd, 0)->present &&
 		    strcasecmp(command_arg(cmd, 0)->val, "PLAIN") == 0;
-		if (f->sasl_plain && cmd->sasl_user[0] != '\0')
+		if (f->sasl_plain && cmd->sasl_user != NULL)
 			f->user = strdup(cmd->sasl_user);
 		break;
 	default:
