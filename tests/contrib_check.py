@@ -3,14 +3,18 @@
 their unit tests with promtool test rules, a firing and a quiet test for every
 alert), the Grafana dashboard's JSON model, every PromQL expression of both
 (parsed by promtool), and every metric and label they name against the
-/metrics of a live imapfresh started here. Last, the checks are shown to fail
-on broken copies (a bad expression, an unknown metric or label value, an
-overlapping panel).
+/metrics of a live imapfresh started here; then a real Prometheus scrapes
+that imapfresh every second, runs every dashboard query (each must return
+series: a join on the wrong labels returns none) and evaluates the rules
+(none may fail, e.g. on a many-to-one match). Last, the checks are shown to
+fail on broken copies (a bad expression, an unknown metric or label value,
+an overlapping panel).
 
     contrib_check.py --binary build/proxy/imapfresh
         [--dashboard F] [--rules F] [--rules-test F]
 
-Needs promtool (Debian package prometheus) and PyYAML (python3-yaml).
+Needs promtool and prometheus (Debian package prometheus) and PyYAML
+(python3-yaml). About 10 s, most of it waiting for three scrapes.
 """
 
 import argparse
@@ -24,6 +28,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "integration"))
@@ -223,32 +229,101 @@ def parse_metrics(text):
     return series
 
 
-def scrape(binary, tmpdir):
-    """Start imapfresh (no upstream needed to serve /metrics), GET /metrics."""
+def start_imapfresh(binary, tmpdir):
+    """An imapfresh whose /metrics the checks read. Its upstream and Redis
+    are ports nobody listens on: no session is made, and the Redis gauges
+    (configured, not connected) are there to be read like the others."""
     d = os.path.join(tmpdir, "imapfresh")
     os.makedirs(d)
-    # An upstream that never answers: no session is made, only /metrics read.
-    px = servers.Imapfresh(binary, d, "%s:9" % servers.HOST, None, None, listen_tls=False,
-                           options=[("require_tls", "no"), ("instance_id", "contrib-check")],
-                           name="contrib")
-    px.start()
-    try:
-        c = http.client.HTTPConnection(servers.HOST, px.admin_port, timeout=10)
-        for _ in range(100):    # the admin endpoint may come up just after the listener
-            try:
-                c.request("GET", "/metrics")
-                break
-            except OSError:
-                c.close()
-                servers.time.sleep(0.05)
-        r = c.getresponse()
-        body = r.read().decode("utf-8", "replace")
-        c.close()
-        if r.status != 200:
-            raise RuntimeError("GET /metrics: %d %s" % (r.status, body[:200]))
-    finally:
-        px.stop()
+    px = servers.Imapfresh(binary, d, "%s:%d" % (servers.HOST, servers.free_port()), None, None,
+                           listen_tls=False, name="contrib",
+                           options=[("require_tls", "no"), ("instance_id", "contrib-check"),
+                                    ("state", "redis://%s:%d/" % (servers.HOST, servers.free_port()))])
+    return px.start()
+
+
+def http_get(port, path, deadline=10.0):
+    """(status, body) of GET path; retried while the port does not answer."""
+    end = time.monotonic() + deadline
+    while True:
+        c = http.client.HTTPConnection(servers.HOST, port, timeout=10)
+        try:
+            c.request("GET", path)
+            r = c.getresponse()
+            return r.status, r.read().decode("utf-8", "replace")
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.1)
+        finally:
+            c.close()
+
+
+def scrape(px):
+    st, body = http_get(px.admin_port, "/metrics")
+    if st != 200:
+        raise RuntimeError("GET /metrics: %d %s" % (st, body[:200]))
     return parse_metrics(body)
+
+
+def prometheus_errors(px, exprs, rules_path, tmpdir, deadline=60.0):
+    """A real Prometheus scrapes px every second and evaluates the alert rules
+    every second: every expression must return at least one series, and every
+    rule must evaluate without error (e.g. no many-to-many match)."""
+    d = os.path.join(tmpdir, "prometheus")
+    os.makedirs(d)
+    port = servers.free_port()
+    conf = os.path.join(d, "prometheus.yml")
+    with open(conf, "w") as f:
+        json.dump({"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                   "rule_files": [os.path.abspath(rules_path)],
+                   "scrape_configs": [{"job_name": "imapfresh", "static_configs": [
+                       {"targets": ["%s:%d" % (servers.HOST, px.admin_port)]}]}]}, f)
+    proc = servers.spawn(["prometheus", "--config.file=" + conf, "--storage.tsdb.path=" + d + "/data",
+                          "--web.listen-address=%s:%d" % (servers.HOST, port), "--log.level=warn"],
+                         os.path.join(d, "prometheus.log"))
+    errors = []
+
+    def query(q):
+        st, body = http_get(port, "/api/v1/query?" + urllib.parse.urlencode({"query": q}))
+        r = json.loads(body)
+        if st != 200 or r.get("status") != "success":
+            raise RuntimeError("%d %s" % (st, body[:300]))
+        return r["data"]["result"]
+
+    try:
+        end = time.monotonic() + deadline
+        while True:     # three scrapes in: enough for rate() over any window
+            try:
+                res = query('count_over_time(imapfresh_build_info{job="imapfresh"}[1m])')
+                if res and float(res[0]["value"][1]) >= 3:
+                    break
+            except (OSError, RuntimeError, ValueError):
+                pass
+            if proc.poll() is not None or time.monotonic() > end:
+                return ["Prometheus has not scraped imapfresh three times in %.0f s%s"
+                        % (deadline, servers.log_tail(os.path.join(d, "prometheus.log")))]
+            time.sleep(0.3)
+        for where, expr in sorted(exprs.items()):
+            try:
+                if not query(expr):
+                    errors.append("%s: no series\n  expr: %s" % (where, expr))
+            except RuntimeError as e:
+                errors.append("%s: %s\n  expr: %s" % (where, e, expr))
+        while True:     # every rule evaluated at least once since the scrapes began
+            st, body = http_get(port, "/api/v1/rules")
+            rules = [r for g in json.loads(body)["data"]["groups"] for r in g["rules"]]
+            if rules and all(not r["lastEvaluation"].startswith("0001") for r in rules):
+                break
+            if time.monotonic() > end:
+                return errors + ["the rules were not all evaluated in %.0f s" % deadline]
+            time.sleep(0.3)
+        for r in rules:
+            if r.get("health") != "ok":
+                errors.append("rule %s: %s: %s" % (r["name"], r.get("health"), r.get("lastError")))
+    finally:
+        servers.stop_process(proc)
+    return errors
 
 
 def metric_errors(exprs, exported):
@@ -499,6 +574,7 @@ def main():
     import yaml     # python3-yaml; imported here so that a missing one fails as a point
     tmp = tempfile.mkdtemp(prefix="contrib-check.", dir=os.environ.get("IMAPFRESH_TEST_TMP"))
     os.chmod(tmp, 0o755)
+    px = None
     try:
         # --- the alert rules
         rc, text = promtool("check", "rules", args.rules)
@@ -529,11 +605,12 @@ def main():
               promql_errors(dexprs, tmp))
 
         # --- the metrics named, against a live imapfresh
+        exported = {}
         try:
-            exported = scrape(args.binary, tmp)
+            px = start_imapfresh(args.binary, tmp)
+            exported = scrape(px)
             point(bool(exported), "live imapfresh /metrics scraped (%d series names)" % len(exported))
         except Exception as e:  # noqa: BLE001 (any failure here is the point's)
-            exported = {}
             point(False, "live imapfresh /metrics scraped", [e])
         dmetrics = dict(dexprs)
         dmetrics.update(variable_metric_exprs(dash))
@@ -548,6 +625,19 @@ def main():
         unused = sorted({re.sub(r"_(bucket|sum|count)$", "", n) for n in exported} - used)
         if unused:
             out("# exported but on neither the dashboard nor the rules: %s" % ", ".join(unused))
+
+        if px is not None and exported:
+            check("a real Prometheus scraping that imapfresh: every dashboard expression "
+                  "returns series, every alert rule evaluates cleanly",
+                  prometheus_errors(px, dexprs, args.rules, tmp))
+        else:
+            point(False, "a real Prometheus scraping imapfresh", ["no imapfresh"])
+        if px is not None:
+            try:
+                px.stop()   # a sanitizer report in its log fails here
+            except Exception as e:  # noqa: BLE001
+                point(False, "imapfresh stopped cleanly", [e])
+            px = None
 
         # --- the checks themselves fail on broken copies: exactly one new
         # complaint, about what was broken, beyond those of the real files
@@ -581,6 +671,8 @@ def main():
         panels[1]["gridPos"] = dict(panels[0]["gridPos"])
         caught("a panel on another panel's cell", layout_errors(dash), layout_errors(broken), "overlaps")
     finally:
+        if px is not None:
+            servers.stop_process(px.proc)
         shutil.rmtree(tmp, ignore_errors=True)
     out("1..%d" % _n[0])
     return 0 if args.exit_zero or not _failed[0] else 1
