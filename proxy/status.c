@@ -598,7 +598,7 @@ status_fetch_finish(evutil_socket_t fd, short what, void *arg)
 	struct evbuffer *out = evbuffer_new(), *health = evbuffer_new(), *sessions = evbuffer_new(),
 	    *events = evbuffer_new();
 	time_t now = time(NULL);
-	char nonce[40], title[200];
+	char nonce[40];
 	size_t i;
 
 	(void)fd;
@@ -619,8 +619,7 @@ status_fetch_finish(evutil_socket_t fd, short what, void *arg)
 			status_unreachable_row(health, p);
 	}
 	status_nonce(nonce, sizeof(nonce));
-	snprintf(title, sizeof(title), "imapfresh status");
-	status_head(srv, out, nonce, title);
+	status_head(srv, out, nonce, "imapfresh status");
 	status_main(out);
 	status_table(out, "instances", "Instances", "<th>instance</th><th>admin</th><th>up</th>"
 	    "<th>sessions</th><th>upstream</th><th>Redis</th><th>change feed</th><th>trace</th>",
@@ -736,16 +735,15 @@ status_registry(const char *const *kv, size_t n)
 {
 	struct status_fetch *f, *next;
 	time_t now = time(NULL);
-	size_t i;
+	size_t i, m;
 
 	for (f = TAILQ_FIRST(&status_fetches); f != NULL; f = next) {
 		next = TAILQ_NEXT(f, entry);
 		if (!f->wait_registry)
 			continue;
 		f->wait_registry = 0;
-		if (n > 0 && (f->peers = calloc(n / 2, sizeof(*f->peers))) == NULL)
-			n = 0;
-		for (i = 0; i + 1 < n; i += 2) {
+		m = n > 0 && (f->peers = calloc(n / 2, sizeof(*f->peers))) != NULL ? n : 0;
+		for (i = 0; i + 1 < m; i += 2) {
 			struct status_peer *p = &f->peers[f->n_peers];
 			const char *v = kv[i + 1], *tab = strchr(v, '\t'), *last = strrchr(v, '\t');
 			long long refreshed = last ? atoll(last + 1) : 0;
