@@ -51,6 +51,8 @@ struct resync {
 	int requested;			/* an operator asked for one at the next trigger */
 	/* per-session totals, for the store and the admin endpoint */
 	time_t last_done;
+	char last_step[16];		/* the last event's step ("in-sync", "repaired"...) */
+	time_t last_step_at;
 	uint64_t n_resyncs, n_escalations, n_stale;
 };
 

@@ -463,6 +463,7 @@ session_upstream_start(struct session *s)
 {
 	metrics_observe(&s->srv->metrics.upstream_connect,
 	    metrics_now_usec() - s->connect_start_usec);
+	s->srv->stats.upstream_last_ready = time(NULL);
 	bufferevent_set_timeouts(s->up, NULL, NULL);
 	/* The client's address goes with its first command (session_client_forward). */
 	s->id_pending = s->srv->cfg.upstream_client_address == CLIENT_ADDRESS_ID;
