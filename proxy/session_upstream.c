@@ -740,16 +740,22 @@ session_upstream_bound(struct session *s)
  * that resync hides goes the token way. Returns the bytes taken, 0 for none;
  * the line's end may have ended the session (state no longer RUNNING).
  */
+static int
+session_upstream_fetch_fast(const struct session *s)
+{
+	return s->state == SESSION_RUNNING && s->trace == NULL && s->resp_mode == RESP_UNDECIDED &&
+	    !pending_any(&s->track.pending);
+}
+
 static size_t
 session_upstream_fetch_line(struct session *s, const struct upstream_view *view)
 {
 	struct imap_tok tag = { .type = IMAP_TOK_ATOM, .len = 1, .index = 0 }, word = tag;
 	uint32_t num, uid;
-	size_t n;
+	size_t n, total;
 
 	/* The prefix first: it turns most other lines away in a few bytes. */
-	if (s->state != SESSION_RUNNING || s->trace != NULL || s->resp_mode != RESP_UNDECIDED ||
-	    pending_any(&s->track.pending) || !track_fetch_line(view->p, view->len, &num, &uid) ||
+	if (!session_upstream_fetch_fast(s) || !track_fetch_line(view->p, view->len, &num, &uid) ||
 	    (n = imap_lex_plain_line(s->ulex, view->p, view->len)) == 0)
 		return 0;
 	/* What its first two tokens would have told. */
@@ -766,8 +772,23 @@ session_upstream_fetch_line(struct session *s, const struct upstream_view *view)
 	track_fetch_seen(s, num, uid);
 	s->resp_mode = RESP_PASS;
 	s->up_deferred += n;
-	session_upstream_eol(s);
-	return n;
+	if (session_upstream_eol(s))
+		return n;
+
+	/* The lines after it, while they are more of the same: no resync under
+	   way (nothing hidden, no sink), a SELECT's start already seen. Each
+	   changes only the view, as the line above did through its end. */
+	total = n;
+	while (session_upstream_fetch_fast(s) && s->resync.phase == RESYNC_NONE &&
+	    s->track.fetch_sink == NULL && s->up_deferred < SESSION_OUT_LOW &&
+	    track_fetch_line(view->p + total, view->len - total, &num, &uid) &&
+	    (n = imap_lex_plain_line(s->ulex, view->p + total, view->len - total)) != 0) {
+		track_fetch_next(s, num, uid);
+		s->up_deferred += n;
+		total += n;
+	}
+	s->up_resp_start = s->up_deferred;
+	return total;
 }
 
 void
