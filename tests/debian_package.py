@@ -56,6 +56,8 @@ EXPECTED_FILES = [
     "/usr/share/man/man5/imapfresh.conf.5.gz",
     CONF,
     "/usr/share/doc/imapfresh/examples/imapfresh.conf.sample",
+    "/usr/share/doc/imapfresh/examples/imapfresh.json",
+    "/usr/share/doc/imapfresh/examples/imapfresh-alerts.yml",
     "/usr/share/doc/imapfresh/copyright",
     "/lib/systemd/system/imapfresh.service",
     "/etc/logrotate.d/imapfresh",
