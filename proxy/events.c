@@ -34,6 +34,8 @@ struct events {
 	int fd;			/* event_log, or -1 */
 	char path[1024];
 	int warned;		/* a write failure was logged */
+	struct events_recent recent[EVENTS_RECENT];	/* a ring */
+	size_t n_recent, next_recent;
 };
 
 int
@@ -184,6 +186,48 @@ events_format_uids(const struct uidset *set, char *buf, size_t len)
 	return 1;
 }
 
+const struct events_recent *
+events_recent(const struct server *srv, size_t i)
+{
+	const struct events *e = srv->events;
+
+	if (e == NULL || i >= e->n_recent)
+		return NULL;
+	return &e->recent[(e->next_recent + EVENTS_RECENT - 1 - i) % EVENTS_RECENT];
+}
+
+/* Kept in memory for the status page, and the session's last step. */
+static void
+events_remember(struct session *s, const struct events_resync *ev, const struct timeval *tv,
+    const char *ts, const char *sid)
+{
+	struct events *e = s->srv->events;
+	struct events_recent *r;
+
+	snprintf(s->resync.last_step, sizeof(s->resync.last_step), "%s", ev->step);
+	s->resync.last_step_at = time(NULL);
+	if (e == NULL)
+		return;
+	r = &e->recent[e->next_recent];
+	e->next_recent = (e->next_recent + 1) % EVENTS_RECENT;
+	if (e->n_recent < EVENTS_RECENT)
+		e->n_recent++;
+	r->at = tv->tv_sec;
+	r->at_ms = (uint64_t)tv->tv_sec * 1000 + (uint64_t)tv->tv_usec / 1000;
+	snprintf(r->time, sizeof(r->time), "%s", ts);
+	snprintf(r->session, sizeof(r->session), "%s", sid);
+	snprintf(r->user, sizeof(r->user), "%s", s->track.user ? s->track.user : "");
+	snprintf(r->client, sizeof(r->client), "%s", s->client_addr);
+	snprintf(r->mailbox, sizeof(r->mailbox), "%s", s->track.selected ? s->track.mailbox : "");
+	snprintf(r->step, sizeof(r->step), "%s", ev->step ? ev->step : "");
+	snprintf(r->trigger, sizeof(r->trigger), "%s", ev->trigger ? ev->trigger : "");
+	snprintf(r->reason, sizeof(r->reason), "%s", ev->reason ? ev->reason : "");
+	snprintf(r->sent, sizeof(r->sent), "%s", ev->sent_to_client ? ev->sent_to_client : "");
+	r->gen_synced = ev->gen_synced;
+	r->gen_now = ev->gen_now;
+	r->client_count = ev->client_count;
+}
+
 void
 events_resync(struct session *s, const struct events_resync *ev)
 {
@@ -202,15 +246,16 @@ events_resync(struct session *s, const struct events_resync *ev)
 		store_get_stats(srv->store, &ss);
 		stream = ss.redis;
 	}
-	if ((e == NULL || e->fd < 0) && !stream)
-		return;
-	if ((b = evbuffer_new()) == NULL)
-		return;
 	gettimeofday(&tv, NULL);
 	gmtime_r(&tv.tv_sec, &tm);
 	len = strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
 	snprintf(ts + len, sizeof(ts) - len, ".%03dZ", (int)(tv.tv_usec / 1000));
 	snprintf(sid, sizeof(sid), "%s:%s", srv->instance, s->sid);
+	events_remember(s, ev, &tv, ts, sid);
+	if ((e == NULL || e->fd < 0) && !stream)
+		return;
+	if ((b = evbuffer_new()) == NULL)
+		return;
 	if (ev->server_uids != NULL)
 		truncated = events_format_uids(ev->server_uids, uids, sizeof(uids));
 

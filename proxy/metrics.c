@@ -167,6 +167,9 @@ metrics_render(struct server *srv, struct evbuffer *out)
 	    PRIu64 "\n", st->proxy_protocol_refused);
 	metrics_counter(out, "imapfresh_connections_closed_total", "Client connections closed.",
 	    st->closed);
+	/* The limit next to the sessions, so that an alert can compare them (per worker). */
+	metrics_gauge(out, "imapfresh_max_clients", "Client connections served at once "
+	    "(max_clients).", (uint64_t)srv->cfg.max_clients);
 	metrics_sessions(out, srv);
 
 	metrics_family(out, "imapfresh_bytes_total", "counter", "Bytes relayed, by direction.");

@@ -1469,6 +1469,45 @@ store_register_instance(struct store *st, const char *admin_address, int64_t sta
 	store_register_write(st);
 }
 
+static void
+store_on_instances(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	store_instances_fn *fn = privdata;
+	const redisReply *r = reply;
+	const char **kv = NULL;
+	size_t i, n = 0;
+
+	if (ac->data != NULL && r != NULL && r->type == REDIS_REPLY_ARRAY && r->elements > 0 &&
+	    (kv = calloc(r->elements, sizeof(*kv))) != NULL) {
+		for (i = 0; i < r->elements; i++)
+			if (r->element[i]->type == REDIS_REPLY_STRING)
+				kv[n++] = r->element[i]->str;
+		n -= n % 2;
+	}
+	(*fn)(n ? kv : NULL, n);
+	free(kv);
+	free(fn);
+}
+
+void
+store_instances_get(struct store *st, store_instances_fn fn)
+{
+	store_instances_fn *q;
+
+	if (st == NULL || !st->redis || !store_link_ok(&st->cmd) ||
+	    (q = malloc(sizeof(*q))) == NULL) {
+		fn(NULL, 0);
+		return;
+	}
+	*q = fn;
+	if (redisAsyncCommand(st->cmd.ac, store_on_instances, q, "HGETALL %sinstances",
+	    st->prefix) != REDIS_OK) {
+		free(q);
+		store_lost(st, "command", "HGETALL");
+		fn(NULL, 0);
+	}
+}
+
 void
 store_set_up_callback(struct store *st, store_up_fn fn, void *arg)
 {

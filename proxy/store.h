@@ -132,4 +132,11 @@ void store_get_stats(const struct store *st, struct store_stats *out);
  * (up) is written again whenever Redis is regained, until deleted. */
 void store_register_instance(struct store *st, const char *admin_address, int64_t started, int up);
 
+/* Read the instances registry (HGETALL; the status page's fan-out). fn gets
+ * the fields and values in turn (kv[0] an instance, kv[1] its entry, ...) and
+ * n, their number; kv NULL and n 0 without Redis or on a failure (then fn
+ * may run before this returns). Never a pointer the store kept. */
+typedef void (*store_instances_fn)(const char *const *kv, size_t n);
+void store_instances_get(struct store *st, store_instances_fn fn);
+
 #endif
