@@ -18,6 +18,8 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include "sentinel.h"
+
 /* Numbers are stored through 4- or 8-byte fields; enums share int's layout. */
 _Static_assert(sizeof(int) == 4, "int fields are stored as 32 bits");
 _Static_assert(sizeof(enum upstream_tls_mode) == sizeof(int), "enum stored as int");
@@ -351,9 +353,11 @@ config_parse_redis(const char *url, struct config_redis *out)
 static const char *
 config_check_state(const char *value)
 {
-	if (strcmp(value, "memory") == 0 || config_parse_redis(value, NULL) == 0)
+	if (strcmp(value, "memory") == 0 || config_parse_redis(value, NULL) == 0 ||
+	    sentinel_parse_url(value, NULL) == 0)
 		return NULL;
-	return "memory, redis://host[:port][/db] or redis+unix:///path";
+	return "memory, redis://host[:port][/db], redis+unix:///path or "
+	    "redis-sentinel://host[:port][,host[:port]...]/master[/db]";
 }
 
 static const char *
