@@ -2,16 +2,20 @@
 
 /*
  * Discovery: SENTINEL get-master-addr-by-name <master> to the sentinels in
- * the URL's order, starting with the one that answered last, until one
- * names an address. A sentinel that cannot be reached, answers an error,
- * does not know the name, or gives no answer within SENTINEL_QUERY_TIMEOUT
- * seconds is skipped (hiredis 0.14 has no timeouts of its own on an async
- * context: a timer gives the connection up). One connection per discovery:
- * they are rare (start, lost link, failed command).
+ * the URL's order, until one names an address, starting with the one after
+ * the sentinel that answered last: the store asks again when the address
+ * named was wrong (not a master), and a sentinel that has not heard of a
+ * failover yet must not be asked first again. A sentinel that cannot be
+ * reached, answers an error, does not know the name, or gives no answer
+ * within SENTINEL_QUERY_TIMEOUT seconds is skipped (hiredis 0.14 has no
+ * timeouts of its own on an async context: a timer gives the connection
+ * up). One connection per discovery: they are rare (start, lost link,
+ * failed command).
  *
  * Watch: one connection SUBSCRIBEd to +switch-master on one sentinel. Every
  * sentinel publishes "<master> <old ip> <old port> <new ip> <new port>" once
- * it learns of a failover, so one is enough; when it is lost the next one is
+ * it learns of a failover, so one is enough; when it is lost, or does not
+ * confirm the SUBSCRIBE within SENTINEL_QUERY_TIMEOUT, the next one is
  * watched, after 1 s, 2 s, 4 s ... 30 s. A failover announced while no
  * sentinel is watched is still noticed by the store: the old master is gone
  * or refuses writes (READONLY), and the store then asks again.
@@ -56,6 +60,7 @@ struct sentinel {
 	redisAsyncContext *watch;
 	struct event *watch_timer;
 	int watched;		/* index of the sentinel watched (or tried next) */
+	int subscribed;		/* it confirmed the SUBSCRIBE */
 	int backoff;		/* seconds before watching the next one */
 };
 
@@ -208,6 +213,7 @@ sentinel_on_master(redisAsyncContext *ac, void *reply, void *privdata)
 	    r->element[0]->len < sizeof(host) && r->element[1]->len < sizeof(port)) {
 		snprintf(host, sizeof(host), "%s", r->element[0]->str);
 		snprintf(port, sizeof(port), "%s", r->element[1]->str);
+		sn->next = (sn->next + 1) % sn->url.n;
 		sentinel_done(sn, host, port);
 		return;
 	}
@@ -295,6 +301,8 @@ sentinel_watch_lost(struct sentinel *sn, const char *why, int free_it)
 	char where[300];
 
 	sentinel_drop(&sn->watch, free_it);
+	sn->subscribed = 0;
+	evtimer_del(sn->watch_timer);
 	log_info("redis sentinel %s: watching sentinel %s for failovers: %s; trying the next "
 	    "sentinel in %d s", sn->url.master, sentinel_where(sn, sn->watched, where, sizeof(where)),
 	    why, sn->backoff);
@@ -338,7 +346,9 @@ sentinel_on_watch(redisAsyncContext *ac, void *reply, void *privdata)
 	    r->element[0]->type != REDIS_REPLY_STRING)
 		return;
 	if (strcmp(r->element[0]->str, "subscribe") == 0) {
+		sn->subscribed = 1;
 		sn->backoff = 1;
+		evtimer_del(sn->watch_timer);
 		log_debug("redis sentinel %s: watching sentinel %s for failovers", sn->url.master,
 		    sentinel_where(sn, sn->watched, where, sizeof(where)));
 	} else if (strcmp(r->element[0]->str, "message") == 0 &&
@@ -371,6 +381,7 @@ sentinel_on_watch_disconnect(const redisAsyncContext *ac, int status)
 static void
 sentinel_watch(struct sentinel *sn)
 {
+	struct timeval tv = { SENTINEL_QUERY_TIMEOUT, 0 };
 	char why[200];
 
 	sn->watch = sentinel_open(sn, sn->watched, sentinel_on_watch_connect,
@@ -380,10 +391,15 @@ sentinel_watch(struct sentinel *sn)
 		return;
 	}
 	if (redisAsyncCommand(sn->watch, sentinel_on_watch, NULL, "SUBSCRIBE %s",
-	    SENTINEL_CHANNEL) != REDIS_OK)
+	    SENTINEL_CHANNEL) != REDIS_OK) {
 		sentinel_watch_lost(sn, "cannot queue SUBSCRIBE", 1);
+		return;
+	}
+	evtimer_add(sn->watch_timer, &tv);	/* until it confirms */
 }
 
+/* Time to watch the next sentinel, or the one watched did not confirm its
+ * SUBSCRIBE in time. */
 static void
 sentinel_on_watch_timer(evutil_socket_t fd, short what, void *arg)
 {
@@ -393,6 +409,8 @@ sentinel_on_watch_timer(evutil_socket_t fd, short what, void *arg)
 	(void)what;
 	if (sn->watch == NULL)
 		sentinel_watch(sn);
+	else if (!sn->subscribed)
+		sentinel_watch_lost(sn, "no answer to SUBSCRIBE in time", 1);
 }
 
 struct sentinel *

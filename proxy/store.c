@@ -127,7 +127,7 @@ struct store {
 	struct sentinel *sentinel;
 	char master_name[128];
 	char master[300];	/* the address used, "host:port"; "" until named */
-	char moved_from[300];	/* the master before a failover not yet reported */
+	char master_up[300];	/* the last one reached, and found a master */
 	store_failover_fn failover_fn;
 	void *failover_arg;
 };
@@ -417,14 +417,16 @@ store_link_up(struct store_link *link)
 		log_notice("redis %s: connected", st->where);
 	}
 	st->ever_up = 1;
-	if (st->moved_from[0]) {
+	/* A failover: a master reached before, another now (not an address a
+	 * sentinel named wrongly, refused by ROLE). */
+	if (st->master_up[0] && strcmp(st->master_up, st->master) != 0) {
 		st->stats.failovers++;
 		log_notice("redis sentinel %s: failed over from %s to %s; every session resyncs once",
-		    st->master_name, st->moved_from, st->master);
+		    st->master_name, st->master_up, st->master);
 		if (st->failover_fn)
-			st->failover_fn(st->failover_arg, st->moved_from, st->master);
-		st->moved_from[0] = '\0';
+			st->failover_fn(st->failover_arg, st->master_up, st->master);
 	}
+	memcpy(st->master_up, st->master, sizeof st->master_up);
 	/* A restarted Redis has none of our keys, and what was saved during the
 	 * outage was dropped: write the registry entry and every live session's
 	 * state again now, not when each next changes. */
@@ -700,7 +702,7 @@ store_open_links(struct store *st)
 		store_lost(st, "command", "SUBSCRIBE");
 }
 
-/* The master's address from now on; a new one is a failover, reported once reached. */
+/* The master's address from now on (a failover once reached, store_link_up()). */
 static void
 store_use_master(struct store *st, const char *host, const char *port)
 {
@@ -709,9 +711,6 @@ store_use_master(struct store *st, const char *host, const char *port)
 	snprintf(addr, sizeof addr, strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, port);
 	if (strcmp(addr, st->master) == 0)
 		return;
-	/* A second failover before the first was reported: report from the first master. */
-	if (st->master[0] && !st->moved_from[0])
-		memcpy(st->moved_from, st->master, sizeof st->moved_from);
 	memcpy(st->master, addr, sizeof st->master);
 	snprintf(st->url.host, sizeof st->url.host, "%s", host);
 	snprintf(st->url.port, sizeof st->url.port, "%s", port);
