@@ -13,6 +13,8 @@ must say that the master moved.
 import json
 import os
 import re
+import socket
+import threading
 
 import servers
 import stale_imapd
@@ -33,6 +35,60 @@ def _events(path):
             return [json.loads(l) for l in f if l.strip()]
     except FileNotFoundError:
         return []
+
+
+class FakeSentinel:
+    """Speaks enough of a sentinel's protocol to mislead: names `master`
+    ((host, port)) as the master and confirms SUBSCRIBEs, or with master None
+    accepts connections and never answers."""
+
+    def __init__(self, master=None):
+        self.master = master
+        self.asked = 0
+        self.sock = socket.socket()
+        self.sock.bind((HOST, 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        f = c.makefile("rb")
+        try:
+            while True:
+                cmd = servers.resp_read(f)
+                if self.master is None:
+                    continue
+                name = (cmd[0] if isinstance(cmd, list) and cmd else b"").upper()
+                if name == b"SENTINEL":
+                    self.asked += 1
+                    host, port = (a.encode() for a in (self.master[0], str(self.master[1])))
+                    c.sendall(b"*2\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                              % (len(host), host, len(port), port))
+                elif name == b"SUBSCRIBE":
+                    c.sendall(b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:1\r\n"
+                              % (len(cmd[1]), cmd[1]))
+                else:
+                    c.sendall(b"-ERR unknown command\r\n")
+        except (OSError, ValueError):
+            pass
+
+    def stop(self):
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
 
 
 def _heard(p):
@@ -119,3 +175,35 @@ def t_sentinel_failover(ctx):
     after = [e for e in _events(events["b"]) if e.get("step") == "check" and
              re.search(r"state store", e.get("reason") or "")]
     check(after, "B's event log shows its resync for changes possibly missed during the failover")
+
+
+@test("sentinel: sentinels that are down, silent or name a replica are skipped; imapfresh ends "
+      "on the master (ROLE), and sessions are stored there", proxy_only=True, timeout=60)
+def t_sentinel_discovery(ctx):
+    rs = servers.RedisSentinels(os.path.join(ctx.env.tmp, "sentinel-%d" % id(ctx)))
+    rs.start()
+    ctx.closers.append(rs.stop)
+    silent = FakeSentinel()
+    liar = FakeSentinel((HOST, rs.replica.port))
+    ctx.closers += [silent.stop, liar.stop]
+    down = servers.free_port()
+    url = "redis-sentinel://%s/%s" % (",".join("%s:%d" % (HOST, p) for p in
+                                               [down, silent.port, liar.port] + rs.ports), rs.name)
+    p = ctx.proxy("sentinel-discovery", options=[("state", url), ("instance_id", "sentinel-d")])
+    master = "%s:%d" % (HOST, rs.master.port)
+    wait_for(lambda: "redis %s (sentinel mymaster): connected" % master in _log(p),
+             "imapfresh to reach the master past the misleading sentinels", deadline=30)
+    log = _log(p)
+    check(liar.asked >= 1, "the lying sentinel was asked")
+    check(re.search(r"sentinel 127\.0\.0\.1:%d: Connection refused" % down, log),
+          "the sentinel that is down was skipped:\n%s", log[-3000:])
+    check("sentinel 127.0.0.1:%d: no answer in time" % silent.port in log,
+          "the silent sentinel was given up:\n%s", log[-3000:])
+    check("ROLE: not a master" in log, "the replica the liar named was refused:\n%s", log[-3000:])
+    check("%s:%d (sentinel mymaster): connected" % (HOST, rs.replica.port) not in log and
+          "failed over" not in log, "never settled on the replica, no failover:\n%s", log[-3000:])
+    a = login(ctx, p.tls_port, "A")
+    a.expect_ok("S1", "SELECT INBOX")
+    a.uid_fetch_all("F1")
+    wait_for(lambda: servers.resp_command(rs.master.port, "KEYS", "imapfresh:{alice}:session:*"),
+             "the session's record on the master")
