@@ -84,7 +84,8 @@ static const char *config_check_http_url(const char *value);
 	X(upstream_sni, STRING, \
 	    .help = "server name sent and checked upstream; empty = upstream host name") \
 	X(state, STRING, .def = "memory", .check = config_check_state, \
-	    .help = "session state store: memory or redis://host[:port][/db]") \
+	    .help = "session state store: memory, redis://host[:port][/db] or " \
+	    "redis-sentinel://host[:port],.../master[/db]") \
 	X(resync, BOOL, .def = "yes", \
 	    .help = "resync a stale session before the commands in resync_on") \
 	X(resync_on, STRING, .def = "GETQUOTAROOT, FETCH, UID FETCH", .min = 1, \
