@@ -686,7 +686,7 @@ store_on_role(redisAsyncContext *ac, void *reply, void *privdata)
 /* Open both links and queue their first commands, sent once connected:
  * their replies tell when each link is usable. */
 static void
-store_open_links(struct store *st)
+store_connect(struct store *st)
 {
 	if (store_link_open(st, &st->cmd) < 0 || store_link_open(st, &st->sub) < 0)
 		return;
@@ -730,7 +730,7 @@ store_on_master(void *arg, const char *host, const char *port, const char *why)
 		return;
 	}
 	store_use_master(st, host, port);
-	store_open_links(st);
+	store_connect(st);
 }
 
 /* A sentinel announced a failover: go to the new master now, not at the next retry. */
@@ -747,17 +747,17 @@ store_on_switch(void *arg, const char *host, const char *port)
 	store_lost(st, "failover", "the sentinels named a new master");
 	evtimer_del(st->retry);
 	st->backoff = STORE_BACKOFF_FIRST;
-	store_open_links(st);
+	store_connect(st);
 }
 
-/* Where the master is: asked of the sentinels each time, or the URL's. */
+/* (Re)connect: to the URL's address, or where the sentinels say the master is. */
 static void
-store_connect(struct store *st)
+store_find_master(struct store *st)
 {
 	if (st->sentinel)
 		sentinel_discover(st->sentinel);
 	else
-		store_open_links(st);
+		store_connect(st);
 }
 
 static void
@@ -766,7 +766,7 @@ store_on_retry(evutil_socket_t fd, short what, void *arg)
 	struct store *st = arg;
 
 	if (!st->cmd.ac && !st->sub.ac)
-		store_connect(st);
+		store_find_master(st);
 }
 
 /* Keep the keys of sessions saved here from expiring while they sit idle. */
@@ -1204,7 +1204,7 @@ store_setup_redis(struct store *st, const struct config *cfg, char *err, size_t 
 		snprintf(err, errlen, "store: out of memory");
 		return -1;
 	}
-	store_connect(st);
+	store_find_master(st);
 	return 0;
 }
 
