@@ -7,7 +7,9 @@ of a change made through A, only imapfresh told it (A's instance published
 it on Redis, B's heard it). The master is SIGKILLed mid-session; after the
 sentinels' failover both instances must be on the new master, the sessions
 untouched, a change through A must again reach B, and both sync event logs
-must say that the master moved.
+must say that the master moved. Then: discovery past sentinels that are
+down, silent or name a replica (FakeSentinel), and a manual failover that
+leaves the old master up, which only the sentinels' announcement reveals.
 """
 
 import json
@@ -207,3 +209,36 @@ def t_sentinel_discovery(ctx):
     a.uid_fetch_all("F1")
     wait_for(lambda: servers.resp_command(rs.master.port, "KEYS", "imapfresh:{alice}:session:*"),
              "the session's record on the master")
+
+
+@test("sentinel: a manual failover (SENTINEL FAILOVER, the old master alive): imapfresh moves "
+      "to the new master when the sentinels announce it, and writes there", proxy_only=True, timeout=60)
+def t_sentinel_manual_failover(ctx):
+    rs = servers.RedisSentinels(os.path.join(ctx.env.tmp, "sentinel-%d" % id(ctx)))
+    rs.start()
+    ctx.closers.append(rs.stop)
+    p = ctx.proxy("sentinel-manual", options=[("state", rs.url), ("instance_id", "sentinel-m")])
+    old = "%s:%d" % (HOST, rs.master.port)
+    new = "%s:%d" % (HOST, rs.replica.port)
+    wait_for(lambda: "redis %s (sentinel mymaster): connected" % old in _log(p),
+             "imapfresh to reach the master")
+    a = login(ctx, p.tls_port, "A")
+    box = ctx.mailbox(a, "Sentinel")
+    uid = append(a, "P1", "INBOX", message(1, "manual"))
+    a.expect_ok("S1", "SELECT INBOX")
+    check(servers.resp_command(rs.ports[0], "SENTINEL", "FAILOVER", rs.name) == b"OK",
+          "SENTINEL FAILOVER accepted")
+    wait_for(lambda: "failed over from %s to %s" % (old, new) in _log(p),
+             "imapfresh to follow the failover to %s" % new, deadline=30)
+    # The sentinels demote the old master only some 8 s after the failover
+    # (it must report itself a master for that long): it is one still, so
+    # imapfresh moved because they announced the failover, not because its
+    # links were cut or its writes refused.
+    role = servers.resp_command(rs.master.port, "ROLE")
+    check(role and role[0] == b"master", "the old master is still one: %r", role)
+    a.expect_ok("M1", "UID MOVE %d %s" % (uid, box))
+    wait_for(lambda: int(servers.resp_command(rs.replica.port, "HGET", "imapfresh:{alice}:gen",
+                                              box) or 0) >= 1,
+             "the MOVE counted on the new master")
+    check(servers.resp_command(rs.replica.port, "KEYS", "imapfresh:{alice}:session:*"),
+          "the session's record written again on the new master")
