@@ -20,7 +20,7 @@ import threading
 
 import servers
 import stale_imapd
-from admin_tests import ctl_ok
+from admin_tests import ctl_ok, http_req
 from servers import HOST
 from stale_tests import NEVER, append, check, login, message, thunderbird_revisit, wait_for
 from tap import test
@@ -161,6 +161,9 @@ def t_sentinel_failover(ctx):
     check(sorted(e["instance"] for e in logged if e["step"] == "failover") ==
           ["sentinel-a", "sentinel-b"], "the failover in the new master's event stream too")
 
+    st, _, page = http_req(pb.admin_port, "GET", "/status")
+    check(st == 200 and "redis master %s -&gt; %s" % (old, new) in page,
+          "the status page's recent events show the failover: %s", page[-2000:])
     # imapfresh-ctl finds the new master through the sentinels too.
     out = ctl_ok(ctx, "-c", pa.conf, "-o", "state=" + rs.url, "events", "-n", "100")
     check(re.search(r'failover .*reason="redis master %s -> %s"' % (old, new), out),
