@@ -28,6 +28,9 @@ void events_close(struct server *srv);
 
 void events_resync(struct session *s, const struct events_resync *ev);
 
+/* The Redis master moved (redis-sentinel://): step "failover", no session. */
+void events_failover(struct server *srv, const char *from, const char *to);
+
 /* The last EVENTS_RECENT events of this instance are also kept in memory,
  * whether or not a file or a stream is configured (the status page). Long
  * values are cut, maybe inside a UTF-8 sequence. */

@@ -217,6 +217,8 @@ metrics_render(struct server *srv, struct evbuffer *out)
 	    "connections, and writes dropped while it was down.", ss.errors);
 	metrics_counter(out, "imapfresh_redis_reconnects_total", "Redis outages ended.",
 	    ss.reconnects);
+	metrics_counter(out, "imapfresh_redis_failovers_total", "New Redis masters reached after "
+	    "a failover (state = redis-sentinel://).", ss.failovers);
 	metrics_counter(out, "imapfresh_redis_published_total", "Mailbox changes published to "
 	    "the other instances.", ss.published);
 	metrics_counter(out, "imapfresh_redis_received_total", "Mailbox changes heard from the "

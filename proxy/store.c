@@ -54,11 +54,11 @@
  * worst a change heard twice: one resync too many). Regaining Redis
  * subscribes every user with sessions here again.
  *
- * Two connections: commands, and SUBSCRIBE (which allows nothing else).
- * hiredis 0.14 cannot route sharded pub/sub replies (it knows SUBSCRIBE and
- * PSUBSCRIBE only): the subscriber link reads its replies itself (its own
- * libevent events around the hiredis context, store_sub_*), and writes its
- * commands straight into the context's output buffer.
+ * Two connections: commands, and SUBSCRIBE (which allows nothing else;
+ * hiredis 0.14 cannot route sharded pub/sub replies, it knows SUBSCRIBE and
+ * PSUBSCRIBE only: the subscriber link reads its replies itself, with its
+ * own libevent events around the hiredis context, store_sub_*, and writes
+ * its commands straight into the context's output buffer).
  * Either one failing, or a command failing, starts an outage: both are
  * dropped, the epoch grows, and reconnection is tried after 1 s, 2 s, 4 s...
  * up to 30 s. Regaining both grows the epoch again, rewrites this instance's
@@ -67,6 +67,15 @@
  * has lost the keys (an idle session would otherwise be missing until its
  * state next changed). Host names in the URL are resolved with a blocking
  * lookup at each (re)connect: prefer an address.
+ *
+ * With redis-sentinel:// the address comes from the sentinels (sentinel.c)
+ * at every (re)connection, so a failed command or a lost link also finds a
+ * new master; the command link then checks with ROLE that it reached a
+ * master, not a replica (an outage if not). A failover announced by a
+ * sentinel (+switch-master) drops both links at once and connects to the
+ * new master without waiting for the backoff. Either way the outage grows
+ * the epoch, so every session resyncs once; the failover is logged and
+ * told to the failover callback once the new master is reached.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -81,6 +90,7 @@
 #include <hiredis/adapters/libevent.h>
 
 #include "log.h"
+#include "sentinel.h"
 #include "store.h"
 #include "strmap.h"
 
@@ -145,6 +155,14 @@ struct store {
 	void *up_arg;
 	char *reg_admin;	/* the registry entry written last (NULL: none) */
 	int64_t reg_started;
+
+	/* redis-sentinel:// only */
+	struct sentinel *sentinel;
+	char master_name[128];
+	char master[300];	/* the address used, "host:port"; "" until named */
+	char master_up[300];	/* the last one reached, and found a master */
+	store_failover_fn failover_fn;
+	void *failover_arg;
 };
 
 /* A change waiting for its HINCRBY reply, to be published then. */
@@ -458,6 +476,16 @@ store_link_up(struct store_link *link)
 		log_notice("redis %s: connected", st->where);
 	}
 	st->ever_up = 1;
+	/* A failover: a master reached before, another now (not an address a
+	 * sentinel named wrongly, refused by ROLE). */
+	if (st->master_up[0] && strcmp(st->master_up, st->master) != 0) {
+		st->stats.failovers++;
+		log_notice("redis sentinel %s: failed over from %s to %s; every session resyncs once",
+		    st->master_name, st->master_up, st->master);
+		if (st->failover_fn)
+			st->failover_fn(st->failover_arg, st->master_up, st->master);
+	}
+	memcpy(st->master_up, st->master, sizeof st->master_up);
 	store_subs_all(st);
 	/* A restarted Redis has none of our keys, and what was saved during the
 	 * outage was dropped: write the registry entry and every live session's
@@ -1117,6 +1145,21 @@ store_link_open(struct store *st, struct store_link *link)
 	return 0;
 }
 
+/* A sentinel's master must say it is one: a replica (a sentinel's stale
+ * answer, or a master demoted since) refuses writes. */
+static void
+store_on_role(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	const redisReply *r = reply;
+
+	if (!store_reply_ok(ac, r, privdata))
+		return;
+	if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
+	    r->element[0]->type != REDIS_REPLY_STRING || strcmp(r->element[0]->str, "master") != 0)
+		store_lost(((struct store_link *)ac->data)->st, "command",
+		    "ROLE: not a master; asking the sentinels again");
+}
+
 /* Open both links and queue their first commands, sent once connected:
  * their replies tell when each link is usable. */
 static void
@@ -1124,6 +1167,8 @@ store_connect(struct store *st)
 {
 	if (store_link_open(st, &st->cmd) < 0 || store_link_open(st, &st->sub) < 0)
 		return;
+	if (st->sentinel)
+		store_command(st, store_on_role, "ROLE", "ROLE");
 	if (st->url.db)
 		store_command(st, store_on_reply, "SELECT", "SELECT %d", st->url.db);
 	else
@@ -1134,13 +1179,71 @@ store_connect(struct store *st)
 	store_sub_send(st, "SUBSCRIBE", st->channel);
 }
 
+/* The master's address from now on (a failover once reached, store_link_up()). */
+static void
+store_use_master(struct store *st, const char *host, const char *port)
+{
+	char addr[sizeof st->master];
+
+	snprintf(addr, sizeof addr, strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, port);
+	if (strcmp(addr, st->master) == 0)
+		return;
+	memcpy(st->master, addr, sizeof st->master);
+	snprintf(st->url.host, sizeof st->url.host, "%s", host);
+	snprintf(st->url.port, sizeof st->url.port, "%s", port);
+	snprintf(st->where, sizeof st->where, "%s (sentinel %s)", st->master, st->master_name);
+}
+
+/* The sentinels named the master (host NULL: none did). */
+static void
+store_on_master(void *arg, const char *host, const char *port, const char *why)
+{
+	struct store *st = arg;
+
+	if (st->cmd.ac || st->sub.ac)
+		return;		/* a failover announcement got there first */
+	if (!host) {
+		store_lost(st, "sentinel", why && why[0] ? why : "no sentinel named the master");
+		return;
+	}
+	store_use_master(st, host, port);
+	store_connect(st);
+}
+
+/* A sentinel announced a failover: go to the new master now, not at the next retry. */
+static void
+store_on_switch(void *arg, const char *host, const char *port)
+{
+	struct store *st = arg;
+	char old[sizeof st->master];
+
+	memcpy(old, st->master, sizeof old);
+	store_use_master(st, host, port);
+	if (strcmp(old, st->master) == 0 && (st->cmd.ac || st->sub.ac))
+		return;		/* there already, or on the way */
+	store_lost(st, "failover", "the sentinels named a new master");
+	evtimer_del(st->retry);
+	st->backoff = STORE_BACKOFF_FIRST;
+	store_connect(st);
+}
+
+/* (Re)connect: to the URL's address, or where the sentinels say the master is. */
+static void
+store_find_master(struct store *st)
+{
+	if (st->sentinel)
+		sentinel_discover(st->sentinel);
+	else
+		store_connect(st);
+}
+
 static void
 store_on_retry(evutil_socket_t fd, short what, void *arg)
 {
 	struct store *st = arg;
 
 	if (!st->cmd.ac && !st->sub.ac)
-		store_connect(st);
+		store_find_master(st);
 }
 
 /* Keep the keys of sessions saved here from expiring while they sit idle. */
@@ -1515,6 +1618,13 @@ store_set_up_callback(struct store *st, store_up_fn fn, void *arg)
 	st->up_arg = arg;
 }
 
+void
+store_set_failover_callback(struct store *st, store_failover_fn fn, void *arg)
+{
+	st->failover_fn = fn;
+	st->failover_arg = arg;
+}
+
 /* The instance's name: instance_id, or the host name. */
 static void
 store_instance(struct store *st, const struct config *cfg)
@@ -1532,8 +1642,13 @@ static int
 store_setup_redis(struct store *st, const struct config *cfg, char *err, size_t errlen)
 {
 	struct timeval tick = { cfg->state_ttl / 3 > 0 ? cfg->state_ttl / 3 : 1, 0 };
+	struct sentinel_url su;
 
-	if (config_parse_redis(cfg->state, &st->url) < 0) {
+	if (sentinel_parse_url(cfg->state, &su) == 0) {
+		memset(&st->url, 0, sizeof st->url);
+		st->url.db = su.db;
+		snprintf(st->master_name, sizeof st->master_name, "%s", su.master);
+	} else if (config_parse_redis(cfg->state, &st->url) < 0) {
 		snprintf(err, errlen, "state: not memory or a Redis URL: %s", cfg->state);
 		return -1;
 	}
@@ -1545,7 +1660,9 @@ store_setup_redis(struct store *st, const struct config *cfg, char *err, size_t 
 	st->ttl = cfg->state_ttl;
 	st->publish_global = cfg->redis_publish_global;
 	st->backoff = STORE_BACKOFF_FIRST;
-	if (st->url.path[0])
+	if (st->master_name[0])
+		snprintf(st->where, sizeof st->where, "(sentinel %s)", st->master_name);
+	else if (st->url.path[0])
 		snprintf(st->where, sizeof st->where, "%s", st->url.path);
 	else
 		snprintf(st->where, sizeof st->where, strchr(st->url.host, ':') ? "[%s]:%s" : "%s:%s",
@@ -1560,7 +1677,12 @@ store_setup_redis(struct store *st, const struct config *cfg, char *err, size_t 
 		snprintf(err, errlen, "store: out of memory");
 		return -1;
 	}
-	store_connect(st);
+	if (st->master_name[0] &&
+	    !(st->sentinel = sentinel_new(st->base, &su, store_on_master, store_on_switch, st))) {
+		snprintf(err, errlen, "store: out of memory");
+		return -1;
+	}
+	store_find_master(st);
 	return 0;
 }
 
@@ -1606,6 +1728,7 @@ store_free(struct store *st)
 		return;
 	store_flush(st);
 	store_teardown(st);	/* callbacks run now see NULL replies and unowned contexts */
+	sentinel_free(st->sentinel);
 	if (st->retry)
 		event_free(st->retry);
 	if (st->tick)

@@ -18,7 +18,8 @@ struct store_user;	/* one user with live sessions on this instance */
  * are skipped. mailbox is valid during the call only; "" is every mailbox. */
 typedef void (*store_notify_fn)(void *member, const char *mailbox);
 
-/* Connects asynchronously when cfg->state is a redis:// URL; never blocks
+/* Connects asynchronously when cfg->state is a redis:// URL (or finds the
+ * master through the sentinels of a redis-sentinel:// URL); never blocks
  * (but for resolving a host name in the URL), and succeeds with Redis down:
  * it keeps retrying. NULL with err set on a bad configuration. The key
  * schema and the reconnection policy are described at the top of store.c. */
@@ -31,6 +32,12 @@ struct store *store_new(struct event_base *base, const struct config *cfg, store
  * here. The store itself rewrites the instances registry entry. */
 typedef void (*store_up_fn)(void *arg);
 void store_set_up_callback(struct store *st, store_up_fn fn, void *arg);
+
+/* With state = redis-sentinel://, the sentinels named a new master (a
+ * failover): from and to are "host:port". Called once the new master is
+ * reached, after the up callback. */
+typedef void (*store_failover_fn)(void *arg, const char *from, const char *to);
+void store_set_failover_callback(struct store *st, store_failover_fn fn, void *arg);
 
 /* Before event_base_free(). What is queued for Redis is written out as far as
  * it goes without blocking; users still joined are freed with the store. */
@@ -119,6 +126,7 @@ struct store_stats {
 	int connected;			/* command link up */
 	uint64_t errors;		/* failed commands and connections, writes dropped while down */
 	uint64_t reconnects;		/* outages ended (the first connection is not one) */
+	uint64_t failovers;		/* new masters reached (redis-sentinel://) */
 	uint64_t published, received;	/* change notifications; received: from other instances */
 	uint64_t messages;		/* change messages Redis delivered here, our own included */
 	uint64_t channels;		/* users' channels subscribed (users with sessions here) */
