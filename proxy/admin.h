@@ -10,4 +10,9 @@ struct server;
 int admin_start(struct server *srv, char *err, size_t errlen);
 void admin_stop(struct server *srv);
 
+/* Upgrade (upgrade.c): the listening socket to pass on, -1 when off; then
+ * the endpoint closed without leaving the instances registry. */
+int admin_listener_fd(const struct server *srv);
+void admin_release(struct server *srv);
+
 #endif

@@ -20,6 +20,7 @@
 #include "workers.h"
 #include "server.h"
 #include "tls.h"
+#include "upgrade.h"
 
 #define MAIN_EXIT_RUNTIME 1
 #define MAIN_EXIT_CONFIG 2
@@ -93,6 +94,8 @@ main_drop_privileges(const char *user, char *err, size_t errlen)
 		snprintf(err, errlen, "user: no such user \"%s\"", user);
 		return -1;
 	}
+	if (getuid() == pw->pw_uid && geteuid() == pw->pw_uid && getgid() == pw->pw_gid)
+		return 0;	/* started by an upgrade of a process that had switched */
 	if (initgroups(pw->pw_name, pw->pw_gid) < 0 || setgid(pw->pw_gid) < 0 ||
 	    setuid(pw->pw_uid) < 0) {
 		snprintf(err, errlen, "user: cannot switch to \"%s\": %s", user, strerror(errno));
@@ -178,6 +181,8 @@ main(int argc, char **argv)
 	int n_overrides = 0, foreground = 0, check_only = 0, has_master = 0, ch;
 	struct event_base *base;
 	char err[1024], upstream[300];
+
+	upgrade_init(argc, argv);	/* before getopt() reorders argv */
 
 	while ((ch = getopt(argc, argv, "c:o:ftvh")) != -1) {
 		switch (ch) {
@@ -280,6 +285,7 @@ main(int argc, char **argv)
 	}
 	if (!has_master)
 		main_write_pid(srv.cfg.pid_file);
+	upgrade_started(&srv);
 	log_notice("imapfresh %s started, upstream %s (%s)", PACKAGE_VERSION,
 	    config_fmt_addr(&srv.cfg.upstream, upstream, sizeof(upstream)),
 	    srv.cfg.upstream_tls == UPSTREAM_TLS_TLS ? "tls" :
@@ -289,7 +295,8 @@ main(int argc, char **argv)
 
 	server_free(&srv);
 	event_base_free(base);
-	if (srv.cfg.pid_file[0] != '\0' && !has_master)
+	/* After an upgrade the pid file is the new process's. */
+	if (srv.cfg.pid_file[0] != '\0' && !has_master && !upgrade_draining(&srv))
 		unlink(srv.cfg.pid_file);
 	log_notice("exiting");
 	return 0;

@@ -11,6 +11,7 @@
 #endif
 
 #include "log.h"
+#include "upgrade.h"
 #include "workers.h"
 
 #define WORKERS_MAX 64
@@ -134,6 +135,7 @@ workers_start(struct server *srv)
 	sigaddset(&set, SIGINT);
 	sigaddset(&set, SIGHUP);
 	sigaddset(&set, SIGCHLD);
+	sigaddset(&set, SIGUSR2);	/* its default would kill the master */
 	/* Blocked before the first fork: no signal is lost between them. */
 	sigprocmask(SIG_BLOCK, &set, &w.old_mask);
 	for (int i = 0; i < srv->workers; i++) {
@@ -146,8 +148,10 @@ workers_start(struct server *srv)
 			break;
 		}
 	}
-	if (!w.stopping)
+	if (!w.stopping) {
 		log_notice("imapfresh master: %d workers started", srv->workers);
+		upgrade_sd_notify("READY=1");
+	}
 	while (w.live > 0) {
 		if ((sig = sigwaitinfo(&set, NULL)) < 0)
 			continue;	/* EINTR */
@@ -160,6 +164,10 @@ workers_start(struct server *srv)
 		case SIGHUP:
 			log_notice("master: SIGHUP: passed on to the workers");
 			workers_signal_all(&w, SIGHUP);
+			break;
+		case SIGUSR2:
+			log_error("master: SIGUSR2: upgrade is not supported with workers > 1; "
+			    "restart instead");
 			break;
 		case SIGCHLD:
 			if (workers_reap(&w))

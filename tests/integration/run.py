@@ -1287,6 +1287,7 @@ import feed_tests  # noqa: E402,F401  (issue 15: the backend's change feed)
 import wildduck_tests  # noqa: E402,F401  (issue 15: a real WildDuck)
 import compress_tests  # noqa: E402,F401  (issue 16: COMPRESS=DEFLATE)
 import clients_tests  # noqa: E402,F401  (issue 16: real client programs)
+import upgrade_tests  # noqa: E402,F401  (issue 18: zero-downtime upgrade)
 
 
 def main():

@@ -1,0 +1,509 @@
+/* upgrade: zero-downtime restart: re-exec, listeners handed over, the old process drains. */
+
+/*
+ * SIGUSR2 (imapfresh-ctl upgrade): the old process stops accepting (the
+ * kernel queues new connections meanwhile, none is refused), forks and
+ * execs the binary now at its own path, with the same arguments, so the new
+ * process reads the configuration afresh. The listening sockets, the admin
+ * endpoint's included, are inherited across exec: IMAPFRESH_LISTEN_FDS
+ * names each by descriptor and key. The new process binds only what it was
+ * not given, and once it serves (bound, daemonized, pid file rewritten) it
+ * writes its pid down a pipe. Then the old one tells systemd the new main
+ * pid, closes its copies of the listeners and drains:
+ *
+ *   - a session between commands, quiet for UPGRADE_QUIET_USECS, gets
+ *     "* BYE" and is closed: the client reconnects, to the new process;
+ *   - a command under way runs to its tagged response (a FETCH gets all its
+ *     bytes), then the session is between commands as above;
+ *   - IDLE is left alone: the client's DONE is answered as always;
+ *   - at upgrade_drain_timeout every session left gets "* BYE" at once (an
+ *     idling one included; one inside a literal is just closed), with the
+ *     shutdown's 10 s for the output to drain.
+ *
+ * The old process exits when its last session is gone. If the new process
+ * fails to start, or does not report within UPGRADE_READY_SECS, the old
+ * one accepts again and nothing changed. Not with workers > 1.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+
+#include <event2/event.h>
+#include <event2/listener.h>
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+
+#include "admin.h"
+#include "log.h"
+#include "metrics.h"
+#include "server.h"
+#include "session.h"
+#include "upgrade.h"
+
+#define UPGRADE_MAX_FDS (2 * CONFIG_MAX_LISTEN + 1)
+#define UPGRADE_READY_SECS 30		/* the new process's start-up, at most */
+#define UPGRADE_SCAN_USECS 250000	/* how often draining looks for idle sessions */
+#define UPGRADE_QUIET_USECS 1000000	/* between commands this long: idle */
+#define UPGRADE_BYE "[UNAVAILABLE] imapfresh is restarting, please reconnect"
+
+struct upgrade_fd {
+	int fd;
+	int taken;
+	char key[340];
+};
+
+enum upgrade_state {
+	UPGRADE_NONE,
+	UPGRADE_STARTING,	/* the new process is starting; not accepting */
+	UPGRADE_DRAINING,	/* handed over: only the sessions are left */
+};
+
+static struct {
+	/* how this process was started, for the next one */
+	char exe[4096];
+	char **argv;
+	/* passed by the old process */
+	struct upgrade_fd fds[UPGRADE_MAX_FDS];
+	int n_fds;
+	int ready_fd;
+	uint64_t next_session;
+	int has_next;
+	/* as the old process */
+	enum upgrade_state state;
+	pid_t child;
+	int pipe_rd;
+	char reply[32];
+	size_t reply_len;
+	struct event *ev_ready, *ev_timeout, *ev_child, *ev_scan, *ev_deadline;
+} up = { .ready_fd = -1, .pipe_rd = -1 };
+
+static void
+upgrade_parse_fds(const char *v)
+{
+	while (v != NULL && *v != '\0' && up.n_fds < UPGRADE_MAX_FDS) {
+		const char *end = strchr(v, ','), *colon;
+		size_t len = end ? (size_t)(end - v) : strlen(v);
+		struct upgrade_fd *f = &up.fds[up.n_fds];
+		char *num_end;
+		long fd = strtol(v, &num_end, 10);
+		int listening = 0;
+		socklen_t sl = sizeof(listening);
+
+		colon = num_end;
+		if (*colon == ':' && fd > 2 && (size_t)(colon + 1 - v) < len &&
+		    len - (size_t)(colon + 1 - v) < sizeof(f->key) && fcntl((int)fd, F_GETFD) >= 0 &&
+		    getsockopt((int)fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &sl) == 0 && listening) {
+			f->fd = (int)fd;
+			snprintf(f->key, sizeof(f->key), "%.*s", (int)(len - (size_t)(colon + 1 - v)),
+			    colon + 1);
+			fcntl(f->fd, F_SETFD, FD_CLOEXEC);	/* ours now; not for later children */
+			up.n_fds++;
+		} else
+			fprintf(stderr, "imapfresh: %s: ignoring \"%.*s\": not a listening socket\n",
+			    UPGRADE_ENV_FDS, (int)len, v);
+		v = end ? end + 1 : NULL;
+	}
+}
+
+void
+upgrade_init(int argc, char **argv)
+{
+	ssize_t n = readlink("/proc/self/exe", up.exe, sizeof(up.exe) - 1);
+	const char *v;
+
+	/* The path, not /proc/self/exe: that stays the old binary once replaced. */
+	if (n > 0) {
+		const char *del = " (deleted)";
+		size_t dl = strlen(del);
+
+		up.exe[n] = '\0';
+		if ((size_t)n > dl && strcmp(up.exe + n - dl, del) == 0)
+			up.exe[n - dl] = '\0';
+	} else
+		snprintf(up.exe, sizeof(up.exe), "%s", argv[0]);
+	/* getopt() may permute the array; the strings stay. */
+	if ((up.argv = calloc((size_t)argc + 1, sizeof(*up.argv))) != NULL)
+		memcpy(up.argv, argv, (size_t)argc * sizeof(*argv));
+	upgrade_parse_fds(getenv(UPGRADE_ENV_FDS));
+	if ((v = getenv(UPGRADE_ENV_READY)) != NULL && atoi(v) > 2 && fcntl(atoi(v), F_GETFD) >= 0) {
+		up.ready_fd = atoi(v);
+		fcntl(up.ready_fd, F_SETFD, FD_CLOEXEC);
+	}
+	if ((v = getenv(UPGRADE_ENV_NEXT)) != NULL) {
+		up.next_session = strtoull(v, NULL, 10);
+		up.has_next = 1;
+	}
+	unsetenv(UPGRADE_ENV_FDS);
+	unsetenv(UPGRADE_ENV_READY);
+	unsetenv(UPGRADE_ENV_NEXT);
+}
+
+int
+upgrade_take_fd(const char *key)
+{
+	for (int i = 0; i < up.n_fds; i++)
+		if (!up.fds[i].taken && strcmp(up.fds[i].key, key) == 0) {
+			up.fds[i].taken = 1;
+			return up.fds[i].fd;
+		}
+	return -1;
+}
+
+void
+upgrade_sd_notify(const char *msg)
+{
+	const char *path = getenv("NOTIFY_SOCKET");
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	size_t len;
+	int fd;
+
+	if (path == NULL || (path[0] != '/' && path[0] != '@') ||
+	    (len = strlen(path)) >= sizeof(sa.sun_path))
+		return;
+	memcpy(sa.sun_path, path, len);
+	if (sa.sun_path[0] == '@')
+		sa.sun_path[0] = '\0';	/* abstract namespace */
+	if ((fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0)) < 0)
+		return;
+	if (sendto(fd, msg, strlen(msg), MSG_NOSIGNAL, (struct sockaddr *)&sa,
+	    (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len)) < 0)
+		log_warning("NOTIFY_SOCKET %s: %s", path, strerror(errno));
+	close(fd);
+}
+
+void
+upgrade_started(struct server *srv)
+{
+	char msg[64];
+	int n;
+
+	for (int i = 0; i < up.n_fds; i++)
+		if (!up.fds[i].taken) {
+			log_notice("upgrade: %s is no longer configured: closed", up.fds[i].key);
+			close(up.fds[i].fd);
+			up.fds[i].taken = 1;
+		}
+	if (up.has_next && up.next_session > srv->next_session_id)
+		srv->next_session_id = up.next_session;	/* sids unique across both */
+	if (up.ready_fd >= 0) {
+		n = snprintf(msg, sizeof(msg), "%ld\n", (long)getpid());
+		if (write(up.ready_fd, msg, (size_t)n) != n) {
+			/* The old process gave up on us and accepts again. */
+			log_error("upgrade: the old process is not waiting any more (%s); exiting",
+			    strerror(errno));
+			exit(1);
+		}
+		close(up.ready_fd);
+		up.ready_fd = -1;
+		log_notice("upgrade: serving; the old process hands over");
+	} else if (srv->workers <= 1) {
+		snprintf(msg, sizeof(msg), "READY=1\nMAINPID=%ld", (long)getpid());
+		upgrade_sd_notify(msg);
+	}
+}
+
+int
+upgrade_accepting(const struct server *srv)
+{
+	return up.state == UPGRADE_NONE;
+}
+
+int
+upgrade_draining(const struct server *srv)
+{
+	return up.state == UPGRADE_DRAINING;
+}
+
+/* --- the new process --- */
+
+/* In the forked child: only the listeners and the pipe cross the exec. */
+static void
+upgrade_exec(const int *keep, int n_keep, const char *fds, int ready_fd, uint64_t next)
+{
+	DIR *d = opendir("/proc/self/fd");
+	char buf[32];
+
+	if (d != NULL) {
+		struct dirent *e;
+
+		while ((e = readdir(d)) != NULL) {
+			int fd = atoi(e->d_name), i;
+
+			if (fd <= STDERR_FILENO || fd == dirfd(d))
+				continue;
+			for (i = 0; i < n_keep && keep[i] != fd; i++)
+				;
+			if (i == n_keep)
+				fcntl(fd, F_SETFD, FD_CLOEXEC);	/* upstream sockets above all */
+		}
+		closedir(d);
+	}
+	for (int i = 0; i < n_keep; i++)
+		fcntl(keep[i], F_SETFD, 0);
+	setenv(UPGRADE_ENV_FDS, fds, 1);
+	snprintf(buf, sizeof(buf), "%d", ready_fd);
+	setenv(UPGRADE_ENV_READY, buf, 1);
+	snprintf(buf, sizeof(buf), "%llu", (unsigned long long)next);
+	setenv(UPGRADE_ENV_NEXT, buf, 1);
+	if (up.argv != NULL) {
+		if (strchr(up.exe, '/') != NULL)
+			execv(up.exe, up.argv);
+		else
+			execvp(up.exe, up.argv);
+	}
+	fprintf(stderr, "imapfresh: upgrade: cannot run %s: %s\n", up.exe, strerror(errno));
+	_exit(127);
+}
+
+static void
+upgrade_listeners_enable(struct server *srv, int on)
+{
+	for (int i = 0; i < srv->n_listeners; i++)
+		if (on)
+			evconnlistener_enable(srv->listeners[i].lev);
+		else
+			evconnlistener_disable(srv->listeners[i].lev);
+}
+
+static void
+upgrade_stop_waiting(void)
+{
+	if (up.ev_ready != NULL)
+		event_free(up.ev_ready);
+	if (up.ev_timeout != NULL)
+		event_free(up.ev_timeout);
+	up.ev_ready = up.ev_timeout = NULL;
+	if (up.pipe_rd >= 0)
+		close(up.pipe_rd);
+	up.pipe_rd = -1;
+	up.reply_len = 0;
+}
+
+static void
+upgrade_failed(struct server *srv, const char *why)
+{
+	log_error("upgrade failed: %s; this process goes on serving", why);
+	upgrade_stop_waiting();
+	up.state = UPGRADE_NONE;
+	if (!srv->shutting_down)
+		upgrade_listeners_enable(srv, 1);
+}
+
+/* --- draining --- */
+
+/* Between commands: nothing under way either way, nothing read half. */
+static int
+upgrade_between_commands(const struct session *s)
+{
+	return s->state == SESSION_RUNNING && s->n_inflight == 0 && s->wait == WAIT_NONE &&
+	    !s->held && s->resync.phase == RESYNC_NONE && s->client != NULL && s->clex != NULL &&
+	    evbuffer_get_length(s->cline) == 0 && imap_lex_at_command_start(s->clex) &&
+	    evbuffer_get_length(bufferevent_get_input(s->client)) == 0;
+}
+
+static uint64_t
+upgrade_quiet_usecs(const struct session *s, uint64_t now)
+{
+	struct timeval tv, age;
+
+	if (s->last_active_usec != 0)
+		return now > s->last_active_usec ? now - s->last_active_usec : 0;
+	gettimeofday(&tv, NULL);	/* no command yet: quiet since it connected */
+	timersub(&tv, &s->started, &age);
+	return age.tv_sec < 0 ? 0 : (uint64_t)age.tv_sec * 1000000u + (uint64_t)age.tv_usec;
+}
+
+static void
+upgrade_scan_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct server *srv = arg;
+	uint64_t now = metrics_now_usec();
+	struct session *s;
+
+	TAILQ_FOREACH(s, &srv->sessions, entry)
+		if (upgrade_between_commands(s) && upgrade_quiet_usecs(s, now) >= UPGRADE_QUIET_USECS)
+			session_close(s, UPGRADE_BYE, "upgrade: idle, the new process serves now");
+}
+
+static void
+upgrade_deadline_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct server *srv = arg;
+	struct session *s;
+
+	log_notice("upgrade: upgrade_drain_timeout (%ds) reached, %u sessions left",
+	    srv->cfg.upgrade_drain_timeout, srv->n_sessions);
+	TAILQ_FOREACH(s, &srv->sessions, entry)
+		session_close(s, UPGRADE_BYE, "upgrade: drain deadline");
+	server_shutdown(srv, "upgrade drain deadline");
+}
+
+/* The new process serves: it takes the connections from now on. */
+static void
+upgrade_handover(struct server *srv, long pid)
+{
+	struct timeval scan = { 0, UPGRADE_SCAN_USECS };
+	struct timeval deadline = { srv->cfg.upgrade_drain_timeout, 0 };
+	char msg[64];
+
+	upgrade_stop_waiting();
+	snprintf(msg, sizeof(msg), "MAINPID=%ld\nREADY=1", pid);
+	upgrade_sd_notify(msg);
+	for (int i = 0; i < srv->n_listeners; i++)
+		evconnlistener_free(srv->listeners[i].lev);	/* our copy; the queue lives on */
+	srv->n_listeners = 0;
+	admin_release(srv);
+	up.state = UPGRADE_DRAINING;
+	log_notice("upgrade: pid %ld serves now; draining %u sessions (upgrade_drain_timeout %ds)",
+	    pid, srv->n_sessions, srv->cfg.upgrade_drain_timeout);
+	log_set_tag("draining");
+	if (srv->n_sessions == 0) {
+		event_base_loopexit(srv->base, NULL);
+		return;
+	}
+	up.ev_scan = event_new(srv->base, -1, EV_PERSIST, upgrade_scan_cb, srv);
+	up.ev_deadline = evtimer_new(srv->base, upgrade_deadline_cb, srv);
+	if (up.ev_scan != NULL)
+		event_add(up.ev_scan, &scan);
+	if (up.ev_deadline != NULL)
+		event_add(up.ev_deadline, &deadline);
+	upgrade_scan_cb(-1, 0, srv);
+}
+
+static void
+upgrade_ready_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct server *srv = arg;
+	ssize_t n = read(fd, up.reply + up.reply_len, sizeof(up.reply) - 1 - up.reply_len);
+
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return;
+	if (n > 0) {
+		up.reply_len += (size_t)n;
+		up.reply[up.reply_len] = '\0';
+		if (strchr(up.reply, '\n') != NULL && atol(up.reply) > 0) {
+			upgrade_handover(srv, atol(up.reply));
+			return;
+		}
+		if (up.reply_len < sizeof(up.reply) - 1)
+			return;
+	}
+	upgrade_failed(srv, "the new process exited before serving (its error is in the log)");
+}
+
+static void
+upgrade_timeout_cb(evutil_socket_t fd, short what, void *arg)
+{
+	if (up.child > 0)
+		kill(up.child, SIGTERM);
+	upgrade_failed(arg, "the new process did not report ready in time");
+}
+
+static void
+upgrade_child_cb(evutil_socket_t sig, short what, void *arg)
+{
+	pid_t pid;
+	int st;
+
+	while ((pid = waitpid(-1, &st, WNOHANG)) > 0)
+		if (pid == up.child) {
+			up.child = 0;
+			if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+				log_warning("upgrade: the new process (pid %ld) ended, status %d",
+				    (long)pid, st);
+		}
+}
+
+void
+upgrade_start(struct server *srv)
+{
+	struct timeval ready = { UPGRADE_READY_SECS, 0 };
+	char fds[UPGRADE_MAX_FDS * 360] = "";
+	int keep[UPGRADE_MAX_FDS + 1], n_keep = 0, p[2], admin_fd;
+	size_t o = 0;
+	pid_t pid;
+
+	if (srv->workers > 1) {
+		log_error("SIGUSR2: upgrade is not supported with workers > 1; restart instead");
+		return;
+	}
+	if (srv->shutting_down || up.state != UPGRADE_NONE) {
+		log_warning("SIGUSR2 ignored: %s", srv->shutting_down ? "shutting down" :
+		    up.state == UPGRADE_STARTING ? "an upgrade is under way" :
+		    "this process has handed over already");
+		return;
+	}
+	for (int i = 0; i < srv->n_listeners; i++) {
+		keep[n_keep] = evconnlistener_get_fd(srv->listeners[i].lev);
+		o += (size_t)snprintf(fds + o, sizeof(fds) - o, "%s%d:listen%s=%s", o ? "," : "",
+		    keep[n_keep], srv->listeners[i].tls ? "_tls" : "", srv->listeners[i].name);
+		n_keep++;
+	}
+	if ((admin_fd = admin_listener_fd(srv)) >= 0) {
+		keep[n_keep++] = admin_fd;
+		o += (size_t)snprintf(fds + o, sizeof(fds) - o, "%s%d:admin=%s", o ? "," : "",
+		    admin_fd, srv->cfg.admin_listen);
+	}
+	if (o >= sizeof(fds)) {
+		log_error("upgrade: too many listeners to pass");
+		return;
+	}
+	if (pipe(p) < 0 || fcntl(p[0], F_SETFD, FD_CLOEXEC) < 0 ||
+	    fcntl(p[1], F_SETFD, FD_CLOEXEC) < 0) {
+		log_error("upgrade: pipe: %s", strerror(errno));
+		return;
+	}
+	keep[n_keep++] = p[1];
+	if (up.ev_child == NULL && (up.ev_child = evsignal_new(srv->base, SIGCHLD, upgrade_child_cb,
+	    srv)) != NULL)
+		event_add(up.ev_child, NULL);
+	/* Until the new process serves, connections wait in the kernel's queue. */
+	upgrade_listeners_enable(srv, 0);
+	log_notice("SIGUSR2: starting %s; new connections wait for it", up.exe);
+	if ((pid = fork()) < 0) {
+		log_error("upgrade: fork: %s", strerror(errno));
+		close(p[0]);
+		close(p[1]);
+		upgrade_listeners_enable(srv, 1);
+		return;
+	}
+	if (pid == 0)
+		upgrade_exec(keep, n_keep, fds, p[1], srv->next_session_id);
+	close(p[1]);
+	up.child = pid;
+	up.pipe_rd = p[0];
+	up.state = UPGRADE_STARTING;
+	evutil_make_socket_nonblocking(p[0]);
+	up.ev_ready = event_new(srv->base, p[0], EV_READ | EV_PERSIST, upgrade_ready_cb, srv);
+	up.ev_timeout = evtimer_new(srv->base, upgrade_timeout_cb, srv);
+	if (up.ev_ready == NULL || up.ev_timeout == NULL) {
+		kill(pid, SIGTERM);
+		upgrade_failed(srv, "out of memory");
+		return;
+	}
+	event_add(up.ev_ready, NULL);
+	event_add(up.ev_timeout, &ready);
+}
+
+void
+upgrade_free(struct server *srv)
+{
+	upgrade_stop_waiting();
+	if (up.ev_child != NULL)
+		event_free(up.ev_child);
+	if (up.ev_scan != NULL)
+		event_free(up.ev_scan);
+	if (up.ev_deadline != NULL)
+		event_free(up.ev_deadline);
+	up.ev_child = up.ev_scan = up.ev_deadline = NULL;
+}
