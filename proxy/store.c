@@ -112,6 +112,7 @@ struct store {
 	void *up_arg;
 	char *reg_admin;	/* the registry entry written last (NULL: none) */
 	int64_t reg_started;
+	int hear_own;		/* an upgrade: another process has our instance name */
 };
 
 /* A change waiting for its HINCRBY reply, to be published then. */
@@ -547,7 +548,7 @@ store_heard(struct store *st, const char *payload, size_t len)
 	*user++ = '\0';
 	*mailbox++ = '\0';
 	*gen = '\0';
-	if (strcmp(msg, st->instance) == 0)	/* our own, counted when made */
+	if (!st->hear_own && strcmp(msg, st->instance) == 0)	/* our own, counted when made */
 		goto out;
 	st->stats.received++;
 	if ((e = strmap_find(&st->users, user))) {
@@ -990,6 +991,16 @@ store_register_instance(struct store *st, const char *admin_address, int64_t sta
 		return;
 	}
 	store_register_write(st);
+}
+
+void
+store_upgrade_overlap(struct store *st, int on, int handed_over)
+{
+	st->hear_own = on;
+	if (handed_over) {
+		free(st->reg_admin);	/* the entry is the new process's now */
+		st->reg_admin = NULL;
+	}
 }
 
 void

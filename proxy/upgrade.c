@@ -48,12 +48,14 @@
 #include "metrics.h"
 #include "server.h"
 #include "session.h"
+#include "store.h"
 #include "upgrade.h"
 
 #define UPGRADE_MAX_FDS (2 * CONFIG_MAX_LISTEN + 1)
 #define UPGRADE_READY_SECS 30		/* the new process's start-up, at most */
 #define UPGRADE_SCAN_USECS 250000	/* how often draining looks for idle sessions */
 #define UPGRADE_QUIET_USECS 1000000	/* between commands this long: idle */
+#define UPGRADE_OLD_GRACE_SECS 15	/* the old process's flush after its deadline, and more */
 #define UPGRADE_BYE "[UNAVAILABLE] imapfresh is restarting, please reconnect"
 
 struct upgrade_fd {
@@ -85,6 +87,7 @@ static struct {
 	char reply[32];
 	size_t reply_len;
 	struct event *ev_ready, *ev_timeout, *ev_child, *ev_scan, *ev_deadline;
+	struct event *ev_overlap;	/* as the new process: the old one may still live */
 } up = { .ready_fd = -1, .pipe_rd = -1 };
 
 static void
@@ -181,6 +184,29 @@ upgrade_sd_notify(const char *msg)
 	close(fd);
 }
 
+static void
+upgrade_overlap_end_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct server *srv = arg;
+
+	if (srv->store != NULL)
+		store_upgrade_overlap(srv->store, 0, 0);
+}
+
+/* Until the old process is surely gone, its changes reach us through Redis
+ * under our own instance name. */
+static void
+upgrade_overlap(struct server *srv)
+{
+	struct timeval t = { srv->cfg.upgrade_drain_timeout + UPGRADE_OLD_GRACE_SECS, 0 };
+
+	if (srv->store == NULL || (up.ev_overlap = evtimer_new(srv->base, upgrade_overlap_end_cb,
+	    srv)) == NULL)
+		return;
+	store_upgrade_overlap(srv->store, 1, 0);
+	event_add(up.ev_overlap, &t);
+}
+
 void
 upgrade_started(struct server *srv)
 {
@@ -206,6 +232,7 @@ upgrade_started(struct server *srv)
 		close(up.ready_fd);
 		up.ready_fd = -1;
 		log_notice("upgrade: serving; the old process hands over");
+		upgrade_overlap(srv);
 	} else if (srv->workers <= 1) {
 		snprintf(msg, sizeof(msg), "READY=1\nMAINPID=%ld", (long)getpid());
 		upgrade_sd_notify(msg);
@@ -363,6 +390,8 @@ upgrade_handover(struct server *srv, long pid)
 		evconnlistener_free(srv->listeners[i].lev);	/* our copy; the queue lives on */
 	srv->n_listeners = 0;
 	admin_release(srv);
+	if (srv->store != NULL)
+		store_upgrade_overlap(srv->store, 1, 1);
 	up.state = UPGRADE_DRAINING;
 	log_notice("upgrade: pid %ld serves now; draining %u sessions (upgrade_drain_timeout %ds)",
 	    pid, srv->n_sessions, srv->cfg.upgrade_drain_timeout);
@@ -505,5 +534,7 @@ upgrade_free(struct server *srv)
 		event_free(up.ev_scan);
 	if (up.ev_deadline != NULL)
 		event_free(up.ev_deadline);
-	up.ev_child = up.ev_scan = up.ev_deadline = NULL;
+	if (up.ev_overlap != NULL)
+		event_free(up.ev_overlap);
+	up.ev_child = up.ev_scan = up.ev_deadline = up.ev_overlap = NULL;
 }

@@ -373,3 +373,28 @@ def t_upgrade_workers_refused(ctx):
     wait_for("the refusal", lambda: "not supported with workers > 1" in log_text(p)[mark:], p)
     check(p.alive(), "the master died of SIGUSR2%s", p.log_tail())
     login(ctx, p).expect_ok("N1", "NOOP")
+
+
+@test("upgrade: with Redis state the old process hears changes made through the new one "
+      "(same instance name) while it drains", proxy_only=True, timeout=90)
+def t_upgrade_redis_overlap(ctx):
+    p = plain_proxy(ctx, "upg-redis", ("state", ctx.env.redis.url),
+                    ("instance_id", "upg%04x" % random.getrandbits(16)))
+    idler = login(ctx, p)
+    mbox = new_mailbox(ctx, idler)
+    idler.expect_ok("S1", "SELECT " + mbox)
+    idler.send(b"I1 IDLE\r\n")
+    idler.wait_continuation()
+    upgrade(ctx, p)
+    other = login(ctx, p)       # the new process
+    append(other, "A1", mbox, message(2000, 3))
+    other.expect_ok("Z", "LOGOUT")
+    line = idler.readline()
+    check(re.match(rb"\* 1 EXISTS", line), "idling session: %r", line)
+    idler.send(b"DONE\r\n")
+    imapraw.status(idler.wait_tagged("I1")[0], "OK")
+    expect_bye_then_eof(idler, "idler")
+    check(p.wait(TIMEOUT) == 0, "old process exit%s", p.log_tail())
+    m = re.search(r"\[draining\] resync totals: .*?(\d+) idle refreshes", log_text(p))
+    check(m and int(m.group(1)) >= 1, "the old process never heard the change: %s%s",
+          m and m.group(0), p.log_tail())
