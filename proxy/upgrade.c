@@ -74,6 +74,7 @@ static struct {
 	/* how this process was started, for the next one */
 	char exe[4096];
 	char **argv;
+	char cwd[4096];		/* relative paths in argv: daemonizing left it */
 	/* passed by the old process */
 	struct upgrade_fd fds[UPGRADE_MAX_FDS];
 	int n_fds;
@@ -134,6 +135,8 @@ upgrade_init(int argc, char **argv)
 			up.exe[n - dl] = '\0';
 	} else
 		snprintf(up.exe, sizeof(up.exe), "%s", argv[0]);
+	if (getcwd(up.cwd, sizeof(up.cwd)) == NULL)
+		up.cwd[0] = '\0';
 	/* getopt() may permute the array; the strings stay. */
 	if ((up.argv = calloc((size_t)argc + 1, sizeof(*up.argv))) != NULL)
 		memcpy(up.argv, argv, (size_t)argc * sizeof(*argv));
@@ -282,6 +285,8 @@ upgrade_exec(const int *keep, int n_keep, const char *fds, int ready_fd, uint64_
 	setenv(UPGRADE_ENV_READY, buf, 1);
 	snprintf(buf, sizeof(buf), "%llu", (unsigned long long)next);
 	setenv(UPGRADE_ENV_NEXT, buf, 1);
+	if (up.cwd[0] != '\0' && chdir(up.cwd) < 0)
+		fprintf(stderr, "imapfresh: upgrade: %s: %s\n", up.cwd, strerror(errno));
 	if (up.argv != NULL) {
 		if (strchr(up.exe, '/') != NULL)
 			execv(up.exe, up.argv);
