@@ -796,8 +796,8 @@ admin_bound_address(struct admin *adm, int fd)
 }
 
 /* Our own socket rather than evhttp_bind_socket(), for an error that says why. */
-static int
-admin_listen_socket(const char *spec, int port_offset, char *err, size_t errlen)
+int
+admin_bind(const char *spec, int port_offset, char *err, size_t errlen)
 {
 	struct config_addr a;
 	struct evutil_addrinfo hints = { 0 }, *res = NULL;
@@ -844,7 +844,7 @@ admin_start(struct server *srv, char *err, size_t errlen)
 	snprintf(key, sizeof(key), "admin=%s", srv->cfg.admin_listen);
 	if ((fd = upgrade_take_fd(key)) >= 0)
 		evutil_make_socket_nonblocking(fd);	/* passed on by the process we replace */
-	else if ((fd = admin_listen_socket(srv->cfg.admin_listen, srv->worker, err, errlen)) < 0)
+	else if ((fd = admin_bind(srv->cfg.admin_listen, srv->worker, err, errlen)) < 0)
 		return -1;
 	if ((adm = calloc(1, sizeof(*adm))) == NULL || (adm->http = evhttp_new(srv->base)) == NULL ||
 	    (adm->bound = evhttp_accept_socket_with_handle(adm->http, fd)) == NULL ||

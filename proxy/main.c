@@ -131,23 +131,10 @@ main_daemonize(void)
 	return 0;
 }
 
-static void
-main_write_pid(const char *path)
-{
-	FILE *f;
-
-	if (path[0] == '\0')
-		return;
-	if ((f = fopen(path, "w")) == NULL) {
-		log_warning("pid_file %s: %s", path, strerror(errno));
-		return;
-	}
-	fprintf(f, "%ld\n", (long)getpid());
-	fclose(f);
-}
-
 /* Worker N is instance <instance_id or host name>-wN: its own entry in the
- * registry, its own session keys. An override, so that a reload keeps it. */
+ * registry, its own session keys. An override, so that a reload keeps it.
+ * After G upgrades it is <...>-wN-gG: the old worker N, still draining, is
+ * another instance. */
 static void
 main_worker_instance(struct server *srv, char **overrides, int *n_overrides)
 {
@@ -158,8 +145,12 @@ main_worker_instance(struct server *srv, char **overrides, int *n_overrides)
 		snprintf(base, sizeof(base), "%s", srv->cfg.instance_id);
 	else if (gethostname(base, sizeof(base) - 1) < 0 || base[0] == '\0')
 		snprintf(base, sizeof(base), "imapfresh");
-	snprintf(setting, sizeof(setting), "instance_id=%.*s-w%d",
-	    (int)sizeof(srv->cfg.instance_id) - 8, base, srv->worker);
+	if (upgrade_generation() > 0)
+		snprintf(setting, sizeof(setting), "instance_id=%.*s-w%d-g%d",
+		    (int)sizeof(srv->cfg.instance_id) - 24, base, srv->worker, upgrade_generation());
+	else
+		snprintf(setting, sizeof(setting), "instance_id=%.*s-w%d",
+		    (int)sizeof(srv->cfg.instance_id) - 8, base, srv->worker);
 	snprintf(srv->cfg.instance_id, sizeof(srv->cfg.instance_id), "%.*s",
 	    (int)sizeof(srv->cfg.instance_id) - 1, setting + strlen("instance_id="));
 	overrides[(*n_overrides)++] = setting;
@@ -247,18 +238,24 @@ main(int argc, char **argv)
 	if (srv.workers > 1) {
 		int rc;
 
-		/* The master daemonizes first and owns the pid file; workers
-		 * report their own start-up errors on the same stderr. */
+		/* The master binds every worker's sockets (they outlive workers
+		 * and, passed on, the master: upgrade.c), daemonizes and owns the
+		 * pid file; workers report their own start-up errors on the same
+		 * stderr. */
+		if (upgrade_master_bind(&srv, err, sizeof(err)) < 0) {
+			fprintf(stderr, "imapfresh: %s\n", err);
+			return MAIN_EXIT_RUNTIME;
+		}
 		if (!foreground && main_daemonize() < 0) {
 			fprintf(stderr, "imapfresh: cannot daemonize: %s\n", strerror(errno));
 			return MAIN_EXIT_RUNTIME;
 		}
 		foreground = 1;
 		has_master = 1;
-		main_write_pid(srv.cfg.pid_file);
+		if (!upgrade_master_waited())	/* else once its workers serve */
+			upgrade_write_pid(srv.cfg.pid_file);
 		if ((rc = workers_start(&srv)) != WORKERS_CHILD) {
-			if (srv.cfg.pid_file[0] != '\0')
-				unlink(srv.cfg.pid_file);
+			upgrade_remove_pid(srv.cfg.pid_file);
 			log_notice("master: exiting");
 			return rc;
 		}
@@ -284,7 +281,7 @@ main(int argc, char **argv)
 		}
 	}
 	if (!has_master)
-		main_write_pid(srv.cfg.pid_file);
+		upgrade_write_pid(srv.cfg.pid_file);
 	upgrade_started(&srv);
 	log_notice("imapfresh %s started, upstream %s (%s)", PACKAGE_VERSION,
 	    config_fmt_addr(&srv.cfg.upstream, upstream, sizeof(upstream)),
@@ -295,9 +292,8 @@ main(int argc, char **argv)
 
 	server_free(&srv);
 	event_base_free(base);
-	/* After an upgrade the pid file is the new process's. */
-	if (srv.cfg.pid_file[0] != '\0' && !has_master && !upgrade_draining(&srv))
-		unlink(srv.cfg.pid_file);
+	if (!has_master)
+		upgrade_remove_pid(srv.cfg.pid_file);	/* after an upgrade, the new one's */
 	log_notice("exiting");
 	return 0;
 }

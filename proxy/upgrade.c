@@ -22,7 +22,17 @@
  *
  * The old process exits when its last session is gone. If the new process
  * fails to start, or does not report within UPGRADE_READY_SECS, the old
- * one accepts again and nothing changed. Not with workers > 1.
+ * one accepts again and nothing changed.
+ *
+ * With workers > 1 the master owns the sockets: it binds every worker's
+ * set (its own SO_REUSEPORT listeners, its admin port) before forking, keys
+ * "w<N>:listen=...", so a worker restarted, or a new generation of
+ * workers, takes over the very socket and its queue. SIGUSR2 goes to the
+ * master, which execs the new master with all of them; that one reports
+ * once each of its workers has (SIGRTMIN from each worker). Then the old
+ * master sends SIGUSR2 to its workers, which hand over as above, and it
+ * exits when they all have. Worker instance names carry the generation
+ * ("<id>-w0-g1"), so old and new workers never share session ids.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -32,7 +42,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
+#include <netdb.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/un.h>
@@ -51,7 +63,6 @@
 #include "store.h"
 #include "upgrade.h"
 
-#define UPGRADE_MAX_FDS (2 * CONFIG_MAX_LISTEN + 1)
 #define UPGRADE_READY_SECS 30		/* the new process's start-up, at most */
 #define UPGRADE_SCAN_USECS 250000	/* how often draining looks for idle sessions */
 #define UPGRADE_QUIET_USECS 1000000	/* between commands this long: idle */
@@ -75,29 +86,51 @@ static struct {
 	char exe[4096];
 	char **argv;
 	char cwd[4096];		/* relative paths in argv: daemonizing left it */
-	/* passed by the old process */
-	struct upgrade_fd fds[UPGRADE_MAX_FDS];
-	int n_fds;
+	/* passed by the old process (and, in a master, every worker's) */
+	struct upgrade_fd *fds;
+	int n_fds, cap_fds;
 	int ready_fd;
 	uint64_t next_session;
 	int has_next;
+	int generation;		/* upgrades since the service started */
 	/* as the old process */
 	enum upgrade_state state;
 	pid_t child;
 	int pipe_rd;
 	char reply[32];
 	size_t reply_len;
+	struct timespec ready_by;	/* a master's deadline for the new one */
 	struct event *ev_ready, *ev_timeout, *ev_child, *ev_scan, *ev_deadline;
 	struct event *ev_overlap;	/* as the new process: the old one may still live */
 } up = { .ready_fd = -1, .pipe_rd = -1 };
 
+static int
+upgrade_add_fd(int fd, const char *key, size_t key_len)
+{
+	struct upgrade_fd *f;
+
+	if (up.n_fds == up.cap_fds) {
+		int cap = up.cap_fds ? up.cap_fds * 2 : 8;
+		struct upgrade_fd *n = realloc(up.fds, (size_t)cap * sizeof(*n));
+
+		if (n == NULL)
+			return -1;
+		up.fds = n;
+		up.cap_fds = cap;
+	}
+	f = &up.fds[up.n_fds++];
+	f->fd = fd;
+	f->taken = 0;
+	snprintf(f->key, sizeof(f->key), "%.*s", (int)key_len, key);
+	return 0;
+}
+
 static void
 upgrade_parse_fds(const char *v)
 {
-	while (v != NULL && *v != '\0' && up.n_fds < UPGRADE_MAX_FDS) {
+	while (v != NULL && *v != '\0') {
 		const char *end = strchr(v, ','), *colon;
 		size_t len = end ? (size_t)(end - v) : strlen(v);
-		struct upgrade_fd *f = &up.fds[up.n_fds];
 		char *num_end;
 		long fd = strtol(v, &num_end, 10);
 		int listening = 0;
@@ -105,13 +138,11 @@ upgrade_parse_fds(const char *v)
 
 		colon = num_end;
 		if (*colon == ':' && fd > 2 && (size_t)(colon + 1 - v) < len &&
-		    len - (size_t)(colon + 1 - v) < sizeof(f->key) && fcntl((int)fd, F_GETFD) >= 0 &&
-		    getsockopt((int)fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &sl) == 0 && listening) {
-			f->fd = (int)fd;
-			snprintf(f->key, sizeof(f->key), "%.*s", (int)(len - (size_t)(colon + 1 - v)),
-			    colon + 1);
-			fcntl(f->fd, F_SETFD, FD_CLOEXEC);	/* ours now; not for later children */
-			up.n_fds++;
+		    len - (size_t)(colon + 1 - v) < sizeof(up.fds[0].key) &&
+		    fcntl((int)fd, F_GETFD) >= 0 &&
+		    getsockopt((int)fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &sl) == 0 && listening &&
+		    upgrade_add_fd((int)fd, colon + 1, len - (size_t)(colon + 1 - v)) == 0) {
+			fcntl((int)fd, F_SETFD, FD_CLOEXEC);	/* ours now; not for later children */
 		} else
 			fprintf(stderr, "imapfresh: %s: ignoring \"%.*s\": not a listening socket\n",
 			    UPGRADE_ENV_FDS, (int)len, v);
@@ -149,6 +180,9 @@ upgrade_init(int argc, char **argv)
 		up.next_session = strtoull(v, NULL, 10);
 		up.has_next = 1;
 	}
+	if ((v = getenv(UPGRADE_ENV_GENERATION)) != NULL && atoi(v) > 0)
+		up.generation = atoi(v);
+	unsetenv(UPGRADE_ENV_GENERATION);
 	unsetenv(UPGRADE_ENV_FDS);
 	unsetenv(UPGRADE_ENV_READY);
 	unsetenv(UPGRADE_ENV_NEXT);
@@ -236,10 +270,20 @@ upgrade_started(struct server *srv)
 		up.ready_fd = -1;
 		log_notice("upgrade: serving; the old process hands over");
 		upgrade_overlap(srv);
-	} else if (srv->workers <= 1) {
+	} else if (srv->workers > 1) {
+		union sigval v = { .sival_int = srv->worker };
+
+		sigqueue(getppid(), SIGRTMIN, v);	/* a new master waits for each worker */
+	} else {
 		snprintf(msg, sizeof(msg), "READY=1\nMAINPID=%ld", (long)getpid());
 		upgrade_sd_notify(msg);
 	}
+}
+
+int
+upgrade_generation(void)
+{
+	return up.generation;
 }
 
 int
@@ -262,7 +306,10 @@ upgrade_exec(const int *keep, int n_keep, const char *fds, int ready_fd, uint64_
 {
 	DIR *d = opendir("/proc/self/fd");
 	char buf[32];
+	sigset_t none;
 
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);	/* a master blocks the ones it waits for */
 	if (d != NULL) {
 		struct dirent *e;
 
@@ -285,6 +332,8 @@ upgrade_exec(const int *keep, int n_keep, const char *fds, int ready_fd, uint64_
 	setenv(UPGRADE_ENV_READY, buf, 1);
 	snprintf(buf, sizeof(buf), "%llu", (unsigned long long)next);
 	setenv(UPGRADE_ENV_NEXT, buf, 1);
+	snprintf(buf, sizeof(buf), "%d", up.generation + 1);
+	setenv(UPGRADE_ENV_GENERATION, buf, 1);
 	if (up.cwd[0] != '\0' && chdir(up.cwd) < 0)
 		fprintf(stderr, "imapfresh: upgrade: %s: %s\n", up.cwd, strerror(errno));
 	if (up.argv != NULL) {
@@ -380,7 +429,8 @@ upgrade_deadline_cb(evutil_socket_t fd, short what, void *arg)
 	server_shutdown(srv, "upgrade drain deadline");
 }
 
-/* The new process serves: it takes the connections from now on. */
+/* The new process serves: it takes the connections from now on. pid 0: a
+ * worker whose master hands over to a new generation of workers. */
 static void
 upgrade_handover(struct server *srv, long pid)
 {
@@ -389,18 +439,31 @@ upgrade_handover(struct server *srv, long pid)
 	char msg[64];
 
 	upgrade_stop_waiting();
-	snprintf(msg, sizeof(msg), "MAINPID=%ld\nREADY=1", pid);
-	upgrade_sd_notify(msg);
+	if (pid > 0) {
+		snprintf(msg, sizeof(msg), "MAINPID=%ld\nREADY=1", pid);
+		upgrade_sd_notify(msg);
+	}
 	for (int i = 0; i < srv->n_listeners; i++)
 		evconnlistener_free(srv->listeners[i].lev);	/* our copy; the queue lives on */
 	srv->n_listeners = 0;
-	admin_release(srv);
-	if (srv->store != NULL)
-		store_upgrade_overlap(srv->store, 1, 1);
+	if (pid > 0) {
+		admin_release(srv);
+		if (srv->store != NULL)
+			store_upgrade_overlap(srv->store, 1, 1);
+	} else
+		admin_stop(srv);	/* the new worker is another instance */
 	up.state = UPGRADE_DRAINING;
-	log_notice("upgrade: pid %ld serves now; draining %u sessions (upgrade_drain_timeout %ds)",
-	    pid, srv->n_sessions, srv->cfg.upgrade_drain_timeout);
-	log_set_tag("draining");
+	if (pid > 0) {
+		log_notice("upgrade: pid %ld serves now; draining %u sessions "
+		    "(upgrade_drain_timeout %ds)", pid, srv->n_sessions,
+		    srv->cfg.upgrade_drain_timeout);
+		log_set_tag("draining");
+	} else {
+		log_notice("upgrade: a new generation of workers serves now; draining %u sessions "
+		    "(upgrade_drain_timeout %ds)", srv->n_sessions, srv->cfg.upgrade_drain_timeout);
+		snprintf(msg, sizeof(msg), "worker %d, draining", srv->worker);
+		log_set_tag(msg);
+	}
 	if (srv->n_sessions == 0) {
 		event_base_loopexit(srv->base, NULL);
 		return;
@@ -414,25 +477,37 @@ upgrade_handover(struct server *srv, long pid)
 	upgrade_scan_cb(-1, 0, srv);
 }
 
+/* The pid line the new process writes: 1 with *pid set, 0 for more to
+ * come, -1 when it will never come. */
+static int
+upgrade_read_reply(long *pid)
+{
+	ssize_t n = read(up.pipe_rd, up.reply + up.reply_len, sizeof(up.reply) - 1 - up.reply_len);
+
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return 0;
+	if (n > 0) {
+		up.reply_len += (size_t)n;
+		up.reply[up.reply_len] = '\0';
+		if (strchr(up.reply, '\n') != NULL && (*pid = atol(up.reply)) > 0)
+			return 1;
+		if (up.reply_len < sizeof(up.reply) - 1)
+			return 0;
+	}
+	return -1;
+}
+
 static void
 upgrade_ready_cb(evutil_socket_t fd, short what, void *arg)
 {
 	struct server *srv = arg;
-	ssize_t n = read(fd, up.reply + up.reply_len, sizeof(up.reply) - 1 - up.reply_len);
+	long pid = 0;
+	int r = upgrade_read_reply(&pid);
 
-	if (n < 0 && (errno == EAGAIN || errno == EINTR))
-		return;
-	if (n > 0) {
-		up.reply_len += (size_t)n;
-		up.reply[up.reply_len] = '\0';
-		if (strchr(up.reply, '\n') != NULL && atol(up.reply) > 0) {
-			upgrade_handover(srv, atol(up.reply));
-			return;
-		}
-		if (up.reply_len < sizeof(up.reply) - 1)
-			return;
-	}
-	upgrade_failed(srv, "the new process exited before serving (its error is in the log)");
+	if (r > 0)
+		upgrade_handover(srv, pid);
+	else if (r < 0)
+		upgrade_failed(srv, "the new process exited before serving (its error is in the log)");
 }
 
 static void
@@ -458,75 +533,357 @@ upgrade_child_cb(evutil_socket_t sig, short what, void *arg)
 		}
 }
 
+/* Fork and exec the new binary, keep[0..n_keep) crossing the exec as list
+ * says (keep has room for one more: the pipe). 0, or -1 logged. */
+static int
+upgrade_spawn(int *keep, int n_keep, const char *list, uint64_t next)
+{
+	int p[2];
+	pid_t pid;
+
+	if (pipe(p) < 0 || fcntl(p[0], F_SETFD, FD_CLOEXEC) < 0 ||
+	    fcntl(p[1], F_SETFD, FD_CLOEXEC) < 0) {
+		log_error("upgrade: pipe: %s", strerror(errno));
+		return -1;
+	}
+	keep[n_keep++] = p[1];
+	if ((pid = fork()) < 0) {
+		log_error("upgrade: fork: %s", strerror(errno));
+		close(p[0]);
+		close(p[1]);
+		return -1;
+	}
+	if (pid == 0)
+		upgrade_exec(keep, n_keep, list, p[1], next);
+	close(p[1]);
+	evutil_make_socket_nonblocking(p[0]);
+	up.child = pid;
+	up.pipe_rd = p[0];
+	up.reply_len = 0;
+	up.state = UPGRADE_STARTING;
+	return 0;
+}
+
+/* "fd:key,..." for IMAPFRESH_LISTEN_FDS. */
+static void
+upgrade_list_add(char *list, size_t *o, size_t size, int fd, const char *key)
+{
+	int n = snprintf(list + *o, size - *o, "%s%d:%s", *o ? "," : "", fd, key);
+
+	if (n > 0 && (size_t)n < size - *o)
+		*o += (size_t)n;
+}
+
 void
 upgrade_start(struct server *srv)
 {
 	struct timeval ready = { UPGRADE_READY_SECS, 0 };
-	char fds[UPGRADE_MAX_FDS * 360] = "";
-	int keep[UPGRADE_MAX_FDS + 1], n_keep = 0, p[2], admin_fd;
-	size_t o = 0;
-	pid_t pid;
+	int n = srv->n_listeners + 2, n_keep = 0, admin_fd;
+	size_t o = 0, size = (size_t)n * 360 + 1;
+	int *keep = malloc((size_t)n * sizeof(*keep));
+	char *list = malloc(size), key[340];
 
+	if (keep == NULL || list == NULL) {
+		log_error("upgrade: out of memory");
+		goto out;
+	}
 	if (srv->workers > 1) {
-		log_error("SIGUSR2: upgrade is not supported with workers > 1; restart instead");
-		return;
+		/* Our master hands over to a new generation of workers (or an
+		 * operator restarts this one: the master starts another). */
+		if (up.state == UPGRADE_NONE && !srv->shutting_down)
+			upgrade_handover(srv, 0);
+		goto out;
 	}
 	if (srv->shutting_down || up.state != UPGRADE_NONE) {
 		log_warning("SIGUSR2 ignored: %s", srv->shutting_down ? "shutting down" :
 		    up.state == UPGRADE_STARTING ? "an upgrade is under way" :
 		    "this process has handed over already");
-		return;
+		goto out;
 	}
+	list[0] = '\0';
 	for (int i = 0; i < srv->n_listeners; i++) {
 		keep[n_keep] = evconnlistener_get_fd(srv->listeners[i].lev);
-		o += (size_t)snprintf(fds + o, sizeof(fds) - o, "%s%d:listen%s=%s", o ? "," : "",
-		    keep[n_keep], srv->listeners[i].tls ? "_tls" : "", srv->listeners[i].name);
-		n_keep++;
+		snprintf(key, sizeof(key), "listen%s=%s", srv->listeners[i].tls ? "_tls" : "",
+		    srv->listeners[i].name);
+		upgrade_list_add(list, &o, size, keep[n_keep++], key);
 	}
 	if ((admin_fd = admin_listener_fd(srv)) >= 0) {
-		keep[n_keep++] = admin_fd;
-		o += (size_t)snprintf(fds + o, sizeof(fds) - o, "%s%d:admin=%s", o ? "," : "",
-		    admin_fd, srv->cfg.admin_listen);
+		keep[n_keep] = admin_fd;
+		snprintf(key, sizeof(key), "admin=%s", srv->cfg.admin_listen);
+		upgrade_list_add(list, &o, size, keep[n_keep++], key);
 	}
-	if (o >= sizeof(fds)) {
-		log_error("upgrade: too many listeners to pass");
-		return;
-	}
-	if (pipe(p) < 0 || fcntl(p[0], F_SETFD, FD_CLOEXEC) < 0 ||
-	    fcntl(p[1], F_SETFD, FD_CLOEXEC) < 0) {
-		log_error("upgrade: pipe: %s", strerror(errno));
-		return;
-	}
-	keep[n_keep++] = p[1];
 	if (up.ev_child == NULL && (up.ev_child = evsignal_new(srv->base, SIGCHLD, upgrade_child_cb,
 	    srv)) != NULL)
 		event_add(up.ev_child, NULL);
 	/* Until the new process serves, connections wait in the kernel's queue. */
 	upgrade_listeners_enable(srv, 0);
 	log_notice("SIGUSR2: starting %s; new connections wait for it", up.exe);
-	if ((pid = fork()) < 0) {
-		log_error("upgrade: fork: %s", strerror(errno));
-		close(p[0]);
-		close(p[1]);
+	if (upgrade_spawn(keep, n_keep, list, srv->next_session_id) < 0) {
 		upgrade_listeners_enable(srv, 1);
-		return;
+		goto out;
 	}
-	if (pid == 0)
-		upgrade_exec(keep, n_keep, fds, p[1], srv->next_session_id);
-	close(p[1]);
-	up.child = pid;
-	up.pipe_rd = p[0];
-	up.state = UPGRADE_STARTING;
-	evutil_make_socket_nonblocking(p[0]);
-	up.ev_ready = event_new(srv->base, p[0], EV_READ | EV_PERSIST, upgrade_ready_cb, srv);
+	up.ev_ready = event_new(srv->base, up.pipe_rd, EV_READ | EV_PERSIST, upgrade_ready_cb, srv);
 	up.ev_timeout = evtimer_new(srv->base, upgrade_timeout_cb, srv);
 	if (up.ev_ready == NULL || up.ev_timeout == NULL) {
-		kill(pid, SIGTERM);
+		kill(up.child, SIGTERM);
 		upgrade_failed(srv, "out of memory");
-		return;
+		goto out;
 	}
 	event_add(up.ev_ready, NULL);
 	event_add(up.ev_timeout, &ready);
+out:
+	free(keep);
+	free(list);
+}
+
+/* --- the pid file --- */
+
+void
+upgrade_write_pid(const char *path)
+{
+	FILE *f;
+
+	if (path[0] == '\0')
+		return;
+	if ((f = fopen(path, "w")) == NULL) {
+		log_warning("pid_file %s: %s", path, strerror(errno));
+		return;
+	}
+	fprintf(f, "%ld\n", (long)getpid());
+	fclose(f);
+}
+
+void
+upgrade_remove_pid(const char *path)
+{
+	char buf[32] = "";
+	FILE *f;
+
+	if (path[0] == '\0' || (f = fopen(path, "r")) == NULL)
+		return;
+	if (fgets(buf, sizeof(buf), f) == NULL)
+		buf[0] = '\0';
+	fclose(f);
+	if (atol(buf) == (long)getpid())	/* after an upgrade it is the new process's */
+		unlink(path);
+}
+
+/* --- the master of workers > 1 --- */
+
+static int
+upgrade_bind_listener(const struct config_addr *a, int tls, char *err, size_t errlen)
+{
+	struct addrinfo hints = { 0 }, *res = NULL;
+	int fd, one = 1, gai;
+
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_flags = AI_PASSIVE | AI_ADDRCONFIG;
+	if ((gai = getaddrinfo(a->host[0] ? a->host : NULL, a->port, &hints, &res)) != 0) {
+		snprintf(err, errlen, "%s %s:%s: %s", tls ? "listen_tls" : "listen", a->host, a->port,
+		    gai_strerror(gai));
+		return -1;
+	}
+	/* Every worker its own socket; the kernel spreads connections. */
+	fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
+	    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0 ||
+	    bind(fd, res->ai_addr, res->ai_addrlen) < 0 || listen(fd, 1024) < 0) {
+		snprintf(err, errlen, "%s %s:%s: %s", tls ? "listen_tls" : "listen", a->host, a->port,
+		    strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		freeaddrinfo(res);
+		return -1;
+	}
+	freeaddrinfo(res);
+	return fd;
+}
+
+/* Was a socket under key passed on? It is marked wanted. */
+static int
+upgrade_master_socket(const char *key, int n_given)
+{
+	for (int i = 0; i < n_given; i++)
+		if (strcmp(up.fds[i].key, key) == 0) {
+			up.fds[i].taken = 1;
+			return 1;
+		}
+	return 0;
+}
+
+int
+upgrade_master_bind(struct server *srv, char *err, size_t errlen)
+{
+	const struct config *cfg = &srv->cfg;
+	int n_given = up.n_fds, fd, j = 0;
+	char key[340];
+
+	for (int w = 0; w < srv->workers; w++) {
+		for (int tls = 0; tls < 2; tls++) {
+			const struct config_addr *a = tls ? cfg->listen_tls : cfg->listen;
+			int n = tls ? cfg->n_listen_tls : cfg->n_listen;
+
+			for (int i = 0; i < n; i++) {
+				snprintf(key, sizeof(key), "w%d:%s=%s:%s", w, tls ? "listen_tls" : "listen",
+				    a[i].host, a[i].port);
+				if (upgrade_master_socket(key, n_given))
+					continue;
+				if ((fd = upgrade_bind_listener(&a[i], tls, err, errlen)) < 0)
+					return -1;
+				if (upgrade_add_fd(fd, key, strlen(key)) < 0) {
+					snprintf(err, errlen, "out of memory");
+					return -1;
+				}
+			}
+		}
+		if (cfg->admin_listen[0] == '\0')
+			continue;
+		snprintf(key, sizeof(key), "w%d:admin=%s", w, cfg->admin_listen);
+		if (upgrade_master_socket(key, n_given))
+			continue;
+		if ((fd = admin_bind(cfg->admin_listen, w, err, errlen)) < 0)
+			return -1;
+		if (upgrade_add_fd(fd, key, strlen(key)) < 0) {
+			snprintf(err, errlen, "out of memory");
+			return -1;
+		}
+	}
+	/* Passed sockets nothing asks for any more (fewer workers, a listener gone). */
+	for (int i = 0; i < up.n_fds; i++) {
+		if (i < n_given && !up.fds[i].taken) {
+			close(up.fds[i].fd);
+			continue;
+		}
+		up.fds[j] = up.fds[i];
+		up.fds[j++].taken = 0;	/* each worker takes its own */
+	}
+	up.n_fds = j;
+	return 0;
+}
+
+void
+upgrade_worker_fds(int worker)
+{
+	char prefix[24];
+	size_t plen = (size_t)snprintf(prefix, sizeof(prefix), "w%d:", worker);
+
+	for (int i = 0; i < up.n_fds; i++) {
+		struct upgrade_fd *f = &up.fds[i];
+
+		if (strncmp(f->key, prefix, plen) == 0)
+			memmove(f->key, f->key + plen, strlen(f->key + plen) + 1);
+		else if (!f->taken) {
+			close(f->fd);	/* another worker's */
+			f->taken = 1;
+		}
+	}
+	/* The master's business, not ours. */
+	if (up.ready_fd >= 0)
+		close(up.ready_fd);
+	if (up.pipe_rd >= 0)
+		close(up.pipe_rd);
+	up.ready_fd = up.pipe_rd = -1;
+	up.state = UPGRADE_NONE;
+}
+
+int
+upgrade_master_start(struct server *srv)
+{
+	size_t o = 0, size = (size_t)up.n_fds * 360 + 1;
+	int *keep = malloc(((size_t)up.n_fds + 1) * sizeof(*keep));
+	char *list = malloc(size);
+	int rc = -1;
+
+	if (up.state != UPGRADE_NONE)
+		log_warning("master: SIGUSR2 ignored: %s", up.state == UPGRADE_STARTING ?
+		    "an upgrade is under way" : "this master has handed over already");
+	else if (keep == NULL || list == NULL)
+		log_error("master: upgrade: out of memory");
+	else {
+		list[0] = '\0';
+		for (int i = 0; i < up.n_fds; i++) {
+			keep[i] = up.fds[i].fd;
+			upgrade_list_add(list, &o, size, keep[i], up.fds[i].key);
+		}
+		log_notice("master: SIGUSR2: starting %s; the workers serve on meanwhile", up.exe);
+		if ((rc = upgrade_spawn(keep, up.n_fds, list, 0)) == 0) {
+			clock_gettime(CLOCK_MONOTONIC, &up.ready_by);
+			up.ready_by.tv_sec += UPGRADE_READY_SECS;
+		}
+	}
+	free(keep);
+	free(list);
+	return rc;
+}
+
+int
+upgrade_master_starting(void)
+{
+	return up.state == UPGRADE_STARTING;
+}
+
+static void
+upgrade_master_failed(const char *why)
+{
+	log_error("master: upgrade failed: %s; the workers serve on", why);
+	upgrade_stop_waiting();
+	up.state = UPGRADE_NONE;
+}
+
+int
+upgrade_master_poll(struct server *srv)
+{
+	struct timespec now;
+	char msg[64];
+	long pid = 0;
+	int r = upgrade_read_reply(&pid);
+
+	if (r < 0) {
+		upgrade_master_failed("the new master exited before serving (its error is in the log)");
+		return -1;
+	}
+	if (r == 0) {
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		if (now.tv_sec < up.ready_by.tv_sec)
+			return 0;
+		kill(up.child, SIGTERM);
+		upgrade_master_failed("the new master did not report ready in time");
+		return -1;
+	}
+	upgrade_stop_waiting();
+	snprintf(msg, sizeof(msg), "MAINPID=%ld\nREADY=1", pid);
+	upgrade_sd_notify(msg);
+	for (int i = 0; i < up.n_fds; i++)
+		close(up.fds[i].fd);	/* the new master's now */
+	up.n_fds = 0;
+	up.state = UPGRADE_DRAINING;
+	log_notice("master: upgrade: pid %ld serves now; the workers drain their sessions", pid);
+	return 1;
+}
+
+int
+upgrade_master_waited(void)
+{
+	return up.ready_fd >= 0;
+}
+
+int
+upgrade_master_ready(struct server *srv)
+{
+	char msg[32];
+	int n = snprintf(msg, sizeof(msg), "%ld\n", (long)getpid());
+
+	if (write(up.ready_fd, msg, (size_t)n) != n) {
+		log_error("master: upgrade: the old master is not waiting any more (%s); stopping",
+		    strerror(errno));
+		return -1;
+	}
+	close(up.ready_fd);
+	up.ready_fd = -1;
+	upgrade_write_pid(srv->cfg.pid_file);
+	log_notice("master: upgrade: every worker serves; the old master hands over");
+	return 0;
 }
 
 void

@@ -1958,10 +1958,6 @@ ctl_cmd_upgrade(struct ctl *c)
 	const char *path = c->cfg.pid_file;
 	long old, now = 0;
 
-	if (c->cfg.workers > 1) {
-		ctl_err("upgrade is not supported with workers > 1; restart the service instead");
-		return CTL_EXIT_ERROR;
-	}
 	if (path[0] == '\0') {
 		ctl_err("pid_file is not set in the configuration; send SIGUSR2 to the daemon "
 		    "yourself (systemd: systemctl kill --kill-whom=main -s USR2 imapfresh)");

@@ -126,7 +126,11 @@ def upgrade(ctx, p, how=None):
 
 
 def healthz_pid(p):
-    s = socket.create_connection((HOST, p.admin_port), timeout=TIMEOUT)
+    return healthz_pid_at(p.admin_port)
+
+
+def healthz_pid_at(port):
+    s = socket.create_connection((HOST, port), timeout=TIMEOUT)
     try:
         s.sendall(b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n")
         data = b""
@@ -364,15 +368,81 @@ def t_upgrade_failed_start(ctx):
     check(healthz_pid(p) == old, "healthz")
 
 
-@test("upgrade: with workers > 1 SIGUSR2 is refused, the master lives on", proxy_only=True,
-      timeout=60)
-def t_upgrade_workers_refused(ctx):
-    p = plain_proxy(ctx, "upg-workers", ("workers", "2"), ("state", ctx.env.redis.url))
-    mark = len(log_text(p))
-    p.signal(signal.SIGUSR2)
-    wait_for("the refusal", lambda: "not supported with workers > 1" in log_text(p)[mark:], p)
-    check(p.alive(), "the master died of SIGUSR2%s", p.log_tail())
-    login(ctx, p).expect_ok("N1", "NOOP")
+@test("upgrade: workers = 2: the master passes every worker's sockets; clients see no "
+      "refusal; an old worker's IDLE session is answered, then BYE; old master and workers "
+      "exit; the new workers are new instances", proxy_only=True, timeout=120)
+def t_upgrade_workers(ctx):
+    import admin_tests
+    import stale_tests
+    # Worker N serves admin on admin_listen's port + N: two free ports in a row.
+    while True:
+        port = servers.free_port()
+        with socket.socket() as s1:
+            try:
+                s1.bind((HOST, port + 1))
+                break
+            except OSError:
+                continue
+    inst = "upw%04x" % random.getrandbits(16)
+    prefix = inst + ":"
+    p = plain_proxy(ctx, "upg-workers", ("workers", "2"), ("state", ctx.env.redis.url),
+                    ("instance_id", inst), ("redis_prefix", prefix),
+                    ("admin_listen", "%s:%d" % (HOST, port)), start=False)
+    p.admin_port = port
+    p.start()
+    old_master = p.proc.pid
+    check(read_pid(p) == old_master, "pid file before: %d", read_pid(p))
+    old_workers = {healthz_pid_at(p.admin_port), healthz_pid_at(p.admin_port + 1)}
+    idler = login(ctx, p)
+    idler.expect_ok("S1", "SELECT INBOX")
+    idler.send(b"I1 IDLE\r\n")
+    idler.wait_continuation()
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=login_logout_loop, args=(p, stop, results), daemon=True)
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for("clients served before the upgrade", lambda: len(results) >= 20, p)
+        mark = len(log_text(p))
+        p.signal(signal.SIGUSR2)
+        new_master = wait_for("a new pid in the pid file",
+                              lambda: read_pid(p) if read_pid(p) not in (0, old_master) else 0, p)
+        own_new_process(ctx, new_master)
+        wait_for("the hand-over", lambda: ("upgrade: pid %d serves now" % new_master)
+                 in log_text(p)[mark:], p)
+        handed = time.monotonic()
+        n = len(results)
+        wait_for("clients served after the upgrade", lambda: len(results) >= n + 20, p)
+        # Each admin port is answered by a worker of the new master now.
+        new_workers = {healthz_pid_at(p.admin_port), healthz_pid_at(p.admin_port + 1)}
+        check(not new_workers & old_workers and len(new_workers) == 2,
+              "admin ports: old workers %s, now %s", old_workers, new_workers)
+        check(p.alive(), "the old master left before its idling session's worker")
+        idler.send(b"DONE\r\n")
+        imapraw.status(idler.wait_tagged("I1")[0], "OK")
+        expect_bye_then_eof(idler, "idler")
+        check(p.wait(TIMEOUT) == 0, "old master exit%s", p.log_tail())
+        for pid in old_workers:
+            check(not pid_alive(pid), "old worker %d still runs", pid)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(TIMEOUT)
+    errors = [e for _, e in results if e]
+    check(not errors, "%d of %d client runs failed, first: %s%s", len(errors), len(results),
+          errors[:3], p.log_tail())
+    check(any(t > handed for t, _ in results), "no client run after the hand-over")
+    check(read_pid(p) == new_master and pid_alive(new_master), "pid file after: %d", read_pid(p))
+    # The registry: the new generation's instances, the old ones gone.
+    want = [inst + "-w0-g1", inst + "-w1-g1"]
+    wait_for("the registry of the new workers only", lambda: sorted(
+        stale_tests.redis_cli(ctx.env.redis, "HKEYS", prefix + "instances")) == want, p)
+    after = login(ctx, p)
+    after.expect_ok("S2", "SELECT INBOX")
+    wait_for("the new session listed under a new instance", lambda: "-g1:s" in admin_tests.ctl(
+        ctx, "-c", p.conf, "-o", "state=" + ctx.env.redis.url, "-o", "redis_prefix=" + prefix,
+        "--json", "sessions")[1], p)
 
 
 @test("upgrade: with Redis state the old process hears changes made through the new one "
