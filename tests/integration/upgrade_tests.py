@@ -15,6 +15,7 @@ What is promised, and tested here:
   - systemd learns the new main pid (MAINPID= on $NOTIFY_SOCKET).
 """
 
+import json
 import os
 import random
 import re
@@ -125,6 +126,23 @@ def upgrade(ctx, p, how=None):
     return new
 
 
+def admin_get(p, path):
+    s = socket.create_connection((HOST, p.admin_port), timeout=TIMEOUT)
+    try:
+        s.sendall(b"GET %s HTTP/1.0\r\nHost: x\r\n\r\n" % path.encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    check(b" 200 " in head.split(b"\r\n")[0], "GET %s: %r", path, data[:300])
+    return json.loads(body)
+
+
 def healthz_pid(p):
     return healthz_pid_at(p.admin_port)
 
@@ -188,14 +206,20 @@ def t_upgrade_commands_finish(ctx):
     append(setup, "A1", mbox, big)
     setup.expect_ok("Z", "LOGOUT")
 
-    fetcher = login(ctx, p)
+    fetcher = ctx.raw(p.tls_port, tls=True)     # TLS sessions are handed nothing either
+    check(fetcher.readline().startswith(b"* OK"), "TLS greeting")
+    fetcher.login("alice", USERS["alice"])
     fetcher.expect_ok("S1", "SELECT " + mbox)
     fetcher.send(b"F1 FETCH 1 BODY.PEEK[]\r\n")
     first = fetcher.readline()
     m = re.match(rb"\* 1 FETCH \(BODY\[\] \{(\d+)\}\r\n$", first)
     check(m and int(m.group(1)) == len(big), "FETCH start: %r", first)
-    # Read no more: the FETCH stays under way (backpressure) through the upgrade.
+    # Read no more: the FETCH stays under way (backpressure) through the upgrade:
+    # the socket buffers on the way hold far less than the message.
     got = fetcher.read_exact(4096)
+    tls = [x for x in admin_get(p, "/sessions") if x.get("tls")]
+    check(len(tls) == 1 and admin_get(p, "/sessions/" + tls[0]["sid"]).get("inflight") == 1,
+          "the FETCH should be under way in the old process: %r", tls)
 
     idler = login(ctx, p)
     idler.expect_ok("S2", "SELECT " + mbox)
