@@ -237,6 +237,9 @@ def t_upgrade_commands_finish(ctx):
     line = idler.readline()
     check(re.match(rb"\* 2 EXISTS", line), "idling session after the upgrade: %r", line)
 
+    # Held past the drain's quiet second (and some scans): still nobody is cut.
+    time.sleep(2)
+    check(p.alive(), "the old process exited with two sessions under way%s", p.log_tail())
     # The FETCH goes on to its end.
     got += fetcher.read_exact(len(big) - len(got))
     check(got == big, "FETCH body differs from the message (%d bytes)", len(got))
