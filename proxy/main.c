@@ -252,7 +252,7 @@ main(int argc, char **argv)
 		}
 		foreground = 1;
 		has_master = 1;
-		if (!upgrade_master_waited())	/* else once its workers serve */
+		if (!upgrade_must_report())	/* else once its workers serve */
 			upgrade_write_pid(srv.cfg.pid_file);
 		if ((rc = workers_start(&srv)) != WORKERS_CHILD) {
 			upgrade_remove_pid(srv.cfg.pid_file);
@@ -280,7 +280,7 @@ main(int argc, char **argv)
 			return MAIN_EXIT_RUNTIME;
 		}
 	}
-	if (!has_master)
+	if (!has_master && !upgrade_must_report())	/* else once reported */
 		upgrade_write_pid(srv.cfg.pid_file);
 	upgrade_started(&srv);
 	log_notice("imapfresh %s started, upstream %s (%s)", PACKAGE_VERSION,

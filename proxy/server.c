@@ -112,23 +112,26 @@ server_bind(struct server *srv, const struct config_addr *a, int tls, char *err,
 	l->tls = tls;
 	snprintf(key, sizeof(key), "%s=%s", tls ? "listen_tls" : "listen", l->name);
 	if ((fd = upgrade_take_fd(key)) >= 0) {
-		/* Passed on by the process we replace: already bound and listening. */
+		/* Passed on by the process we replace, or by our master (upgrade.c):
+		 * already bound and listening. */
 		evutil_freeaddrinfo(res);
 		evutil_make_socket_nonblocking(fd);
 		l->lev = evconnlistener_new(srv->base, server_accept_cb, l, LEV_OPT_CLOSE_ON_FREE |
 		    LEV_OPT_CLOSE_ON_EXEC, 0, fd);
 		if (l->lev == NULL) {
-			snprintf(err, errlen, "%s %s: cannot take over the socket", key, l->name);
+			snprintf(err, errlen, "%s %s: cannot use the socket passed on",
+			    tls ? "listen_tls" : "listen", l->name);
 			close(fd);
 			return -1;
 		}
 		evconnlistener_set_error_cb(l->lev, server_accept_error_cb);
 		srv->n_listeners++;
-		log_notice("listening on %s%s, taken over", l->name, tls ? " (implicit TLS)" :
+		log_notice("listening on %s%s, socket passed on", l->name, tls ? " (implicit TLS)" :
 		    srv->tls_server ? " (STARTTLS)" : "");
 		return 0;
 	}
-	/* Several workers each bind every listener; the kernel spreads connections. */
+	/* Workers' sockets come from the master; should one be missing, several
+	 * workers each bind every listener and the kernel spreads connections. */
 	l->lev = evconnlistener_new_bind(srv->base, server_accept_cb, l,
 	    LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC |
 	    (srv->workers > 1 ? LEV_OPT_REUSEABLE_PORT : 0), 1024,

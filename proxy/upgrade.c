@@ -7,9 +7,9 @@
  * process reads the configuration afresh. The listening sockets, the admin
  * endpoint's included, are inherited across exec: IMAPFRESH_LISTEN_FDS
  * names each by descriptor and key. The new process binds only what it was
- * not given, and once it serves (bound, daemonized, pid file rewritten) it
- * writes its pid down a pipe. Then the old one tells systemd the new main
- * pid, closes its copies of the listeners and drains:
+ * not given, and once it serves (bound, daemonized) it writes its pid down
+ * a pipe, then into the pid file. Then the old one tells systemd the new
+ * main pid, closes its copies of the listeners and drains:
  *
  *   - a session between commands, quiet for UPGRADE_QUIET_USECS, gets
  *     "* BYE" and is closed: the client reconnects, to the new process;
@@ -268,6 +268,7 @@ upgrade_started(struct server *srv)
 		}
 		close(up.ready_fd);
 		up.ready_fd = -1;
+		upgrade_write_pid(srv->cfg.pid_file);
 		log_notice("upgrade: serving; the old process hands over");
 		upgrade_overlap(srv);
 	} else if (srv->workers > 1) {
@@ -863,7 +864,7 @@ upgrade_master_poll(struct server *srv)
 }
 
 int
-upgrade_master_waited(void)
+upgrade_must_report(void)
 {
 	return up.ready_fd >= 0;
 }

@@ -62,9 +62,11 @@ int upgrade_master_starting(void);
  * systemd told: now tell the workers), -1 failed (logged). */
 int upgrade_master_poll(struct server *srv);
 
-/* As the new master: the old one waits for our report, to be sent once
- * every worker serves (they send SIGRTMIN). -1: nobody waits any more. */
-int upgrade_master_waited(void);
+/* Started by an upgrade: the old process waits for our report (a single
+ * process's comes from upgrade_started(); a new master's once every worker
+ * serves, they send SIGRTMIN), and the pid file is written only then.
+ * upgrade_master_ready() -1: nobody waits any more. */
+int upgrade_must_report(void);
 int upgrade_master_ready(struct server *srv);
 
 #endif

@@ -130,7 +130,7 @@ workers_reap(struct workers *w)
 static void
 workers_ready(struct workers *w, int i)
 {
-	if (!upgrade_master_waited() || i < 0 || i >= w->srv->workers || w->ready[i])
+	if (!upgrade_must_report() || i < 0 || i >= w->srv->workers || w->ready[i])
 		return;
 	w->ready[i] = 1;
 	if (++w->n_ready == w->srv->workers && upgrade_master_ready(w->srv) < 0)
@@ -168,7 +168,7 @@ workers_start(struct server *srv)
 	}
 	if (!w.stopping) {
 		log_notice("imapfresh master: %d workers started", srv->workers);
-		if (!upgrade_master_waited())
+		if (!upgrade_must_report())
 			upgrade_sd_notify("READY=1");	/* else the old master names us */
 	}
 	while (w.live > 0) {
