@@ -21,7 +21,6 @@ import random
 import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 
@@ -44,6 +43,25 @@ def plain_proxy(ctx, name, *options, start=True, env=None):
     p.env = env
     if start:
         p.start()
+    return p
+
+
+def workers_proxy(ctx, name, inst):
+    """Two workers, Redis state under its own prefix and instance name."""
+    # Worker N serves admin on admin_listen's port + N: two free ports in a row.
+    while True:
+        port = servers.free_port()
+        with socket.socket() as s1:
+            try:
+                s1.bind((HOST, port + 1))
+                break
+            except OSError:
+                continue
+    p = plain_proxy(ctx, name, ("workers", "2"), ("state", ctx.env.redis.url),
+                    ("instance_id", inst), ("redis_prefix", inst + ":"),
+                    ("admin_listen", "%s:%d" % (HOST, port)), start=False)
+    p.admin_port = port
+    p.start()
     return p
 
 
@@ -76,6 +94,21 @@ def pid_alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def children(pid):
+    """Live child processes of pid (from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d))
+    return sorted(out)
 
 
 def log_text(p):
@@ -401,22 +434,9 @@ def t_upgrade_failed_start(ctx):
 def t_upgrade_workers(ctx):
     import admin_tests
     import stale_tests
-    # Worker N serves admin on admin_listen's port + N: two free ports in a row.
-    while True:
-        port = servers.free_port()
-        with socket.socket() as s1:
-            try:
-                s1.bind((HOST, port + 1))
-                break
-            except OSError:
-                continue
     inst = "upw%04x" % random.getrandbits(16)
     prefix = inst + ":"
-    p = plain_proxy(ctx, "upg-workers", ("workers", "2"), ("state", ctx.env.redis.url),
-                    ("instance_id", inst), ("redis_prefix", prefix),
-                    ("admin_listen", "%s:%d" % (HOST, port)), start=False)
-    p.admin_port = port
-    p.start()
+    p = workers_proxy(ctx, "upg-workers", inst)
     old_master = p.proc.pid
     check(read_pid(p) == old_master, "pid file before: %d", read_pid(p))
     old_workers = {healthz_pid_at(p.admin_port), healthz_pid_at(p.admin_port + 1)}
@@ -495,3 +515,31 @@ def t_upgrade_redis_overlap(ctx):
     m = re.search(r"\[draining\] resync totals: .*?(\d+) idle refreshes", log_text(p))
     check(m and int(m.group(1)) >= 1, "the old process never heard the change: %s%s",
           m and m.group(0), p.log_tail())
+
+
+@test("upgrade: SIGUSR2 to one worker: it hands over and drains, the master starts a fresh "
+      "one on the same sockets; nobody is refused", proxy_only=True, timeout=90)
+def t_upgrade_one_worker(ctx):
+    p = workers_proxy(ctx, "upg-one", "upo%04x" % random.getrandbits(16))
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=login_logout_loop, args=(p, stop, results), daemon=True)
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for("clients served", lambda: len(results) >= 20, p)
+        workers = children(p.proc.pid)
+        check(len(workers) == 2, "worker pids: %s", workers)
+        os.kill(workers[0], signal.SIGUSR2)
+        wait_for("the worker's exit", lambda: not pid_alive(workers[0]), p)
+        wait_for("a fresh worker", lambda: len(children(p.proc.pid)) == 2, p)
+        n = len(results)
+        wait_for("clients served after", lambda: len(results) >= n + 20, p)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(TIMEOUT)
+    errors = [e for _, e in results if e]
+    check(not errors, "%d of %d client runs failed, first: %s%s", len(errors), len(results),
+          errors[:3], p.log_tail())
+    check(p.alive() and read_pid(p) == p.proc.pid, "the master should go on")
