@@ -8,9 +8,12 @@
  *   POST /sessions/<sid>/kick     end it (* BYE [UNAVAILABLE])
  *   POST /sessions/<sid>/resync   resync on its next trigger command
  *   GET  /trace, POST /trace      the trace spec in force; set it (spec=...)
+ *   GET  /, /status, /status/...  the status pages (HTML, status.c)
  *
  * <sid> is "s42", "42" or "<instance>:s42". With admin_token set every request
- * needs "Authorization: Bearer <token>". Bodies over 4 KiB get 413. While
+ * needs "Authorization: Bearer <token>"; the pages a browser opens (GET only,
+ * status_is_page()) also take it as ?token=, since a browser cannot add the
+ * header to an address typed in. Bodies over 4 KiB get 413. While
  * Redis holds the state, this instance's address is kept in the instances
  * registry (store_register_instance) for imapfresh-ctl.
  */
@@ -45,6 +48,7 @@
 #include "seqmap.h"
 #include "server.h"
 #include "session.h"
+#include "status.h"
 #include "store.h"
 #include "trace.h"
 #include "uidset.h"
@@ -344,24 +348,33 @@ admin_sha256(const char *data, size_t len, unsigned char md[32])
 }
 
 /* Bearer token check in constant time: digests of equal length are compared,
- * so neither the token's content nor its length leaks through timing. */
+ * so neither the token's content nor its length leaks through timing. A GET
+ * of a status page may give it as ?token= instead (a browser's address). */
 static int
-admin_authorized(const struct admin *adm, struct evhttp_request *req)
+admin_authorized(const struct admin *adm, struct evhttp_request *req, const char *path)
 {
-	const char *token = adm->srv->cfg.admin_token, *auth, *given;
+	const char *token = adm->srv->cfg.admin_token, *auth, *given = NULL, *query;
 	unsigned char want[32], got[32];
+	struct evkeyvalq kv;
+	int ok = 0;
 
 	if (token[0] == '\0')
 		return 1;
+	TAILQ_INIT(&kv);
 	auth = evhttp_find_header(evhttp_request_get_input_headers(req), "Authorization");
-	if (auth == NULL || strncasecmp(auth, "Bearer ", 7) != 0)
-		return 0;
-	for (given = auth + 7; *given == ' '; given++)
-		;
-	if (admin_sha256(token, strlen(token), want) < 0 ||
-	    admin_sha256(given, strlen(given), got) < 0)
-		return 0;
-	return CRYPTO_memcmp(want, got, sizeof(want)) == 0;
+	if (auth != NULL && strncasecmp(auth, "Bearer ", 7) == 0) {
+		for (given = auth + 7; *given == ' '; given++)
+			;
+	} else if (auth == NULL && evhttp_request_get_command(req) == EVHTTP_REQ_GET &&
+	    status_is_page(path) && evhttp_request_get_evhttp_uri(req) != NULL &&
+	    (query = evhttp_uri_get_query(evhttp_request_get_evhttp_uri(req))) != NULL &&
+	    evhttp_parse_query_str(query, &kv) == 0)
+		given = evhttp_find_header(&kv, "token");
+	if (given != NULL && admin_sha256(token, strlen(token), want) == 0 &&
+	    admin_sha256(given, strlen(given), got) == 0)
+		ok = CRYPTO_memcmp(want, got, sizeof(want)) == 0;
+	evhttp_clear_headers(&kv);
+	return ok;
 }
 
 static const char *
@@ -705,18 +718,20 @@ admin_request_cb(struct evhttp_request *req, void *arg)
 	char *path, *rest, *slash;
 	size_t len = 0;
 
-	if (!admin_authorized(adm, req)) {
-		evhttp_add_header(evhttp_request_get_output_headers(req), "WWW-Authenticate",
-		    "Bearer realm=\"imapfresh\"");
-		admin_error(req, 401, "a valid Authorization: Bearer token is required");
-		return;
-	}
 	if ((path = evhttp_uridecode(raw && raw[0] ? raw : "/", 0, &len)) == NULL) {
 		evhttp_send_error(req, 500, "Out of memory");
 		return;
 	}
 	if (strlen(path) != len) {
 		admin_error(req, 400, "NUL in the path");
+		goto out;
+	}
+	if (!admin_authorized(adm, req, path)) {
+		evhttp_add_header(evhttp_request_get_output_headers(req), "WWW-Authenticate",
+		    "Bearer realm=\"imapfresh\"");
+		admin_error(req, 401, status_is_page(path) ?
+		    "a valid token is required: Authorization: Bearer, or ?token= on this page" :
+		    "a valid Authorization: Bearer token is required");
 		goto out;
 	}
 	log_debug("admin: %s %s", admin_method_name(m), path);
@@ -740,9 +755,9 @@ admin_request_cb(struct evhttp_request *req, void *arg)
 		if ((slash = strchr(rest, '/')) != NULL)
 			*slash++ = '\0';
 		admin_session(adm, req, rest, slash);
-	} else {
-		admin_error(req, 404, "no such endpoint: %s (try /metrics, /healthz, /sessions, "
-		    "/trace, /notify)", path);
+	} else if (!status_request(adm->srv, req, path, adm->address)) {
+		admin_error(req, 404, "no such endpoint: %s (try /status, /metrics, /healthz, "
+		    "/sessions, /trace, /notify)", path);
 	}
 out:
 	free(path);
@@ -884,6 +899,7 @@ admin_stop(struct server *srv)
 		return;
 	if (srv->store != NULL)
 		store_register_instance(srv->store, adm->address, (int64_t)srv->started, 0);
+	status_stop(srv);
 	event_free(adm->ev_register);
 	evhttp_free(adm->http);
 	free(adm);

@@ -34,7 +34,8 @@ command_reset(struct command *cmd)
 	cmd->ntokens = 0;
 	cmd->literals = 0;
 	cmd->condstore = 0;
-	cmd->sasl_user[0] = '\0';
+	free(cmd->sasl_user);
+	cmd->sasl_user = NULL;
 	free(cmd->args);
 	cmd->args = NULL;
 }
@@ -205,9 +206,14 @@ command_feed(struct command *cmd, const struct imap_tok *tok)
 		return;
 	argi = tok->index - command_first_arg(cmd);
 	if (cmd->kind == CMD_AUTHENTICATE && argi == 1 && tok->type == IMAP_TOK_ATOM &&
-	    strcasecmp(command_arg(cmd, 0)->val, "PLAIN") == 0 &&
-	    sasl_plain_user(tok->str, tok->len, cmd->sasl_user, sizeof(cmd->sasl_user)) < 0)
-		cmd->sasl_user[0] = '\0';
+	    strcasecmp(command_arg(cmd, 0)->val, "PLAIN") == 0) {
+		char user[256];
+
+		free(cmd->sasl_user);
+		cmd->sasl_user = NULL;
+		if (sasl_plain_user(tok->str, tok->len, user, sizeof(user)) == 0 && user[0] != '\0')
+			cmd->sasl_user = strdup(user);
+	}
 	if (argi >= COMMAND_NARGS || command_arg_is_secret(cmd, argi) ||
 	    !command_keeps_args(cmd->kind))
 		return;

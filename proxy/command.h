@@ -60,7 +60,7 @@ struct command {
 	struct command_arg *args;
 	unsigned literals;	/* literals in this command */
 	int condstore;		/* it turns CONDSTORE on (RFC 7162 3.1) */
-	char sasl_user[256];	/* AUTHENTICATE PLAIN initial response: the user only */
+	char *sasl_user;	/* AUTHENTICATE PLAIN initial response: the user only (or NULL) */
 };
 
 /* A command struct starts zeroed; reset frees what the last command held. */

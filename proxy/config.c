@@ -18,6 +18,8 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include "sentinel.h"
+
 /* Numbers are stored through 4- or 8-byte fields; enums share int's layout. */
 _Static_assert(sizeof(int) == 4, "int fields are stored as 32 bits");
 _Static_assert(sizeof(enum upstream_tls_mode) == sizeof(int), "enum stored as int");
@@ -82,7 +84,8 @@ static const char *config_check_http_url(const char *value);
 	X(upstream_sni, STRING, \
 	    .help = "server name sent and checked upstream; empty = upstream host name") \
 	X(state, STRING, .def = "memory", .check = config_check_state, \
-	    .help = "session state store: memory or redis://host[:port][/db]") \
+	    .help = "session state store: memory, redis://host[:port][/db] or " \
+	    "redis-sentinel://host[:port],.../master[/db]") \
 	X(resync, BOOL, .def = "yes", \
 	    .help = "resync a stale session before the commands in resync_on") \
 	X(resync_on, STRING, .def = "GETQUOTAROOT, FETCH, UID FETCH", .min = 1, \
@@ -353,9 +356,11 @@ config_parse_redis(const char *url, struct config_redis *out)
 static const char *
 config_check_state(const char *value)
 {
-	if (strcmp(value, "memory") == 0 || config_parse_redis(value, NULL) == 0)
+	if (strcmp(value, "memory") == 0 || config_parse_redis(value, NULL) == 0 ||
+	    sentinel_parse_url(value, NULL) == 0)
 		return NULL;
-	return "memory, redis://host[:port][/db] or redis+unix:///path";
+	return "memory, redis://host[:port][/db], redis+unix:///path or "
+	    "redis-sentinel://host[:port][,host[:port]...]/master[/db]";
 }
 
 static const char *

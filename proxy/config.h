@@ -60,7 +60,8 @@ struct config {
 	char upstream_sni[256];	/* "" = upstream host when it is a name */
 
 	/* state */
-	char state[1024];	/* "memory", redis://host[:port][/db] or redis+unix:///path (config_parse_redis) */
+	char state[1024];	/* "memory", redis://host[:port][/db] or redis+unix:///path (config_parse_redis),
+				   redis-sentinel://host[:port],.../master[/db] (sentinel_parse_url) */
 
 	/* limits */
 	int max_clients;	/* per worker */

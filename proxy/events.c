@@ -11,6 +11,10 @@
  * text as field "json" of the stream P + "events" (XADD MAXLEN ~
  * event_stream_max). Strings are escaped for JSON; bytes that are not UTF-8
  * become U+FFFD.
+ *
+ * Events of the whole instance have the same fields, those of a session
+ * null: step "failover" (state = redis-sentinel://, the Redis master moved;
+ * every session resyncs once) with reason "redis master A -> B".
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -34,6 +38,8 @@ struct events {
 	int fd;			/* event_log, or -1 */
 	char path[1024];
 	int warned;		/* a write failure was logged */
+	struct events_recent recent[EVENTS_RECENT];	/* a ring */
+	size_t n_recent, next_recent;
 };
 
 int
@@ -184,6 +190,141 @@ events_format_uids(const struct uidset *set, char *buf, size_t len)
 	return 1;
 }
 
+const struct events_recent *
+events_recent(const struct server *srv, size_t i)
+{
+	const struct events *e = srv->events;
+
+	if (e == NULL || i >= e->n_recent)
+		return NULL;
+	return &e->recent[(e->next_recent + EVENTS_RECENT - 1 - i) % EVENTS_RECENT];
+}
+
+/* Kept in memory for the status page, and the session's last step. */
+static void
+events_remember(struct session *s, const struct events_resync *ev, const struct timeval *tv,
+    const char *ts, const char *sid)
+{
+	struct events *e = s->srv->events;
+	struct events_recent *r;
+
+	snprintf(s->resync.last_step, sizeof(s->resync.last_step), "%s", ev->step);
+	s->resync.last_step_at = time(NULL);
+	if (e == NULL)
+		return;
+	r = &e->recent[e->next_recent];
+	e->next_recent = (e->next_recent + 1) % EVENTS_RECENT;
+	if (e->n_recent < EVENTS_RECENT)
+		e->n_recent++;
+	r->at = tv->tv_sec;
+	r->at_ms = (uint64_t)tv->tv_sec * 1000 + (uint64_t)tv->tv_usec / 1000;
+	snprintf(r->time, sizeof(r->time), "%s", ts);
+	snprintf(r->session, sizeof(r->session), "%s", sid);
+	snprintf(r->user, sizeof(r->user), "%s", s->track.user ? s->track.user : "");
+	snprintf(r->client, sizeof(r->client), "%s", s->client_addr);
+	snprintf(r->mailbox, sizeof(r->mailbox), "%s", s->track.selected ? s->track.mailbox : "");
+	snprintf(r->step, sizeof(r->step), "%s", ev->step ? ev->step : "");
+	snprintf(r->trigger, sizeof(r->trigger), "%s", ev->trigger ? ev->trigger : "");
+	snprintf(r->reason, sizeof(r->reason), "%s", ev->reason ? ev->reason : "");
+	snprintf(r->sent, sizeof(r->sent), "%s", ev->sent_to_client ? ev->sent_to_client : "");
+	r->gen_synced = ev->gen_synced;
+	r->gen_now = ev->gen_now;
+	r->client_count = ev->client_count;
+}
+
+/* The time now, as events give it: 2025-03-01T10:00:00.123Z. */
+static void
+events_now(struct timeval *tv, char *ts, size_t tslen)
+{
+	struct tm tm;
+	size_t len;
+
+	gettimeofday(tv, NULL);
+	gmtime_r(&tv->tv_sec, &tm);
+	len = strftime(ts, tslen, "%Y-%m-%dT%H:%M:%S", &tm);
+	snprintf(ts + len, tslen - len, ".%03dZ", (int)(tv->tv_usec / 1000));
+}
+
+/* Write the finished line b to the file and (stream) the Redis stream. */
+static void
+events_emit(struct server *srv, struct evbuffer *b, int stream)
+{
+	struct events *e = srv->events;
+	size_t len = evbuffer_get_length(b);
+	const char *text;
+
+	if ((text = (const char *)evbuffer_pullup(b, -1)) == NULL)
+		return;
+	if (e != NULL && e->fd >= 0 && write(e->fd, text, len) < 0 && !e->warned) {
+		e->warned = 1;
+		log_warning("event_log %s: %s", e->path, strerror(errno));
+	}
+	if (stream) {
+		char *json = malloc(len);
+		if (json != NULL) {
+			const char *fields[2] = { "json", json };
+
+			memcpy(json, text, len - 1);	/* without the newline */
+			json[len - 1] = '\0';
+			store_stream_add(srv->store, "events", (size_t)srv->cfg.event_stream_max,
+			    fields, 1);
+			free(json);
+		}
+	}
+}
+
+void
+events_failover(struct server *srv, const char *from, const char *to)
+{
+	struct events *e = srv->events;
+	struct events_recent *r;
+	struct store_stats ss;
+	struct evbuffer *b;
+	struct timeval tv;
+	char ts[40], reason[700];
+	int stream = 0;
+
+	snprintf(reason, sizeof(reason), "redis master %s -> %s", from, to);
+	events_now(&tv, ts, sizeof(ts));
+	if (e != NULL) {	/* the status page's recent events */
+		r = &e->recent[e->next_recent];
+		e->next_recent = (e->next_recent + 1) % EVENTS_RECENT;
+		if (e->n_recent < EVENTS_RECENT)
+			e->n_recent++;
+		memset(r, 0, sizeof(*r));
+		r->at = tv.tv_sec;
+		r->at_ms = (uint64_t)tv.tv_sec * 1000 + (uint64_t)tv.tv_usec / 1000;
+		/* Cut to fit, as every recent event's strings. */
+		snprintf(r->time, sizeof(r->time), "%.*s", (int)sizeof(r->time) - 1, ts);
+		snprintf(r->step, sizeof(r->step), "failover");
+		snprintf(r->reason, sizeof(r->reason), "%.*s", (int)sizeof(r->reason) - 1, reason);
+	}
+	if (srv->store != NULL && srv->cfg.event_stream_max > 0) {
+		store_get_stats(srv->store, &ss);
+		stream = ss.redis;
+	}
+	if ((e == NULL || e->fd < 0) && !stream)
+		return;
+	if ((b = evbuffer_new()) == NULL)
+		return;
+	events_json_key(b, "time", 1);
+	events_json_str(b, ts);
+	events_json_key(b, "instance", 0);
+	events_json_str(b, srv->instance);
+	evbuffer_add_printf(b, ",\"session\":null,\"user\":null,\"client\":null,\"mailbox\":null");
+	events_json_key(b, "step", 0);
+	events_json_str(b, "failover");
+	events_json_key(b, "trigger", 0);
+	events_json_str(b, NULL);
+	events_json_key(b, "reason", 0);
+	events_json_str(b, reason);
+	evbuffer_add_printf(b, ",\"gen_synced\":0,\"gen_now\":0,\"client_count\":0,"
+	    "\"server_uids\":null,\"server_uid_count\":null,\"server_uids_truncated\":false,"
+	    "\"sent_to_client\":null}\n");
+	events_emit(srv, b, stream);
+	evbuffer_free(b);
+}
+
 void
 events_resync(struct session *s, const struct events_resync *ev)
 {
@@ -193,24 +334,19 @@ events_resync(struct session *s, const struct events_resync *ev)
 	int stream = 0, truncated = 0;
 	struct evbuffer *b;
 	struct timeval tv;
-	struct tm tm;
 	char ts[40], sid[200], uids[EVENTS_UIDS_MAX];
-	size_t len;
-	const char *text;
 
 	if (srv->store != NULL && srv->cfg.event_stream_max > 0) {
 		store_get_stats(srv->store, &ss);
 		stream = ss.redis;
 	}
+	events_now(&tv, ts, sizeof(ts));
+	snprintf(sid, sizeof(sid), "%s:%s", srv->instance, s->sid);
+	events_remember(s, ev, &tv, ts, sid);
 	if ((e == NULL || e->fd < 0) && !stream)
 		return;
 	if ((b = evbuffer_new()) == NULL)
 		return;
-	gettimeofday(&tv, NULL);
-	gmtime_r(&tv.tv_sec, &tm);
-	len = strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
-	snprintf(ts + len, sizeof(ts) - len, ".%03dZ", (int)(tv.tv_usec / 1000));
-	snprintf(sid, sizeof(sid), "%s:%s", srv->instance, s->sid);
 	if (ev->server_uids != NULL)
 		truncated = events_format_uids(ev->server_uids, uids, sizeof(uids));
 
@@ -246,27 +382,6 @@ events_resync(struct session *s, const struct events_resync *ev)
 	events_json_key(b, "sent_to_client", 0);
 	events_json_str(b, ev->sent_to_client);
 	evbuffer_add(b, "}\n", 2);
-
-	len = evbuffer_get_length(b);
-	if ((text = (const char *)evbuffer_pullup(b, -1)) == NULL) {
-		evbuffer_free(b);
-		return;
-	}
-	if (e != NULL && e->fd >= 0 && write(e->fd, text, len) < 0 && !e->warned) {
-		e->warned = 1;
-		log_warning("event_log %s: %s", e->path, strerror(errno));
-	}
-	if (stream) {
-		char *json = malloc(len);
-		if (json != NULL) {
-			const char *fields[2] = { "json", json };
-
-			memcpy(json, text, len - 1);	/* without the newline */
-			json[len - 1] = '\0';
-			store_stream_add(srv->store, "events", (size_t)srv->cfg.event_stream_max,
-			    fields, 1);
-			free(json);
-		}
-	}
+	events_emit(srv, b, stream);
 	evbuffer_free(b);
 }

@@ -28,4 +28,23 @@ void events_close(struct server *srv);
 
 void events_resync(struct session *s, const struct events_resync *ev);
 
+/* The Redis master moved (redis-sentinel://): step "failover", no session. */
+void events_failover(struct server *srv, const char *from, const char *to);
+
+/* The last EVENTS_RECENT events of this instance are also kept in memory,
+ * whether or not a file or a stream is configured (the status page). Long
+ * values are cut, maybe inside a UTF-8 sequence. */
+#define EVENTS_RECENT 50
+struct events_recent {
+	time_t at;
+	uint64_t at_ms;		/* unix milliseconds: orders events of several instances */
+	char time[32];		/* as in the log: 2025-03-01T10:00:00.123Z */
+	char session[160], user[128], client[64], mailbox[160];
+	char step[16], trigger[40], reason[160], sent[160];
+	uint64_t gen_synced, gen_now;
+	uint32_t client_count;
+};
+/* The i-th most recent (0 the newest), NULL past the last one. */
+const struct events_recent *events_recent(const struct server *srv, size_t i);
+
 #endif

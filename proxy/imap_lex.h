@@ -143,6 +143,10 @@ void imap_lex_skip_literal(struct imap_lex *lx, uint64_t n);
 /* True between tokens at the very start of a command/response. */
 int imap_lex_at_command_start(const struct imap_lex *lx);
 
+/* Between commands: give back a token buffer that grew for a long token, so
+ * a quiet session keeps only the small one it started with. */
+void imap_lex_shrink(struct imap_lex *lx);
+
 /*
  * At a line start, the length (CRLF included) of the complete line at the
  * start of buf[0..len) when it is plain: no literal, no '[', no NUL, CTL or

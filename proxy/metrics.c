@@ -167,6 +167,9 @@ metrics_render(struct server *srv, struct evbuffer *out)
 	    PRIu64 "\n", st->proxy_protocol_refused);
 	metrics_counter(out, "imapfresh_connections_closed_total", "Client connections closed.",
 	    st->closed);
+	/* The limit next to the sessions, so that an alert can compare them (per worker). */
+	metrics_gauge(out, "imapfresh_max_clients", "Client connections served at once "
+	    "(max_clients).", (uint64_t)srv->cfg.max_clients);
 	metrics_sessions(out, srv);
 
 	metrics_family(out, "imapfresh_bytes_total", "counter", "Bytes relayed, by direction.");
@@ -214,6 +217,8 @@ metrics_render(struct server *srv, struct evbuffer *out)
 	    "connections, and writes dropped while it was down.", ss.errors);
 	metrics_counter(out, "imapfresh_redis_reconnects_total", "Redis outages ended.",
 	    ss.reconnects);
+	metrics_counter(out, "imapfresh_redis_failovers_total", "New Redis masters reached after "
+	    "a failover (state = redis-sentinel://).", ss.failovers);
 	metrics_counter(out, "imapfresh_redis_published_total", "Mailbox changes published to "
 	    "the other instances.", ss.published);
 	metrics_counter(out, "imapfresh_redis_received_total", "Mailbox changes heard from the "

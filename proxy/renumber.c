@@ -55,12 +55,12 @@ renumber_is_set(const char *s, size_t len)
 static void
 renumber_record(struct renumber_cmd *rc, const struct imap_tok *tok, size_t end)
 {
-	if (rc->n == RENUMBER_SETS) {
+	if (rc->n == RENUMBER_SETS || end > UINT32_MAX) {
 		rc->overflow = 1;
 		return;
 	}
-	rc->at[rc->n].off = end - tok->len;
-	rc->at[rc->n].len = tok->len;
+	rc->at[rc->n].off = (uint32_t)(end - tok->len);
+	rc->at[rc->n].len = (uint32_t)tok->len;
 	rc->n++;
 }
 

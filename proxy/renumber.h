@@ -16,7 +16,7 @@ struct session;
 struct renumber_cmd {
 	unsigned n;
 	struct {
-		size_t off, len;
+		uint32_t off, len;	/* within one command segment (max_line bounds it) */
 	} at[RENUMBER_SETS];
 	int overflow;		/* more sets than fit: the command cannot be renumbered */
 	/* the search-key walker (SEARCH, SORT, THREAD) */

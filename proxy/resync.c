@@ -44,6 +44,8 @@ resync_free(struct resync *r)
 {
 	uidset_free(&r->truth);
 	seqmap_free(&r->server_view);
+	free(r->idle_tag);
+	free(r->reason_buf);
 }
 
 int
@@ -107,8 +109,15 @@ resync_reason_detail(struct session *s, const char *reason)
 	if (t->suser == NULL || store_gen(t->suser, t->mailbox) <= t->synced_gen ||
 	    (last = store_user_last_change(t->suser)) == NULL)
 		return reason;
-	snprintf(s->resync.reason_buf, sizeof(s->resync.reason_buf), "%s (%s)", reason, last);
-	return s->resync.reason_buf;
+	size_t len = strlen(reason) + strlen(last) + 4;
+	char *buf = malloc(len);
+
+	if (buf == NULL)
+		return reason;
+	snprintf(buf, len, "%s (%s)", reason, last);
+	free(s->resync.reason_buf);	/* r->reason is set to the new one by the caller */
+	s->resync.reason_buf = buf;
+	return buf;
 }
 
 /* Nothing in flight and nothing half-said: safe to put our commands between. */
@@ -248,7 +257,7 @@ resync_mailbox_changed(struct session *s, const char *mailbox)
 	if (idle == NULL || s->n_inflight != 1)
 		return;
 	/* End the upstream IDLE ourselves; the client goes on idling. */
-	snprintf(r->idle_tag, sizeof(r->idle_tag), "%s", idle->tag);
+	track_set_name(&r->idle_tag, idle->tag);
 	r->for_idle = 1;
 	r->client_done = 0;
 	r->reason = resync_reason_detail(s, "mailbox changed while the client idles");

@@ -35,7 +35,7 @@ struct resync {
 	enum resync_phase phase;
 	int for_idle;			/* refreshing a client that is idling */
 	int client_done;		/* the client sent DONE during the refresh */
-	char idle_tag[COMMAND_TAG_MAX + 1];
+	char *idle_tag;			/* the client's IDLE tag, while refreshing it (heap) */
 	unsigned pending;		/* injected commands not completed */
 	int failed;			/* one of them was refused */
 	uint64_t gen;			/* the generation being synced to */
@@ -44,13 +44,15 @@ struct resync {
 	int matched_at_search;		/* the view matched the SEARCH result when it came */
 	uint32_t old_uidvalidity;
 	const char *reason;		/* why this resync started, for the log */
-	char reason_buf[240];		/* ... when it names the change that caused it */
+	char *reason_buf;		/* ... when it names the change that caused it (heap) */
 	char trigger[40];		/* the held command ("UID FETCH"), or "IDLE" */
 	uint64_t gen_before;		/* the generation the session had matched */
 	uint64_t start_usec;		/* the trigger was held (latency histogram) */
 	int requested;			/* an operator asked for one at the next trigger */
 	/* per-session totals, for the store and the admin endpoint */
 	time_t last_done;
+	char last_step[16];		/* the last event's step ("in-sync", "repaired"...) */
+	time_t last_step_at;
 	uint64_t n_resyncs, n_escalations, n_stale;
 };
 

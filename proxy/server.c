@@ -207,6 +207,13 @@ server_store_up(void *arg)
 		log_info("redis: state of %u live sessions written again", n);
 }
 
+/* The Redis master moved: the event log says so (every session resyncs once). */
+static void
+server_store_failover(void *arg, const char *from, const char *to)
+{
+	events_failover(arg, from, to);
+}
+
 int
 server_init(struct server *srv, struct event_base *base, char *err, size_t errlen)
 {
@@ -223,6 +230,7 @@ server_init(struct server *srv, struct event_base *base, char *err, size_t errle
 	if ((srv->store = store_new(base, &srv->cfg, session_store_notify, err, errlen)) == NULL)
 		return -1;
 	store_set_up_callback(srv->store, server_store_up, srv);
+	store_set_failover_callback(srv->store, server_store_failover, srv);
 	if ((srv->feed = feed_new(srv, err, errlen)) == NULL && err[0])
 		return -1;
 	srv->started = time(NULL);

@@ -28,6 +28,8 @@ struct server_stats {
 	uint64_t tls_handshakes;		/* client handshakes completed */
 	uint64_t proxy_protocol_refused;	/* PROXY headers from untrusted peers, or bad ones */
 	uint64_t upstream_connect_failures, tls_handshake_failures;
+	time_t upstream_last_ready, upstream_last_failure;	/* unix seconds, 0 = never */
+	char upstream_last_error[200];	/* why the last upstream connection failed */
 	uint64_t bytes_client_to_upstream, bytes_upstream_to_client;
 	uint64_t commands, rejected_commands;
 	/* the stale-session fix */

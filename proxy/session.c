@@ -631,6 +631,13 @@ session_inflight_remove(struct session *s, struct inflight *f)
 }
 
 void
+session_quiet(struct session *s)
+{
+	imap_lex_shrink(s->clex);
+	imap_lex_shrink(s->ulex);
+}
+
+void
 session_send_own(struct session *s, const char *line, size_t len)
 {
 	struct evbuffer *out = bufferevent_get_output(s->up);

@@ -202,6 +202,10 @@ int session_upstream_cut(struct session *s);
 void session_upstream_identify(struct session *s, const struct imap_tok *tok);
 void session_upstream_start(struct session *s);
 
+/* The session went quiet (nothing in flight, or idling): give back what only
+ * a busy session needs. */
+void session_quiet(struct session *s);
+
 const char *session_state_name(enum session_state st);
 
 #define SESSION_OUT_HIGH (256 * 1024)	/* stop reading the peer above this */

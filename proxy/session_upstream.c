@@ -463,6 +463,7 @@ session_upstream_start(struct session *s)
 {
 	metrics_observe(&s->srv->metrics.upstream_connect,
 	    metrics_now_usec() - s->connect_start_usec);
+	s->srv->stats.upstream_last_ready = time(NULL);
 	bufferevent_set_timeouts(s->up, NULL, NULL);
 	/* The client's address goes with its first command (session_client_forward). */
 	s->id_pending = s->srv->cfg.upstream_client_address == CLIENT_ADDRESS_ID;
@@ -521,8 +522,10 @@ session_upstream_completed(struct session *s)
 	track_completed(s, f, ok, s->resp_status_text);
 	session_inflight_remove(s, f);
 	track_save(s);
-	if (s->n_inflight == 0)
+	if (s->n_inflight == 0) {
+		session_quiet(s);
 		resync_quiet(s);
+	}
 }
 
 static void
@@ -535,6 +538,7 @@ session_upstream_continuation(struct session *s)
 	if (s->wait == WAIT_IDLE) {
 		s->idling = 1;
 		renumber_flush(s);	/* RFC 2177: the server may send EXPUNGE while idling */
+		session_quiet(s);
 	} else if (s->wait == WAIT_LITERAL)
 		s->wait = WAIT_NONE;
 	else if (s->wait == WAIT_AUTH && imap_lex_at_command_start(s->clex))
@@ -736,16 +740,22 @@ session_upstream_bound(struct session *s)
  * that resync hides goes the token way. Returns the bytes taken, 0 for none;
  * the line's end may have ended the session (state no longer RUNNING).
  */
+static int
+session_upstream_fetch_fast(const struct session *s)
+{
+	return s->state == SESSION_RUNNING && s->trace == NULL && s->resp_mode == RESP_UNDECIDED &&
+	    !pending_any(&s->track.pending);
+}
+
 static size_t
 session_upstream_fetch_line(struct session *s, const struct upstream_view *view)
 {
 	struct imap_tok tag = { .type = IMAP_TOK_ATOM, .len = 1, .index = 0 }, word = tag;
 	uint32_t num, uid;
-	size_t n;
+	size_t n, total;
 
 	/* The prefix first: it turns most other lines away in a few bytes. */
-	if (s->state != SESSION_RUNNING || s->trace != NULL || s->resp_mode != RESP_UNDECIDED ||
-	    pending_any(&s->track.pending) || !track_fetch_line(view->p, view->len, &num, &uid) ||
+	if (!session_upstream_fetch_fast(s) || !track_fetch_line(view->p, view->len, &num, &uid) ||
 	    (n = imap_lex_plain_line(s->ulex, view->p, view->len)) == 0)
 		return 0;
 	/* What its first two tokens would have told. */
@@ -762,8 +772,23 @@ session_upstream_fetch_line(struct session *s, const struct upstream_view *view)
 	track_fetch_seen(s, num, uid);
 	s->resp_mode = RESP_PASS;
 	s->up_deferred += n;
-	session_upstream_eol(s);
-	return n;
+	if (session_upstream_eol(s))
+		return n;
+
+	/* The lines after it, while they are more of the same: no resync under
+	   way (nothing hidden, no sink), a SELECT's start already seen. Each
+	   changes only the view, as the line above did through its end. */
+	total = n;
+	while (session_upstream_fetch_fast(s) && s->resync.phase == RESYNC_NONE &&
+	    s->track.fetch_sink == NULL && s->up_deferred < SESSION_OUT_LOW &&
+	    track_fetch_line(view->p + total, view->len - total, &num, &uid) &&
+	    (n = imap_lex_plain_line(s->ulex, view->p + total, view->len - total)) != 0) {
+		track_fetch_next(s, num, uid);
+		s->up_deferred += n;
+		total += n;
+	}
+	s->up_resp_start = s->up_deferred;
+	return total;
 }
 
 void

@@ -44,6 +44,15 @@
  * has lost the keys (an idle session would otherwise be missing until its
  * state next changed). Host names in the URL are resolved with a blocking
  * lookup at each (re)connect: prefer an address.
+ *
+ * With redis-sentinel:// the address comes from the sentinels (sentinel.c)
+ * at every (re)connection, so a failed command or a lost link also finds a
+ * new master; the command link then checks with ROLE that it reached a
+ * master, not a replica (an outage if not). A failover announced by a
+ * sentinel (+switch-master) drops both links at once and connects to the
+ * new master without waiting for the backoff. Either way the outage grows
+ * the epoch, so every session resyncs once; the failover is logged and
+ * told to the failover callback once the new master is reached.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -58,6 +67,7 @@
 #include <hiredis/adapters/libevent.h>
 
 #include "log.h"
+#include "sentinel.h"
 #include "store.h"
 #include "strmap.h"
 
@@ -113,6 +123,14 @@ struct store {
 	char *reg_admin;	/* the registry entry written last (NULL: none) */
 	int64_t reg_started;
 	int hear_own;		/* an upgrade: another process has our instance name */
+
+	/* redis-sentinel:// only */
+	struct sentinel *sentinel;
+	char master_name[128];
+	char master[300];	/* the address used, "host:port"; "" until named */
+	char master_up[300];	/* the last one reached, and found a master */
+	store_failover_fn failover_fn;
+	void *failover_arg;
 };
 
 /* A change waiting for its HINCRBY reply, to be published then. */
@@ -400,6 +418,16 @@ store_link_up(struct store_link *link)
 		log_notice("redis %s: connected", st->where);
 	}
 	st->ever_up = 1;
+	/* A failover: a master reached before, another now (not an address a
+	 * sentinel named wrongly, refused by ROLE). */
+	if (st->master_up[0] && strcmp(st->master_up, st->master) != 0) {
+		st->stats.failovers++;
+		log_notice("redis sentinel %s: failed over from %s to %s; every session resyncs once",
+		    st->master_name, st->master_up, st->master);
+		if (st->failover_fn)
+			st->failover_fn(st->failover_arg, st->master_up, st->master);
+	}
+	memcpy(st->master_up, st->master, sizeof st->master_up);
 	/* A restarted Redis has none of our keys, and what was saved during the
 	 * outage was dropped: write the registry entry and every live session's
 	 * state again now, not when each next changes. */
@@ -641,6 +669,21 @@ store_link_open(struct store *st, struct store_link *link)
 	return 0;
 }
 
+/* A sentinel's master must say it is one: a replica (a sentinel's stale
+ * answer, or a master demoted since) refuses writes. */
+static void
+store_on_role(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	const redisReply *r = reply;
+
+	if (!store_reply_ok(ac, r, privdata))
+		return;
+	if (r->type != REDIS_REPLY_ARRAY || r->elements < 1 ||
+	    r->element[0]->type != REDIS_REPLY_STRING || strcmp(r->element[0]->str, "master") != 0)
+		store_lost(((struct store_link *)ac->data)->st, "command",
+		    "ROLE: not a master; asking the sentinels again");
+}
+
 /* Open both links and queue their first commands, sent once connected:
  * their replies tell when each link is usable. */
 static void
@@ -648,6 +691,8 @@ store_connect(struct store *st)
 {
 	if (store_link_open(st, &st->cmd) < 0 || store_link_open(st, &st->sub) < 0)
 		return;
+	if (st->sentinel)
+		store_command(st, store_on_role, "ROLE", "ROLE");
 	if (st->url.db)
 		store_command(st, store_on_ready, "SELECT", "SELECT %d", st->url.db);
 	else
@@ -658,13 +703,71 @@ store_connect(struct store *st)
 		store_lost(st, "command", "SUBSCRIBE");
 }
 
+/* The master's address from now on (a failover once reached, store_link_up()). */
+static void
+store_use_master(struct store *st, const char *host, const char *port)
+{
+	char addr[sizeof st->master];
+
+	snprintf(addr, sizeof addr, strchr(host, ':') ? "[%s]:%s" : "%s:%s", host, port);
+	if (strcmp(addr, st->master) == 0)
+		return;
+	memcpy(st->master, addr, sizeof st->master);
+	snprintf(st->url.host, sizeof st->url.host, "%s", host);
+	snprintf(st->url.port, sizeof st->url.port, "%s", port);
+	snprintf(st->where, sizeof st->where, "%s (sentinel %s)", st->master, st->master_name);
+}
+
+/* The sentinels named the master (host NULL: none did). */
+static void
+store_on_master(void *arg, const char *host, const char *port, const char *why)
+{
+	struct store *st = arg;
+
+	if (st->cmd.ac || st->sub.ac)
+		return;		/* a failover announcement got there first */
+	if (!host) {
+		store_lost(st, "sentinel", why && why[0] ? why : "no sentinel named the master");
+		return;
+	}
+	store_use_master(st, host, port);
+	store_connect(st);
+}
+
+/* A sentinel announced a failover: go to the new master now, not at the next retry. */
+static void
+store_on_switch(void *arg, const char *host, const char *port)
+{
+	struct store *st = arg;
+	char old[sizeof st->master];
+
+	memcpy(old, st->master, sizeof old);
+	store_use_master(st, host, port);
+	if (strcmp(old, st->master) == 0 && (st->cmd.ac || st->sub.ac))
+		return;		/* there already, or on the way */
+	store_lost(st, "failover", "the sentinels named a new master");
+	evtimer_del(st->retry);
+	st->backoff = STORE_BACKOFF_FIRST;
+	store_connect(st);
+}
+
+/* (Re)connect: to the URL's address, or where the sentinels say the master is. */
+static void
+store_find_master(struct store *st)
+{
+	if (st->sentinel)
+		sentinel_discover(st->sentinel);
+	else
+		store_connect(st);
+}
+
 static void
 store_on_retry(evutil_socket_t fd, short what, void *arg)
 {
 	struct store *st = arg;
 
 	if (!st->cmd.ac && !st->sub.ac)
-		store_connect(st);
+		store_find_master(st);
 }
 
 /* Keep the keys of sessions saved here from expiring while they sit idle. */
@@ -993,6 +1096,45 @@ store_register_instance(struct store *st, const char *admin_address, int64_t sta
 	store_register_write(st);
 }
 
+static void
+store_on_instances(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	store_instances_fn *fn = privdata;
+	const redisReply *r = reply;
+	const char **kv = NULL;
+	size_t i, n = 0;
+
+	if (ac->data != NULL && r != NULL && r->type == REDIS_REPLY_ARRAY && r->elements > 0 &&
+	    (kv = calloc(r->elements, sizeof(*kv))) != NULL) {
+		for (i = 0; i < r->elements; i++)
+			if (r->element[i]->type == REDIS_REPLY_STRING)
+				kv[n++] = r->element[i]->str;
+		n -= n % 2;
+	}
+	(*fn)(n ? kv : NULL, n);
+	free(kv);
+	free(fn);
+}
+
+void
+store_instances_get(struct store *st, store_instances_fn fn)
+{
+	store_instances_fn *q;
+
+	if (st == NULL || !st->redis || !store_link_ok(&st->cmd) ||
+	    (q = malloc(sizeof(*q))) == NULL) {
+		fn(NULL, 0);
+		return;
+	}
+	*q = fn;
+	if (redisAsyncCommand(st->cmd.ac, store_on_instances, q, "HGETALL %sinstances",
+	    st->prefix) != REDIS_OK) {
+		free(q);
+		store_lost(st, "command", "HGETALL");
+		fn(NULL, 0);
+	}
+}
+
 void
 store_upgrade_overlap(struct store *st, int on, int handed_over)
 {
@@ -1008,6 +1150,13 @@ store_set_up_callback(struct store *st, store_up_fn fn, void *arg)
 {
 	st->up_fn = fn;
 	st->up_arg = arg;
+}
+
+void
+store_set_failover_callback(struct store *st, store_failover_fn fn, void *arg)
+{
+	st->failover_fn = fn;
+	st->failover_arg = arg;
 }
 
 /* The instance's name: instance_id, or the host name. */
@@ -1027,8 +1176,13 @@ static int
 store_setup_redis(struct store *st, const struct config *cfg, char *err, size_t errlen)
 {
 	struct timeval tick = { cfg->state_ttl / 3 > 0 ? cfg->state_ttl / 3 : 1, 0 };
+	struct sentinel_url su;
 
-	if (config_parse_redis(cfg->state, &st->url) < 0) {
+	if (sentinel_parse_url(cfg->state, &su) == 0) {
+		memset(&st->url, 0, sizeof st->url);
+		st->url.db = su.db;
+		snprintf(st->master_name, sizeof st->master_name, "%s", su.master);
+	} else if (config_parse_redis(cfg->state, &st->url) < 0) {
 		snprintf(err, errlen, "state: not memory or a Redis URL: %s", cfg->state);
 		return -1;
 	}
@@ -1039,7 +1193,9 @@ store_setup_redis(struct store *st, const struct config *cfg, char *err, size_t 
 	st->redis = 1;
 	st->ttl = cfg->state_ttl;
 	st->backoff = STORE_BACKOFF_FIRST;
-	if (st->url.path[0])
+	if (st->master_name[0])
+		snprintf(st->where, sizeof st->where, "(sentinel %s)", st->master_name);
+	else if (st->url.path[0])
 		snprintf(st->where, sizeof st->where, "%s", st->url.path);
 	else
 		snprintf(st->where, sizeof st->where, strchr(st->url.host, ':') ? "[%s]:%s" : "%s:%s",
@@ -1054,7 +1210,12 @@ store_setup_redis(struct store *st, const struct config *cfg, char *err, size_t 
 		snprintf(err, errlen, "store: out of memory");
 		return -1;
 	}
-	store_connect(st);
+	if (st->master_name[0] &&
+	    !(st->sentinel = sentinel_new(st->base, &su, store_on_master, store_on_switch, st))) {
+		snprintf(err, errlen, "store: out of memory");
+		return -1;
+	}
+	store_find_master(st);
 	return 0;
 }
 
@@ -1100,6 +1261,7 @@ store_free(struct store *st)
 		return;
 	store_flush(st);
 	store_teardown(st);	/* callbacks run now see NULL replies and unowned contexts */
+	sentinel_free(st->sentinel);
 	if (st->retry)
 		event_free(st->retry);
 	if (st->tick)

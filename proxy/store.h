@@ -17,7 +17,8 @@ struct store_user;	/* one user with live sessions on this instance */
  * are skipped. mailbox is valid during the call only; "" is every mailbox. */
 typedef void (*store_notify_fn)(void *member, const char *mailbox);
 
-/* Connects asynchronously when cfg->state is a redis:// URL; never blocks
+/* Connects asynchronously when cfg->state is a redis:// URL (or finds the
+ * master through the sentinels of a redis-sentinel:// URL); never blocks
  * (but for resolving a host name in the URL), and succeeds with Redis down:
  * it keeps retrying. NULL with err set on a bad configuration. The key
  * schema and the reconnection policy are described at the top of store.c. */
@@ -36,6 +37,12 @@ void store_set_up_callback(struct store *st, store_up_fn fn, void *arg);
  * other process's, and ours once more (a spare resync, harmless). The
  * handed-over old process no longer writes the instances registry entry. */
 void store_upgrade_overlap(struct store *st, int on, int handed_over);
+
+/* With state = redis-sentinel://, the sentinels named a new master (a
+ * failover): from and to are "host:port". Called once the new master is
+ * reached, after the up callback. */
+typedef void (*store_failover_fn)(void *arg, const char *from, const char *to);
+void store_set_failover_callback(struct store *st, store_failover_fn fn, void *arg);
 
 /* Before event_base_free(). What is queued for Redis is written out as far as
  * it goes without blocking; users still joined are freed with the store. */
@@ -124,6 +131,7 @@ struct store_stats {
 	int connected;			/* command link up */
 	uint64_t errors;		/* failed commands and connections, writes dropped while down */
 	uint64_t reconnects;		/* outages ended (the first connection is not one) */
+	uint64_t failovers;		/* new masters reached (redis-sentinel://) */
 	uint64_t published, received;	/* change notifications; received: from other instances */
 };
 /* All zero when st is NULL (no store yet). */
@@ -134,5 +142,12 @@ void store_get_stats(const struct store *st, struct store_stats *out);
  * for imapfresh-ctl. Async; nothing with state = memory. An entry written
  * (up) is written again whenever Redis is regained, until deleted. */
 void store_register_instance(struct store *st, const char *admin_address, int64_t started, int up);
+
+/* Read the instances registry (HGETALL; the status page's fan-out). fn gets
+ * the fields and values in turn (kv[0] an instance, kv[1] its entry, ...) and
+ * n, their number; kv NULL and n 0 without Redis or on a failure (then fn
+ * may run before this returns). Never a pointer the store kept. */
+typedef void (*store_instances_fn)(const char *const *kv, size_t n);
+void store_instances_get(struct store *st, store_instances_fn fn);
 
 #endif

@@ -112,7 +112,7 @@ track_command_sent(struct session *s, struct inflight *f, const struct command *
 	case CMD_AUTHENTICATE:
 		f->sasl_plain = command_arg(cmd, 0)->present &&
 		    strcasecmp(command_arg(cmd, 0)->val, "PLAIN") == 0;
-		if (f->sasl_plain && cmd->sasl_user[0] != '\0')
+		if (f->sasl_plain && cmd->sasl_user != NULL)
 			f->user = strdup(cmd->sasl_user);
 		break;
 	default:
@@ -193,13 +193,17 @@ static uint32_t
 track_digits(const char *p, size_t len, size_t *at)
 {
 	size_t i = *at;
+	uint64_t v = 0;
 
-	while (i < len && p[i] >= '0' && p[i] <= '9')
+	/* One pass: this reads two numbers of every line of a FLAGS sweep. */
+	while (i < len && p[i] >= '0' && p[i] <= '9') {
+		if (i - *at == 10)
+			return 0;	/* 11 digits: more than 32 bits */
+		v = v * 10 + (unsigned)(p[i] - '0');
 		i++;
-	len = i - *at;
-	p += *at;
+	}
 	*at = i;
-	return track_number(p, len);
+	return v <= UINT32_MAX ? (uint32_t)v : 0;
 }
 
 int
@@ -209,7 +213,8 @@ track_fetch_line(const char *p, size_t len, uint32_t *num, uint32_t *uid)
 
 	if (len < 2 || p[0] != '*' || p[1] != ' ' || (*num = track_digits(p, len, &at)) == 0)
 		return 0;
-	if (len - at < 12 || strncasecmp(p + at, " FETCH (UID ", 12) != 0)
+	if (len - at < 12 || (memcmp(p + at, " FETCH (UID ", 12) != 0 &&
+	    strncasecmp(p + at, " FETCH (UID ", 12) != 0))
 		return 0;
 	at += 12;
 	if ((*uid = track_digits(p, len, &at)) == 0 || at >= len)
@@ -240,6 +245,13 @@ track_fetch_seen(struct session *s, uint32_t num, uint32_t uid)
 	t->resp = TRACK_RESP_FETCH;
 	t->resp_num = num;
 	t->fetch_uid = uid;
+}
+
+void
+track_fetch_next(struct session *s, uint32_t num, uint32_t uid)
+{
+	if (seqmap_learn(&s->track.view, num, uid))
+		s->track.dirty = 1;
 }
 
 int

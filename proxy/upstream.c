@@ -49,6 +49,9 @@ upstream_fail(struct session *s, const char *what, const char *detail)
 	    config_fmt_addr(&cfg->upstream, addr, sizeof(addr)), what, detail);
 	snprintf(bye, sizeof(bye), "[UNAVAILABLE] Backend server unavailable (%s)", what);
 	log_msg(LOG_LEVEL_WARNING, s->sid, "%s", why);
+	s->srv->stats.upstream_last_failure = time(NULL);
+	snprintf(s->srv->stats.upstream_last_error, sizeof(s->srv->stats.upstream_last_error),
+	    "%s: %s", what, detail);
 	session_close(s, bye, why);
 }
 

@@ -146,8 +146,8 @@ main(void)
 		feed(&c, IMAP_TOK_ATOM, 1, 0, "AUTHENTICATE");
 		feed(&c, IMAP_TOK_ATOM, 2, 0, "PLAIN");
 		feed(&c, IMAP_TOK_ATOM, 3, 0, "AGFsaWNlAHMzY3JldA==");
-		ok(strcmp(c.sasl_user, "alice") == 0 && !command_arg(&c, 1)->present,
-		    "SASL-IR: user read (%s), response not stored", c.sasl_user);
+		ok(c.sasl_user != NULL && strcmp(c.sasl_user, "alice") == 0 && !command_arg(&c, 1)->present,
+		    "SASL-IR: user read (%s), response not stored", c.sasl_user ? c.sasl_user : "none");
 		ok(command_kind_from_name("getquotaroot") == CMD_GETQUOTAROOT &&
 		    command_kind_from_name("XYZZY") == CMD_UNKNOWN, "kinds by name");
 	}

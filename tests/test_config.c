@@ -1,5 +1,6 @@
 /* test_config: checks config parsing, defaults, validation, warnings, and that every key is documented. */
 #include "config.h"
+#include "sentinel.h"
 #include "tap.h"
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -162,14 +163,21 @@ static const struct {
 	{ "upstream_tls_verify", "sure", "upstream_tls_verify: expected yes or no, got \"sure\"" },
 	{ "upstream_ca", LONG_VALUE, "upstream_ca: too long (max 1023 bytes)" },
 	{ "upstream_sni", LONG_VALUE, "upstream_sni: too long (max 255 bytes)" },
-	{ "state", "redis:/x", "state: expected memory, redis://host[:port][/db] or redis+unix:///path, got \"redis:/x\"" },
-	{ "state", "", "state: expected memory, redis://host[:port][/db] or redis+unix:///path, got \"\"" },
-	{ "state", "Memory", "state: expected memory, redis://host[:port][/db] or redis+unix:///path, got \"Memory\"" },
-	{ "state", "redis://", "state: expected memory, redis://host[:port][/db] or redis+unix:///path, got \"redis://\"" },
-	{ "state", "redis://h:0", "state: expected memory, redis://host[:port][/db] or redis+unix:///path, got \"redis://h:0\"" },
-	{ "state", "redis://h/x", "state: expected memory, redis://host[:port][/db] or redis+unix:///path, got \"redis://h/x\"" },
-	{ "state", "redis://:pw@h", "state: expected memory, redis://host[:port][/db] or redis+unix:///path, got \"redis://:pw@h\"" },
-	{ "state", "redis+unix://rel.sock", "state: expected memory, redis://host[:port][/db] or redis+unix:///path, got \"redis+unix://rel.sock\"" },
+	{ "state", "redis:/x", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis:/x\"" },
+	{ "state", "", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"\"" },
+	{ "state", "Memory", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"Memory\"" },
+	{ "state", "redis://", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis://\"" },
+	{ "state", "redis://h:0", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis://h:0\"" },
+	{ "state", "redis://h/x", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis://h/x\"" },
+	{ "state", "redis://:pw@h", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis://:pw@h\"" },
+	{ "state", "redis+unix://rel.sock", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis+unix://rel.sock\"" },
+	{ "state", "redis-sentinel://h1,h2", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1,h2\"" },
+	{ "state", "redis-sentinel:///m", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis-sentinel:///m\"" },
+	{ "state", "redis-sentinel://h1,/m", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1,/m\"" },
+	{ "state", "redis-sentinel://h1/", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1/\"" },
+	{ "state", "redis-sentinel://h1:0/m", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1:0/m\"" },
+	{ "state", "redis-sentinel://h1/m/x", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1/m/x\"" },
+	{ "state", "redis-sentinel://h1/m x", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1/m x\"" },
 	{ "resync", "sometimes", "resync: expected yes or no, got \"sometimes\"" },
 	{ "resync_on", "", "resync_on: must not be empty" },
 	{ "resync_on", "FETCH,", "resync_on: expected comma-separated IMAP commands, as in FETCH, UID FETCH, got \"FETCH,\"" },
@@ -264,7 +272,8 @@ static const struct {
 	{ "tls_ciphers", "HIGH" }, { "require_tls", "no" }, { "upstream", "mail" },
 	{ "upstream_tls", "starttls" }, { "upstream_tls_verify", "off" },
 	{ "upstream_ca", "/etc/ssl/ca.pem" }, { "upstream_sni", "imap.example.org" },
-	{ "state", "redis://127.0.0.1" }, { "resync", "no" }, { "resync_on", "fetch" },
+	{ "state", "redis://127.0.0.1" }, { "state", "redis-sentinel://10.0.0.1,10.0.0.2:26380/mymaster/2" },
+	{ "resync", "no" }, { "resync_on", "fetch" },
 	{ "resync_on", "UID FETCH, GETQUOTAROOT, X-CUSTOM2" }, { "resync_after", "15m" },
 	{ "redis_prefix", "mail:imapfresh:" }, { "instance_id", "mx1.example.org" },
 	{ "instance_id", "" }, { "state_ttl", "60" }, { "state_ttl", "24h" },
@@ -530,6 +539,7 @@ test_parse_addr(void)
 {
 	struct config_addr a, keep;
 	struct config_redis r;
+	struct sentinel_url su;
 
 	ok(config_parse_addr("mail", "143", &a) == 0 && strcmp(a.host, "mail") == 0
 	    && strcmp(a.port, "143") == 0, "host alone takes the default port");
@@ -553,6 +563,24 @@ test_parse_addr(void)
 	    && r.host[0] == '\0', "redis+unix:///path");
 	ok(config_parse_redis("memory", &r) == -1 && config_parse_redis("redis://h/1/2", &r) == -1
 	    && config_parse_redis("redis://h/9999999999", &r) == -1, "not redis URLs refused");
+	ok(config_parse_redis("redis-sentinel://h/m", &r) == -1, "a sentinel URL is not a redis:// one");
+
+	ok(sentinel_parse_url("redis-sentinel://s1,[::1]:26380,10.0.0.3:1/mymaster", &su) == 0
+	    && su.n == 3 && strcmp(su.addr[0].host, "s1") == 0 && strcmp(su.addr[0].port, "26379") == 0
+	    && strcmp(su.addr[1].host, "::1") == 0 && strcmp(su.addr[1].port, "26380") == 0
+	    && strcmp(su.addr[2].port, "1") == 0 && strcmp(su.master, "mymaster") == 0 && su.db == 0,
+	    "redis-sentinel://: sentinels in order, 26379 by default, the master's name");
+	ok(sentinel_parse_url("redis-sentinel://s1/m-1/7", &su) == 0 && su.n == 1 && su.db == 7
+	    && strcmp(su.master, "m-1") == 0, "redis-sentinel://host/master/db");
+	ok(sentinel_parse_url("redis-sentinel://s1/m/", &su) == 0 && su.db == 0, "master/ is db 0");
+	ok(sentinel_parse_url("redis-sentinel://s1", &su) == -1
+	    && sentinel_parse_url("redis-sentinel://s1,,s2/m", &su) == -1
+	    && sentinel_parse_url("redis-sentinel://s1/m/1/2", &su) == -1
+	    && sentinel_parse_url("redis-sentinel://s1/m\tx", &su) == -1
+	    && sentinel_parse_url("redis://s1/1", &su) == -1, "bad sentinel URLs refused");
+	ok(sentinel_parse_url("redis-sentinel://a,b,c,d,e,f,g,h,i,j,k,l,m,n,o,p/m", &su) == 0 && su.n == 16
+	    && sentinel_parse_url("redis-sentinel://a,b,c,d,e,f,g,h,i,j,k,l,m,n,o,p,q/m", &su) == -1,
+	    "up to 16 sentinels");
 }
 
 /* Write content to a new temp file; path receives its name. */

@@ -673,6 +673,124 @@ sweep(const char *name, enum imap_lex_mode mode, const char *in, const char *suf
 }
 
 /* Direct calls, to pin down what *used and the accessors report. */
+/* The plain-line verdict byte by byte, as imap_lex_plain_line() gave it
+ * before it looked at 16 bytes at a time: the reference for test_plain_fast. */
+static size_t
+plain_line_ref(const char *buf, size_t len)
+{
+	const unsigned char *p = (const unsigned char *)buf, *nl;
+	size_t n, i = 0, end;
+	long depth = 0;
+
+	if (len < 2 || (nl = memchr(p, '\n', len)) == NULL)
+		return 0;
+	n = (size_t)(nl - p) + 1;
+	if (n < 2 || p[n - 2] != '\r')
+		return 0;
+	for (end = n - 2; i < end; i++) {
+		unsigned char c = p[i];
+
+		if (c == '(')
+			depth++;
+		else if (c == ')') {
+			if (--depth < 0)
+				return 0;
+		} else if (c == '"') {
+			for (i++;; i++) {
+				if (i >= end)
+					return 0;
+				if (p[i] == '"')
+					break;
+				if (p[i] == '\\') {
+					if (i + 1 >= end || p[i + 1] == '\0' || p[i + 1] == '\r')
+						return 0;
+					i++;
+				} else if (p[i] == '\0' || p[i] == '\r' || p[i] == '\n')
+					return 0;
+			}
+		} else if (c < 0x20 || c == 0x7f || c == '[' || c == '{')
+			return 0;
+	}
+	return n;
+}
+
+/* The fast plain-line scan agrees with the byte-by-byte one on random lines
+ * made mostly of what FETCH answers hold, with every special byte mixed in. */
+static void
+test_plain_fast(void)
+{
+	static const char alphabet[] = "* 1 FETCH (UID 42 FLAGS (\\Seen))aZ09 ()()\"\\[]{}\x01\x7f\x80\xff\r\n\t\0";
+	struct imap_lex *lx = imap_lex_new(IMAP_LEX_SERVER, NULL);
+	char line[200];
+	unsigned seed = 12345, bad = 0, plain = 0;
+
+	for (int k = 0; k < 200000; k++) {
+		size_t len = 0, want = 2 + (seed = seed * 1103515245 + 12345) % 120;
+		unsigned special = (seed >> 8) % 4;	/* 0: FETCH bytes only */
+
+		while (len + 2 < want) {
+			seed = seed * 1103515245 + 12345;
+			size_t pick = (seed >> 8) % (special ? sizeof(alphabet) - 1 : 33);
+			line[len++] = alphabet[pick];
+		}
+		line[len++] = '\r';
+		line[len++] = '\n';
+		if ((seed >> 20) % 2)
+			line[len++] = 'x';	/* the next line's first byte */
+		size_t got = imap_lex_plain_line(lx, line, len), ref = plain_line_ref(line, len);
+
+		if (got != ref && bad++ < 3)
+			diag("plain line %zu bytes: fast %zu, byte by byte %zu", len, got, ref);
+		plain += got != 0;
+	}
+	ok(bad == 0 && plain > 10000, "plain line: 16-byte scan agrees with the byte loop (%u plain of 200000)", plain);
+	imap_lex_free(lx);
+}
+
+/* A quiet session gives back a grown token buffer; lexing goes on unchanged,
+ * and a shrink in the middle of a token keeps it whole. */
+static void
+test_shrink(void)
+{
+	struct imap_lex_limits lim = { .max_line = 4096, .max_token = 2048, .max_literal = 0 };
+	struct imap_lex *lx = imap_lex_new(IMAP_LEX_SERVER, &lim);
+	char line[1200], want[600];
+	struct imap_tok tok;
+	size_t used, half;
+	enum imap_lex_status r;
+	int good = 1;
+
+	memset(want, 'x', 500);
+	want[500] = '\0';
+	snprintf(line, sizeof(line), "* %s\r\n", want);
+	for (int round = 0; round < 3; round++) {
+		const char *in = line;
+
+		while ((r = imap_lex_next(lx, in, strlen(in), &used, &tok)) == IMAP_LEX_TOKEN) {
+			in += used;
+			if (tok.type == IMAP_TOK_ATOM && tok.len == 500)
+				good &= memcmp(tok.str, want, 500) == 0;
+			if (tok.type == IMAP_TOK_EOL)
+				break;
+		}
+		good &= imap_lex_at_command_start(lx);
+		imap_lex_shrink(lx);
+	}
+	ok(good, "shrink: a 500-byte token lexes the same after each shrink");
+
+	/* Half a token, a shrink (must not give it up), then the rest. */
+	half = 2 + 250;
+	r = imap_lex_next(lx, line, 2, &used, &tok);
+	ok(r == IMAP_LEX_TOKEN && tok.type == IMAP_TOK_ATOM && tok.len == 1, "shrink: the '*' first");
+	r = imap_lex_next(lx, line + 2, half - 2, &used, &tok);
+	ok(r == IMAP_LEX_MORE, "shrink: half a token is held");
+	imap_lex_shrink(lx);
+	r = imap_lex_next(lx, line + half, strlen(line) - half, &used, &tok);
+	ok(r == IMAP_LEX_TOKEN && tok.type == IMAP_TOK_ATOM && tok.len == 500 &&
+	    memcmp(tok.str, want, 500) == 0, "shrink: mid-token it changes nothing");
+	imap_lex_free(lx);
+}
+
 static void
 test_api(void)
 {
@@ -1079,6 +1197,8 @@ main(void)
 	    "ERR(toolong) EOL A(*) A(3) A(EXISTS) EOL", 12, 38, 0);
 
 	test_api();
+	test_shrink();
+	test_plain_fast();
 	test_plain_line();
 	test_big_literal(IMAP_LEX_CLIENT, "a APPEND INBOX (\\Seen) {10485760+}\r\n", "\r\n",
 	    "a,APPEND,INBOX,(\\Seen,)LEEOL");

@@ -273,6 +273,7 @@ main(void)
 	TAILQ_INIT(&srv.sessions);
 	snprintf(srv.instance, sizeof(srv.instance), "unit\"test\\");
 	srv.started = 1700000000;
+	srv.cfg.max_clients = 250;
 	srv.stats.accepted = 7;
 	srv.stats.resync_injections = 3;
 	srv.stats.bytes_upstream_to_client = 12345;
@@ -302,6 +303,7 @@ main(void)
 	ok(test_has_line(text, "imapfresh_resync_duration_seconds_bucket{le=\"0.0025\"} 1"),
 	    "resync latency histogram");
 	ok(test_has_line(text, "imapfresh_redis_connected 0"), "redis gauge without a store");
+	ok(test_has_line(text, "imapfresh_max_clients 250"), "max_clients gauge");
 	{
 		struct family *f = test_family("imapfresh_command_duration_seconds");
 		ok(f != NULL && strcmp(f->type, "histogram") == 0 && f->samples == METRICS_BUCKETS + 3,

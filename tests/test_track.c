@@ -25,6 +25,10 @@ static const struct {
 	{ "* 5 FETCH (UIDX 3)\r\n", 0, 0 },
 	{ "* 5 FETCH (UID 3x)\r\n", 0, 0 },
 	{ "* 5", 0, 0 },
+	{ "* 0000000007 FETCH (UID 0000000008)\r\n", 7, 8 },	/* ten digits, leading zeros */
+	{ "* 00000000007 FETCH (UID 8)\r\n", 0, 0 },		/* eleven digits */
+	{ "* 99999999999 FETCH (UID 8)\r\n", 0, 0 },
+	{ "* 7 FETCH (UID 18446744073709551617)\r\n", 0, 0 },	/* would wrap 64 bits */
 };
 
 static int

@@ -32,6 +32,7 @@
 
 #include "config-auto.h"
 #include "config.h"
+#include "sentinel.h"
 #include "uidset.h"
 
 #define CTL_EXIT_OK 0
@@ -696,16 +697,61 @@ ctl_admin_json(struct ctl *c, const char *addr, const char *method, const char *
 
 /* --- Redis --- */
 
+/* redis-sentinel://: the master's address, asked of each sentinel in turn
+ * (into u, as if the URL had named it); -1 (reported) when none names it. */
+static int
+ctl_redis_sentinel(const struct sentinel_url *su, struct config_redis *u)
+{
+	struct timeval tv = { CTL_TIMEOUT_MS / 1000, 0 };
+	char why[600] = "", where[300];
+	redisContext *sc;
+	redisReply *r;
+
+	memset(u, 0, sizeof(*u));
+	u->db = su->db;
+	for (int i = 0; i < su->n; i++) {
+		config_fmt_addr(&su->addr[i], where, sizeof(where));
+		sc = redisConnectWithTimeout(su->addr[i].host, atoi(su->addr[i].port), tv);
+		if (sc == NULL || sc->err) {
+			snprintf(why, sizeof(why), "sentinel %s: %s", where,
+			    sc ? sc->errstr : "out of memory");
+			redisFree(sc);
+			continue;
+		}
+		redisSetTimeout(sc, tv);
+		r = redisCommand(sc, "SENTINEL get-master-addr-by-name %s", su->master);
+		if (r != NULL && r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
+		    r->element[0]->type == REDIS_REPLY_STRING &&
+		    r->element[1]->type == REDIS_REPLY_STRING) {
+			snprintf(u->host, sizeof(u->host), "%s", r->element[0]->str);
+			snprintf(u->port, sizeof(u->port), "%s", r->element[1]->str);
+			freeReplyObject(r);
+			redisFree(sc);
+			return 0;
+		}
+		snprintf(why, sizeof(why), "sentinel %s: %s", where, r == NULL ? sc->errstr :
+		    r->type == REDIS_REPLY_ERROR ? r->str : "does not know the master");
+		freeReplyObject(r);
+		redisFree(sc);
+	}
+	ctl_err("redis sentinel %s: no sentinel named the master (%s)", su->master, why);
+	return -1;
+}
+
 static int
 ctl_redis_connect(struct ctl *c)
 {
 	struct config_redis u;
+	struct sentinel_url su;
 	struct timeval tv = { CTL_TIMEOUT_MS / 1000, 0 };
 	redisReply *r;
 
 	if (c->rc != NULL)
 		return 0;
-	if (config_parse_redis(c->cfg.state, &u) < 0) {
+	if (sentinel_parse_url(c->cfg.state, &su) == 0) {
+		if (ctl_redis_sentinel(&su, &u) < 0)
+			return -1;
+	} else if (config_parse_redis(c->cfg.state, &u) < 0) {
 		ctl_err("state: not memory or a Redis URL: %s", c->cfg.state);
 		return -1;
 	}

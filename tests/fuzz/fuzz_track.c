@@ -157,7 +157,7 @@ push(struct session *s, const char *tag, enum command_kind kind, int uid, const 
 		break;
 	case CMD_AUTHENTICATE:
 		set_arg(&cmd.args[0], "PLAIN");
-		snprintf(cmd.sasl_user, sizeof(cmd.sasl_user), "fuzzuser");
+		cmd.sasl_user = strdup("fuzzuser");	/* command_reset frees it */
 		break;
 	default:
 		set_arg(&cmd.args[0], mbox);

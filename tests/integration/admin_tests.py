@@ -184,9 +184,10 @@ def moved_pair(ctx, p, n=1):
 @test("admin: /metrics is strict Prometheus text; resync injections count up after a MOVE",
       proxy_only=True)
 def t_admin_metrics(ctx):
-    p = ctx.proxy("admin-metrics")
+    p = ctx.proxy("admin-metrics", options=[("max_clients", "77")])
     a, b, box, uids = moved_pair(ctx, p)
     before = scrape(p.admin_port)
+    check(metric(before, "imapfresh_max_clients") == 77, "max_clients exported")
     check(metric(before, "imapfresh_sessions", state="running") >= 2, "two running sessions")
     check(metric(before, "imapfresh_sessions_authenticated") >= 2, "two authenticated")
     check(metric(before, "imapfresh_connections_accepted_total") >= 2, "accepted counted")

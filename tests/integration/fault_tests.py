@@ -1647,8 +1647,9 @@ def t_secrets(ctx):
 
 def admin_pages(p):
     """Every page the admin endpoint serves with GET: /metrics, /healthz,
-    /sessions (and /sessions/), /trace, and each live session in full, by
-    sid and by instance:sid. {path: body}; each must answer 200."""
+    /sessions (and /sessions/), /trace, the status pages, and each live
+    session in full, by sid and by instance:sid, and its status page.
+    {path: body}; each must answer 200."""
     pages = {}
 
     def get(path):
@@ -1661,11 +1662,13 @@ def admin_pages(p):
             h.close()
         check(r.status == 200, "admin GET %s: %d %r", path, r.status, body[:200])
         pages[path] = body
-    for path in ("/metrics", "/healthz", "/sessions", "/sessions/", "/trace"):
+    for path in ("/metrics", "/healthz", "/sessions", "/sessions/", "/trace", "/", "/status",
+                 "/status/part"):
         get(path)
     for e in json.loads(pages["/sessions"]):
         get("/sessions/" + e["sid"])
         get("/sessions/" + e["id"])
+        get("/status/session/" + e["id"])
     return pages
 
 

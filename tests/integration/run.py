@@ -1287,6 +1287,8 @@ import feed_tests  # noqa: E402,F401  (issue 15: the backend's change feed)
 import wildduck_tests  # noqa: E402,F401  (issue 15: a real WildDuck)
 import compress_tests  # noqa: E402,F401  (issue 16: COMPRESS=DEFLATE)
 import clients_tests  # noqa: E402,F401  (issue 16: real client programs)
+import status_tests  # noqa: E402,F401  (issue 19: the status page, in a browser)
+import sentinel_tests  # noqa: E402,F401  (issue 18: Redis Sentinel)
 import upgrade_tests  # noqa: E402,F401  (issue 18: zero-downtime upgrade)
 
 

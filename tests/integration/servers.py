@@ -8,6 +8,7 @@ process this module started.
   Dovecot    throwaway Dovecot (tests/dovecot/dovecot.conf.in), a test CA and
              a server certificate for localhost / 127.0.0.1, passwd-file users
   Redis      redis-server without persistence
+  RedisSentinels  a master, a replica and three Redis Sentinels watching them
   Imapfresh  the proxy under test, started with -f and a generated config
 
 CLI (used by scripts/demo, so the demo and the tests share one config):
@@ -337,10 +338,55 @@ class Dovecot:
 
 # ------------------------------------------------------------------- Redis
 
+def resp_read(f):
+    """One RESP reply from a binary file object: bytes, int, None, a list,
+    or a RespError."""
+    line = f.readline()
+    if not line:
+        raise OSError("connection closed")
+    kind, rest = line[:1], line[1:].rstrip(b"\r\n")
+    if kind == b"+":
+        return rest
+    if kind == b"-":
+        return RespError(rest.decode("utf-8", "replace"))
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        n = int(rest)
+        if n < 0:
+            return None
+        data = f.read(n + 2)
+        return data[:n]
+    if kind == b"*":
+        n = int(rest)
+        return None if n < 0 else [resp_read(f) for _ in range(n)]
+    raise OSError("not RESP: %r" % line)
+
+
+class RespError(str):
+    pass
+
+
+def resp_command(port, *args, timeout=5):
+    """One command to a Redis (or Sentinel) on 127.0.0.1:port, its reply
+    parsed (resp_read), or None when it cannot be reached."""
+    req = b"*%d\r\n" % len(args)
+    for a in args:
+        a = a.encode() if isinstance(a, str) else a
+        req += b"$%d\r\n%s\r\n" % (len(a), a)
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as s:
+            s.sendall(req)
+            return resp_read(s.makefile("rb"))
+    except OSError:
+        return None
+
+
 class Redis:
-    def __init__(self, d, port=None):
+    def __init__(self, d, port=None, replicaof=None):
         self.dir = os.path.abspath(d)
         self.port = port or free_port()
+        self.replicaof = replicaof      # a master's port: start as its replica
         self.proc = None
         self.log = os.path.join(self.dir, "redis.log")
 
@@ -349,10 +395,13 @@ class Redis:
         if not exe:
             raise FixtureError("redis-server not installed")
         os.makedirs(self.dir, exist_ok=True)
+        extra = ["--replicaof", HOST, str(self.replicaof)] if self.replicaof else []
+        # A replica's first sync: no waiting for more replicas (5 s by default).
+        extra += ["--repl-diskless-sync-delay", "0"]
         self.proc = spawn([exe, "--bind", HOST, "--port", str(self.port),
                            "--save", "", "--appendonly", "no",
                            "--dir", self.dir, "--daemonize", "no",
-                           "--protected-mode", "yes"], self.log)
+                           "--protected-mode", "yes"] + extra, self.log)
         wait_ports([self.port], self.proc, deadline, "redis-server", self.log)
         end = time.monotonic() + deadline
         while self.command("PING") != b"+PONG":
@@ -383,6 +432,109 @@ class Redis:
         rc = stop_process(self.proc)
         self.proc = None
         return rc
+
+    def kill(self):
+        """SIGKILL: gone at once, as in a crash."""
+        return stop_process(self.proc, signal.SIGKILL)
+
+
+class RedisSentinels:
+    """A master, one replica of it (replicaof) and three Redis Sentinels
+    watching them as `name` (quorum 2), all on 127.0.0.1, for
+    state = redis-sentinel://. A master gone for down_after_ms is failed over
+    to the replica in a few seconds. start() returns once every sentinel
+    knows the replica and the other two sentinels, so a failover can start."""
+
+    def __init__(self, d, name="mymaster", down_after_ms=1000, failover_timeout_ms=2000):
+        self.dir = os.path.abspath(d)
+        self.name = name
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.master = Redis(os.path.join(self.dir, "master"))
+        self.replica = Redis(os.path.join(self.dir, "replica"), replicaof=self.master.port)
+        self.ports = [free_port() for _ in range(3)]
+        self.procs = []
+
+    @property
+    def url(self):
+        return "redis-sentinel://%s/%s" % (
+            ",".join("%s:%d" % (HOST, p) for p in self.ports), self.name)
+
+    def sentinel_log(self, i):
+        return os.path.join(self.dir, "sentinel-%d.log" % i)
+
+    def _sentinel_argv(self, conf):
+        exe = shutil.which("redis-sentinel")
+        if exe:
+            return [exe, conf]
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise FixtureError("redis-server not installed")
+        return [exe, conf, "--sentinel"]
+
+    def start(self, deadline=30.0):
+        os.makedirs(self.dir, exist_ok=True)
+        self.master.start()
+        self.replica.start()
+        end = time.monotonic() + deadline
+        while b"master_link_status:up" not in (resp_command(self.replica.port, "INFO",
+                                                            "replication") or b""):
+            if time.monotonic() > end:
+                self.stop()
+                raise FixtureError("the replica does not sync" + log_tail(self.replica.log))
+            time.sleep(0.05)
+        for i, port in enumerate(self.ports):
+            d = os.path.join(self.dir, "sentinel-%d" % i)
+            os.makedirs(d, exist_ok=True)
+            conf = os.path.join(d, "sentinel.conf")     # sentinels rewrite it
+            with open(conf, "w") as f:
+                f.write("port %d\nbind %s\ndaemonize no\nprotected-mode no\ndir %s\n"
+                        "sentinel monitor %s %s %d 2\n"
+                        "sentinel down-after-milliseconds %s %d\n"
+                        "sentinel failover-timeout %s %d\n"
+                        "sentinel parallel-syncs %s 1\n"
+                        % (port, HOST, d, self.name, HOST, self.master.port,
+                           self.name, self.down_after_ms, self.name,
+                           self.failover_timeout_ms, self.name))
+            self.procs.append(spawn(self._sentinel_argv(conf), self.sentinel_log(i)))
+        try:
+            for i, port in enumerate(self.ports):
+                wait_ports([port], self.procs[i], deadline, "redis-sentinel",
+                           self.sentinel_log(i))
+            while not all(self._ready(p) for p in self.ports):
+                if time.monotonic() > end:
+                    raise FixtureError("the sentinels do not see each other and the replica"
+                                       + log_tail(self.sentinel_log(0)))
+                time.sleep(0.1)
+        except FixtureError:
+            self.stop()
+            raise
+        return self
+
+    def _ready(self, port):
+        replicas = resp_command(port, "SENTINEL", "REPLICAS", self.name)
+        others = resp_command(port, "SENTINEL", "SENTINELS", self.name)
+        if not isinstance(replicas, list) or not isinstance(others, list) or len(others) != 2:
+            return False
+        for r in replicas:
+            h = dict(zip(r[0::2], r[1::2]))
+            if h.get(b"port") == str(self.replica.port).encode() and h.get(b"flags") == b"slave" \
+                    and h.get(b"master-link-status") == b"ok":
+                return True
+        return False
+
+    def master_port(self, i=0):
+        """The master's port as sentinel i names it (None if it cannot say)."""
+        r = resp_command(self.ports[i], "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
+        return int(r[1]) if isinstance(r, list) and len(r) == 2 else None
+
+    def stop(self):
+        for p in self.procs:
+            stop_process(p)
+        self.procs = []
+        for r in (self.replica, self.master):
+            if r.proc is not None:
+                r.stop()
 
 
 # --------------------------------------------------------------- imapfresh
