@@ -890,14 +890,16 @@ admin_start(struct server *srv, char *err, size_t errlen)
 	return 0;
 }
 
-void
-admin_stop(struct server *srv)
+/* deregister 0: an upgrade's new process took the endpoint and the
+ * registry entry over (same instance name): no HDEL. */
+static void
+admin_end(struct server *srv, int deregister)
 {
 	struct admin *adm = srv->admin;
 
 	if (adm == NULL)
 		return;
-	if (srv->store != NULL)
+	if (deregister && srv->store != NULL)
 		store_register_instance(srv->store, adm->address, (int64_t)srv->started, 0);
 	status_stop(srv);
 	event_free(adm->ev_register);
@@ -906,22 +908,20 @@ admin_stop(struct server *srv)
 	srv->admin = NULL;
 }
 
+void
+admin_stop(struct server *srv)
+{
+	admin_end(srv, 1);
+}
+
 int
 admin_listener_fd(const struct server *srv)
 {
 	return srv->admin != NULL ? (int)evhttp_bound_socket_get_fd(srv->admin->bound) : -1;
 }
 
-/* The new process took the endpoint and the registry entry over: no HDEL. */
 void
 admin_release(struct server *srv)
 {
-	struct admin *adm = srv->admin;
-
-	if (adm == NULL)
-		return;
-	event_free(adm->ev_register);
-	evhttp_free(adm->http);
-	free(adm);
-	srv->admin = NULL;
+	admin_end(srv, 0);
 }
