@@ -52,6 +52,7 @@
 #include "store.h"
 #include "trace.h"
 #include "uidset.h"
+#include "upgrade.h"
 
 #define ADMIN_MAX_BODY 4096		/* larger request bodies get 413 */
 #define ADMIN_MAX_HEADERS 8192
@@ -61,6 +62,7 @@
 struct admin {
 	struct server *srv;
 	struct evhttp *http;
+	struct evhttp_bound_socket *bound;
 	struct event *ev_register;
 	char address[320];	/* host:port as bound, for the registry */
 };
@@ -429,12 +431,17 @@ admin_healthz(struct admin *adm, struct evhttp_request *req)
 {
 	struct evbuffer *out = evbuffer_new();
 	int down = adm->srv->shutting_down;
+	char pid[24];
+
+	snprintf(pid, sizeof(pid), "%ld", (long)getpid());
 
 	if (out == NULL) {
 		evhttp_send_error(req, 500, "Out of memory");
 		return;
 	}
 	evbuffer_add_printf(out, "%s\n", down ? "shutting down" : "ok");
+	/* Which process answers: it changes with an upgrade (upgrade.c). */
+	evhttp_add_header(evhttp_request_get_output_headers(req), "X-Imapfresh-Pid", pid);
 	admin_send(req, down ? 503 : 200, "text/plain; charset=utf-8", out);
 	evbuffer_free(out);
 }
@@ -804,8 +811,8 @@ admin_bound_address(struct admin *adm, int fd)
 }
 
 /* Our own socket rather than evhttp_bind_socket(), for an error that says why. */
-static int
-admin_listen_socket(const char *spec, int port_offset, char *err, size_t errlen)
+int
+admin_bind(const char *spec, int port_offset, char *err, size_t errlen)
 {
 	struct config_addr a;
 	struct evutil_addrinfo hints = { 0 }, *res = NULL;
@@ -844,14 +851,18 @@ int
 admin_start(struct server *srv, char *err, size_t errlen)
 {
 	struct admin *adm;
+	char key[320];
 	int fd;
 
 	if (srv->cfg.admin_listen[0] == '\0')
 		return 0;
-	if ((fd = admin_listen_socket(srv->cfg.admin_listen, srv->worker, err, errlen)) < 0)
+	snprintf(key, sizeof(key), "admin=%s", srv->cfg.admin_listen);
+	if ((fd = upgrade_take_fd(key)) >= 0)
+		evutil_make_socket_nonblocking(fd);	/* passed on by the process we replace */
+	else if ((fd = admin_bind(srv->cfg.admin_listen, srv->worker, err, errlen)) < 0)
 		return -1;
 	if ((adm = calloc(1, sizeof(*adm))) == NULL || (adm->http = evhttp_new(srv->base)) == NULL ||
-	    evhttp_accept_socket_with_handle(adm->http, fd) == NULL ||
+	    (adm->bound = evhttp_accept_socket_with_handle(adm->http, fd)) == NULL ||
 	    (adm->ev_register = evtimer_new(srv->base, admin_register_cb, adm)) == NULL) {
 		snprintf(err, errlen, "admin_listen %s: cannot set up the HTTP endpoint",
 		    srv->cfg.admin_listen);
@@ -879,18 +890,38 @@ admin_start(struct server *srv, char *err, size_t errlen)
 	return 0;
 }
 
-void
-admin_stop(struct server *srv)
+/* deregister 0: an upgrade's new process took the endpoint and the
+ * registry entry over (same instance name): no HDEL. */
+static void
+admin_end(struct server *srv, int deregister)
 {
 	struct admin *adm = srv->admin;
 
 	if (adm == NULL)
 		return;
-	if (srv->store != NULL)
+	if (deregister && srv->store != NULL)
 		store_register_instance(srv->store, adm->address, (int64_t)srv->started, 0);
 	status_stop(srv);
 	event_free(adm->ev_register);
 	evhttp_free(adm->http);
 	free(adm);
 	srv->admin = NULL;
+}
+
+void
+admin_stop(struct server *srv)
+{
+	admin_end(srv, 1);
+}
+
+int
+admin_listener_fd(const struct server *srv)
+{
+	return srv->admin != NULL ? (int)evhttp_bound_socket_get_fd(srv->admin->bound) : -1;
+}
+
+void
+admin_release(struct server *srv)
+{
+	admin_end(srv, 0);
 }

@@ -148,6 +148,8 @@ static const char *config_check_http_url(const char *value);
 	    .help = "time a client has to log in, from connect") \
 	X(timeout_idle, DURATION, .def = "30m", .min = 1, \
 	    .help = "idle time allowed once authenticated (RFC 9051: at least 30m)") \
+	X(upgrade_drain_timeout, DURATION, .def = "60s", .min = 1, \
+	    .help = "after an upgrade (SIGUSR2), how long the old process's sessions may stay") \
 	X(log_level, ENUM, .def = "info", .choices = config_log_level_names, \
 	    .help = "error, warning, notice, info or debug") \
 	X(pid_file, STRING, \

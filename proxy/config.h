@@ -75,6 +75,7 @@ struct config {
 	int timeout_tls_handshake;
 	int timeout_preauth;	/* idle before authentication */
 	int timeout_idle;	/* idle once authenticated, IDLE included */
+	int upgrade_drain_timeout;	/* the old process's sessions after an upgrade (upgrade.c) */
 
 	/* stale-session fix */
 	int resync;			/* resync stale sessions at all */

@@ -20,6 +20,7 @@
 #include "workers.h"
 #include "server.h"
 #include "tls.h"
+#include "upgrade.h"
 
 #define MAIN_EXIT_RUNTIME 1
 #define MAIN_EXIT_CONFIG 2
@@ -93,6 +94,8 @@ main_drop_privileges(const char *user, char *err, size_t errlen)
 		snprintf(err, errlen, "user: no such user \"%s\"", user);
 		return -1;
 	}
+	if (getuid() == pw->pw_uid && geteuid() == pw->pw_uid && getgid() == pw->pw_gid)
+		return 0;	/* started by an upgrade of a process that had switched */
 	if (initgroups(pw->pw_name, pw->pw_gid) < 0 || setgid(pw->pw_gid) < 0 ||
 	    setuid(pw->pw_uid) < 0) {
 		snprintf(err, errlen, "user: cannot switch to \"%s\": %s", user, strerror(errno));
@@ -128,23 +131,10 @@ main_daemonize(void)
 	return 0;
 }
 
-static void
-main_write_pid(const char *path)
-{
-	FILE *f;
-
-	if (path[0] == '\0')
-		return;
-	if ((f = fopen(path, "w")) == NULL) {
-		log_warning("pid_file %s: %s", path, strerror(errno));
-		return;
-	}
-	fprintf(f, "%ld\n", (long)getpid());
-	fclose(f);
-}
-
 /* Worker N is instance <instance_id or host name>-wN: its own entry in the
- * registry, its own session keys. An override, so that a reload keeps it. */
+ * registry, its own session keys. An override, so that a reload keeps it.
+ * After G upgrades it is <...>-wN-gG: the old worker N, still draining, is
+ * another instance. */
 static void
 main_worker_instance(struct server *srv, char **overrides, int *n_overrides)
 {
@@ -155,8 +145,12 @@ main_worker_instance(struct server *srv, char **overrides, int *n_overrides)
 		snprintf(base, sizeof(base), "%s", srv->cfg.instance_id);
 	else if (gethostname(base, sizeof(base) - 1) < 0 || base[0] == '\0')
 		snprintf(base, sizeof(base), "imapfresh");
-	snprintf(setting, sizeof(setting), "instance_id=%.*s-w%d",
-	    (int)sizeof(srv->cfg.instance_id) - 8, base, srv->worker);
+	if (upgrade_generation() > 0)
+		snprintf(setting, sizeof(setting), "instance_id=%.*s-w%d-g%d",
+		    (int)sizeof(srv->cfg.instance_id) - 24, base, srv->worker, upgrade_generation());
+	else
+		snprintf(setting, sizeof(setting), "instance_id=%.*s-w%d",
+		    (int)sizeof(srv->cfg.instance_id) - 8, base, srv->worker);
 	snprintf(srv->cfg.instance_id, sizeof(srv->cfg.instance_id), "%.*s",
 	    (int)sizeof(srv->cfg.instance_id) - 1, setting + strlen("instance_id="));
 	overrides[(*n_overrides)++] = setting;
@@ -178,6 +172,8 @@ main(int argc, char **argv)
 	int n_overrides = 0, foreground = 0, check_only = 0, has_master = 0, ch;
 	struct event_base *base;
 	char err[1024], upstream[300];
+
+	upgrade_init(argc, argv);	/* before getopt() reorders argv */
 
 	while ((ch = getopt(argc, argv, "c:o:ftvh")) != -1) {
 		switch (ch) {
@@ -242,18 +238,24 @@ main(int argc, char **argv)
 	if (srv.workers > 1) {
 		int rc;
 
-		/* The master daemonizes first and owns the pid file; workers
-		 * report their own start-up errors on the same stderr. */
+		/* The master binds every worker's sockets (they outlive workers
+		 * and, passed on, the master: upgrade.c), daemonizes and owns the
+		 * pid file; workers report their own start-up errors on the same
+		 * stderr. */
+		if (upgrade_master_bind(&srv, err, sizeof(err)) < 0) {
+			fprintf(stderr, "imapfresh: %s\n", err);
+			return MAIN_EXIT_RUNTIME;
+		}
 		if (!foreground && main_daemonize() < 0) {
 			fprintf(stderr, "imapfresh: cannot daemonize: %s\n", strerror(errno));
 			return MAIN_EXIT_RUNTIME;
 		}
 		foreground = 1;
 		has_master = 1;
-		main_write_pid(srv.cfg.pid_file);
+		if (!upgrade_must_report())	/* else once its workers serve */
+			upgrade_write_pid(srv.cfg.pid_file);
 		if ((rc = workers_start(&srv)) != WORKERS_CHILD) {
-			if (srv.cfg.pid_file[0] != '\0')
-				unlink(srv.cfg.pid_file);
+			upgrade_remove_pid(srv.cfg.pid_file);
 			log_notice("master: exiting");
 			return rc;
 		}
@@ -278,8 +280,9 @@ main(int argc, char **argv)
 			return MAIN_EXIT_RUNTIME;
 		}
 	}
-	if (!has_master)
-		main_write_pid(srv.cfg.pid_file);
+	if (!has_master && !upgrade_must_report())	/* else once reported */
+		upgrade_write_pid(srv.cfg.pid_file);
+	upgrade_started(&srv);
 	log_notice("imapfresh %s started, upstream %s (%s)", PACKAGE_VERSION,
 	    config_fmt_addr(&srv.cfg.upstream, upstream, sizeof(upstream)),
 	    srv.cfg.upstream_tls == UPSTREAM_TLS_TLS ? "tls" :
@@ -289,8 +292,8 @@ main(int argc, char **argv)
 
 	server_free(&srv);
 	event_base_free(base);
-	if (srv.cfg.pid_file[0] != '\0' && !has_master)
-		unlink(srv.cfg.pid_file);
+	if (!has_master)
+		upgrade_remove_pid(srv.cfg.pid_file);	/* after an upgrade, the new one's */
 	log_notice("exiting");
 	return 0;
 }

@@ -19,6 +19,7 @@
 #include "tls.h"
 #include "trace.h"
 #include "track.h"
+#include "upgrade.h"
 
 #define SERVER_SHUTDOWN_GRACE_SECS 10	/* longest wait for BYEs to flush */
 #define SERVER_ACCEPT_RETRY_SECS 1	/* pause after running out of descriptors */
@@ -69,8 +70,9 @@ server_listen_retry_cb(evutil_socket_t fd, short what, void *arg)
 {
 	struct server *srv = arg;
 
-	for (int i = 0; i < srv->n_listeners; i++)
-		evconnlistener_enable(srv->listeners[i].lev);
+	if (upgrade_accepting(srv))
+		for (int i = 0; i < srv->n_listeners; i++)
+			evconnlistener_enable(srv->listeners[i].lev);
 }
 
 /* Out of descriptors: accept() would fail in a tight loop, so pause a moment. */
@@ -94,7 +96,8 @@ server_bind(struct server *srv, const struct config_addr *a, int tls, char *err,
 {
 	struct evutil_addrinfo hints = { 0 }, *res = NULL;
 	struct server_listener *l = &srv->listeners[srv->n_listeners];
-	int gai;
+	char key[320];
+	int gai, fd;
 
 	hints.ai_family = AF_UNSPEC;
 	hints.ai_socktype = SOCK_STREAM;
@@ -107,7 +110,28 @@ server_bind(struct server *srv, const struct config_addr *a, int tls, char *err,
 	}
 	l->srv = srv;
 	l->tls = tls;
-	/* Several workers each bind every listener; the kernel spreads connections. */
+	snprintf(key, sizeof(key), "%s=%s", tls ? "listen_tls" : "listen", l->name);
+	if ((fd = upgrade_take_fd(key)) >= 0) {
+		/* Passed on by the process we replace, or by our master (upgrade.c):
+		 * already bound and listening. */
+		evutil_freeaddrinfo(res);
+		evutil_make_socket_nonblocking(fd);
+		l->lev = evconnlistener_new(srv->base, server_accept_cb, l, LEV_OPT_CLOSE_ON_FREE |
+		    LEV_OPT_CLOSE_ON_EXEC, 0, fd);
+		if (l->lev == NULL) {
+			snprintf(err, errlen, "%s %s: cannot use the socket passed on",
+			    tls ? "listen_tls" : "listen", l->name);
+			close(fd);
+			return -1;
+		}
+		evconnlistener_set_error_cb(l->lev, server_accept_error_cb);
+		srv->n_listeners++;
+		log_notice("listening on %s%s, socket passed on", l->name, tls ? " (implicit TLS)" :
+		    srv->tls_server ? " (STARTTLS)" : "");
+		return 0;
+	}
+	/* Workers' sockets come from the master; should one be missing, several
+	 * workers each bind every listener and the kernel spreads connections. */
 	l->lev = evconnlistener_new_bind(srv->base, server_accept_cb, l,
 	    LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_FREE | LEV_OPT_CLOSE_ON_EXEC |
 	    (srv->workers > 1 ? LEV_OPT_REUSEABLE_PORT : 0), 1024,
@@ -132,6 +156,8 @@ server_signal_cb(evutil_socket_t sig, short what, void *arg)
 
 	if (sig == SIGHUP)
 		server_reload(srv);
+	else if (sig == SIGUSR2)
+		upgrade_start(srv);
 	else
 		server_shutdown(srv, sig == SIGTERM ? "SIGTERM" : "SIGINT");
 }
@@ -229,9 +255,11 @@ server_init(struct server *srv, struct event_base *base, char *err, size_t errle
 	srv->sig_term = evsignal_new(base, SIGTERM, server_signal_cb, srv);
 	srv->sig_int = evsignal_new(base, SIGINT, server_signal_cb, srv);
 	srv->sig_hup = evsignal_new(base, SIGHUP, server_signal_cb, srv);
+	srv->sig_usr2 = evsignal_new(base, SIGUSR2, server_signal_cb, srv);
 	event_add(srv->sig_term, NULL);
 	event_add(srv->sig_int, NULL);
 	event_add(srv->sig_hup, NULL);
+	event_add(srv->sig_usr2, NULL);
 	return 0;
 }
 
@@ -342,7 +370,7 @@ server_shutdown(struct server *srv, const char *why)
 void
 server_session_gone(struct server *srv, struct session *s)
 {
-	if (srv->shutting_down && srv->n_sessions == 0)
+	if ((srv->shutting_down || upgrade_draining(srv)) && srv->n_sessions == 0)
 		event_base_loopexit(srv->base, NULL);
 }
 
@@ -384,6 +412,9 @@ server_free(struct server *srv)
 		event_free(srv->sig_int);
 	if (srv->sig_hup)
 		event_free(srv->sig_hup);
+	if (srv->sig_usr2)
+		event_free(srv->sig_usr2);
+	upgrade_free(srv);
 	feed_free(srv->feed);
 	srv->feed = NULL;
 	if (srv->dns)

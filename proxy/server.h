@@ -75,7 +75,7 @@ struct server {
 
 	int shutting_down;
 	struct event *ev_shutdown_deadline;
-	struct event *sig_term, *sig_int, *sig_hup;
+	struct event *sig_term, *sig_int, *sig_hup, *sig_usr2;
 
 	/* What reload re-reads. */
 	const char *config_file;

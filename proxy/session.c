@@ -572,6 +572,7 @@ session_inflight_push(struct session *s, const struct command *cmd)
 	f->kind = cmd->kind;
 	f->uid = cmd->uid;
 	f->sent_usec = metrics_now_usec();
+	s->last_active_usec = f->sent_usec;
 	return f;
 }
 
@@ -626,6 +627,7 @@ session_inflight_remove(struct session *s, struct inflight *f)
 	free(f->user);
 	memmove(&s->inflight[i], &s->inflight[i + 1], (s->n_inflight - i - 1) * sizeof(*f));
 	s->n_inflight--;
+	s->last_active_usec = metrics_now_usec();
 }
 
 void

@@ -123,6 +123,7 @@ struct session {
 	uint64_t up_tag_seq;
 
 	struct timeval started;
+	uint64_t last_active_usec;	/* a command started or ended (upgrade.c) */
 
 	struct track track;		/* what the client knows of its mailbox */
 	struct resync resync;		/* repairing a stale upstream session */

@@ -155,6 +155,7 @@ struct store {
 	void *up_arg;
 	char *reg_admin;	/* the registry entry written last (NULL: none) */
 	int64_t reg_started;
+	int hear_own;		/* an upgrade: another process has our instance name */
 
 	/* redis-sentinel:// only */
 	struct sentinel *sentinel;
@@ -681,7 +682,7 @@ store_heard(struct store *st, const char *payload, size_t len)
 	*mailbox++ = '\0';
 	*gen = '\0';
 	st->stats.messages++;
-	if (strcmp(msg, st->instance) == 0)	/* our own, counted when made */
+	if (!st->hear_own && strcmp(msg, st->instance) == 0)	/* our own, counted when made */
 		goto out;
 	st->stats.received++;
 	if ((e = strmap_find(&st->users, user))) {
@@ -1608,6 +1609,16 @@ store_instances_get(struct store *st, store_instances_fn fn)
 		free(q);
 		store_lost(st, "command", "HGETALL");
 		fn(NULL, 0);
+	}
+}
+
+void
+store_upgrade_overlap(struct store *st, int on, int handed_over)
+{
+	st->hear_own = on;
+	if (handed_over) {
+		free(st->reg_admin);	/* the entry is the new process's now */
+		st->reg_admin = NULL;
 	}
 }
 

@@ -33,6 +33,12 @@ struct store *store_new(struct event_base *base, const struct config *cfg, store
 typedef void (*store_up_fn)(void *arg);
 void store_set_up_callback(struct store *st, store_up_fn fn, void *arg);
 
+/* An upgrade (upgrade.c): the old and the new process share the instance
+ * name for a while. With on, changes published under it are heard too: the
+ * other process's, and ours once more (a spare resync, harmless). The
+ * handed-over old process no longer writes the instances registry entry. */
+void store_upgrade_overlap(struct store *st, int on, int handed_over);
+
 /* With state = redis-sentinel://, the sentinels named a new master (a
  * failover): from and to are "host:port". Called once the new master is
  * reached, after the up callback. */

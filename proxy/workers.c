@@ -11,6 +11,7 @@
 #endif
 
 #include "log.h"
+#include "upgrade.h"
 #include "workers.h"
 
 #define WORKERS_MAX 64
@@ -22,6 +23,9 @@ struct workers {
 	time_t started[WORKERS_MAX];
 	int live;
 	int stopping;
+	int handed_over;	/* a new master serves: ours only drain */
+	int ready[WORKERS_MAX];	/* as a new master: which reported serving */
+	int n_ready;
 	int status;		/* the master's exit status */
 	sigset_t old_mask;
 };
@@ -44,6 +48,7 @@ workers_spawn(struct workers *w, int i)
 		prctl(PR_SET_PDEATHSIG, SIGTERM);
 #endif
 		w->srv->worker = i;
+		upgrade_worker_fds(i);
 		snprintf(tag, sizeof(tag), "worker %d", i);
 		log_set_tag(tag);
 		return 1;
@@ -100,7 +105,7 @@ workers_reap(struct workers *w)
 			continue;
 		w->pid[i] = 0;
 		w->live--;
-		if (w->stopping)
+		if (w->stopping || w->handed_over)
 			continue;
 		workers_describe(st, how, sizeof(how));
 		if (time(NULL) - w->started[i] < WORKERS_EARLY_SECS &&
@@ -121,10 +126,23 @@ workers_reap(struct workers *w)
 	return 0;
 }
 
+/* As the new master of an upgrade: worker i serves (SIGRTMIN from it). */
+static void
+workers_ready(struct workers *w, int i)
+{
+	if (!upgrade_must_report() || i < 0 || i >= w->srv->workers || w->ready[i])
+		return;
+	w->ready[i] = 1;
+	if (++w->n_ready == w->srv->workers && upgrade_master_ready(w->srv) < 0)
+		workers_stop(w, 1);
+}
+
 int
 workers_start(struct server *srv)
 {
 	static struct workers w;
+	struct timespec tick = { 0, 100 * 1000000L };	/* polling an upgrade's pipe */
+	siginfo_t si;
 	sigset_t set;
 	int sig;
 
@@ -134,6 +152,8 @@ workers_start(struct server *srv)
 	sigaddset(&set, SIGINT);
 	sigaddset(&set, SIGHUP);
 	sigaddset(&set, SIGCHLD);
+	sigaddset(&set, SIGUSR2);
+	sigaddset(&set, SIGRTMIN);	/* a worker serves (upgrade.c) */
 	/* Blocked before the first fork: no signal is lost between them. */
 	sigprocmask(SIG_BLOCK, &set, &w.old_mask);
 	for (int i = 0; i < srv->workers; i++) {
@@ -146,11 +166,24 @@ workers_start(struct server *srv)
 			break;
 		}
 	}
-	if (!w.stopping)
+	if (!w.stopping) {
 		log_notice("imapfresh master: %d workers started", srv->workers);
+		if (!upgrade_must_report())
+			upgrade_sd_notify("READY=1");	/* else the old master names us */
+	}
 	while (w.live > 0) {
-		if ((sig = sigwaitinfo(&set, NULL)) < 0)
-			continue;	/* EINTR */
+		if (upgrade_master_starting() && upgrade_master_poll(srv) > 0 && !w.stopping) {
+			w.handed_over = 1;
+			workers_signal_all(&w, SIGUSR2);
+		}
+		sig = upgrade_master_starting() ? sigtimedwait(&set, &si, &tick) :
+		    sigwaitinfo(&set, &si);
+		if (sig < 0)
+			continue;	/* EINTR, or the tick */
+		if (sig == SIGRTMIN) {
+			workers_ready(&w, si.si_value.sival_int);
+			continue;
+		}
 		switch (sig) {
 		case SIGTERM:
 		case SIGINT:
@@ -160,6 +193,13 @@ workers_start(struct server *srv)
 		case SIGHUP:
 			log_notice("master: SIGHUP: passed on to the workers");
 			workers_signal_all(&w, SIGHUP);
+			break;
+		case SIGUSR2:
+			if (w.stopping || w.handed_over)
+				log_warning("master: SIGUSR2 ignored: %s", w.stopping ? "stopping" :
+				    "handed over already");
+			else
+				upgrade_master_start(srv);
 			break;
 		case SIGCHLD:
 			if (workers_reap(&w))

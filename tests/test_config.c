@@ -88,6 +88,7 @@ test_defaults(void)
 	ok(c.timeout_tls_handshake == 30, "default timeout_tls_handshake = 30s");
 	ok(c.timeout_preauth == 60, "default timeout_preauth = 60s");
 	ok(c.timeout_idle == 1800, "default timeout_idle = 30m");
+	ok(c.upgrade_drain_timeout == 60, "default upgrade_drain_timeout = 60s");
 	ok(c.log_level == LOG_LEVEL_INFO, "default log_level = info");
 	ok(c.pid_file[0] == '\0' && c.user[0] == '\0', "default pid_file, user empty");
 	ok(c.upstream_port_auto == 1 && c.tls_key_auto == 1, "default: derived fields follow");
@@ -124,7 +125,7 @@ test_table(void)
 			no_help++;
 	}
 	ok(n > 0 && names_match && config_keys[n] == NULL, "config_keys[] lists the %d table rows in order", n);
-	ok(n == 45, "45 keys (got %d); update the tests and docs when adding one", n);
+	ok(n == 46, "46 keys (got %d); update the tests and docs when adding one", n);
 	ok(dups == 0, "no key twice in the table");
 	ok(bad_defaults == 0, "every default parses");
 	ok(bad_ranges == 0, "every numeric range fits its field");
@@ -242,6 +243,7 @@ static const struct {
 	{ "timeout_idle", "2147483648", "timeout_idle: too large: 2147483648" },
 	{ "timeout_idle", "99999999999999999999h", "timeout_idle: too large: 99999999999999999999h" },
 	{ "timeout_idle", "", "timeout_idle: not a duration: " },
+	{ "upgrade_drain_timeout", "0", "upgrade_drain_timeout: must be at least 1s, got 0" },
 	{ "log_level", "verbose", "log_level: expected error, warning, notice, info or debug, got \"verbose\"" },
 	{ "pid_file", LONG_VALUE, "pid_file: too long (max 1023 bytes)" },
 	{ "user", LONG_VALUE, "user: too long (max 63 bytes)" },
@@ -280,7 +282,7 @@ static const struct {
 	{ "instance_id", "" }, { "state_ttl", "60" }, { "state_ttl", "24h" },
 	{ "max_clients", "1" }, { "workers", "64" }, { "busy_poll", "50" }, { "max_line", "16M" },
 	{ "max_literal", "1" }, { "timeout_connect", "1" }, { "timeout_tls_handshake", "1m" },
-	{ "timeout_preauth", "2h" }, { "timeout_idle", "2147483647" }, { "log_level", "DEBUG" },
+	{ "timeout_preauth", "2h" }, { "timeout_idle", "2147483647" }, { "upgrade_drain_timeout", "10m" }, { "log_level", "DEBUG" },
 	{ "pid_file", "/run/imapfresh.pid" }, { "user", "nobody" },
 	{ "admin_listen", "" }, { "admin_listen", "[::1]:8143" }, { "admin_token", "s3cr3t" },
 	{ "event_log", "/var/log/imapfresh/events.log" }, { "event_stream_max", "0" },

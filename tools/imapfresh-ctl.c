@@ -1,4 +1,4 @@
-/* imapfresh-ctl: the operators' command line: live sessions, one session's view, a user's generations, sync events, traces, kick, resync and notify. */
+/* imapfresh-ctl: the operators' command line: live sessions, one session's view, a user's generations, sync events, traces, kick, resync, notify and upgrade. */
 
 /*
  * Where things come from:
@@ -14,6 +14,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <netdb.h>
@@ -1972,6 +1973,68 @@ ctl_cmd_notify(struct ctl *c, const char *user, const char *mailbox)
 	return rc;
 }
 
+/* --- upgrade --- */
+
+#define CTL_UPGRADE_WAIT_MS 40000	/* the daemon's own limit is 30 s */
+
+/* The pid in pid_file, 0 when there is none. */
+static long
+ctl_read_pid(const char *path)
+{
+	char buf[32] = "";
+	FILE *f = fopen(path, "r");
+
+	if (f == NULL)
+		return 0;
+	if (fgets(buf, sizeof(buf), f) == NULL)
+		buf[0] = '\0';
+	fclose(f);
+	return strtol(buf, NULL, 10);
+}
+
+/*
+ * SIGUSR2 to the daemon named by pid_file, then wait for the new process
+ * to rewrite pid_file: it does so once it serves, and the old one hands
+ * over and drains (upgrade.c). A pid file that never changes means the
+ * upgrade failed and the old process goes on: its log says why.
+ */
+static int
+ctl_cmd_upgrade(struct ctl *c)
+{
+	const char *path = c->cfg.pid_file;
+	long old, now = 0;
+
+	if (path[0] == '\0') {
+		ctl_err("pid_file is not set in the configuration; send SIGUSR2 to the daemon "
+		    "yourself (systemd: systemctl kill --kill-whom=main -s USR2 imapfresh)");
+		return CTL_EXIT_ERROR;
+	}
+	if ((old = ctl_read_pid(path)) <= 0 || kill((pid_t)old, 0) < 0) {
+		ctl_err("%s: no running imapfresh (%s)", path, old <= 0 ? "no pid" : strerror(errno));
+		return CTL_EXIT_ERROR;
+	}
+	if (kill((pid_t)old, SIGUSR2) < 0) {
+		ctl_err("pid %ld: %s", old, strerror(errno));
+		return CTL_EXIT_ERROR;
+	}
+	for (int waited = 0; waited < CTL_UPGRADE_WAIT_MS; waited += 100) {
+		struct timespec ts = { 0, 100 * 1000000L };
+
+		nanosleep(&ts, NULL);
+		if ((now = ctl_read_pid(path)) > 0 && now != old && kill((pid_t)now, 0) == 0) {
+			if (c->json)
+				printf("{\"old_pid\":%ld,\"new_pid\":%ld}\n", old, now);
+			else
+				printf("upgraded: pid %ld serves now; pid %ld drains its sessions "
+				    "(upgrade_drain_timeout) and exits\n", now, old);
+			return CTL_EXIT_OK;
+		}
+	}
+	ctl_err("no new process took over within %d s: pid %ld goes on serving; its log says why",
+	    CTL_UPGRADE_WAIT_MS / 1000, old);
+	return CTL_EXIT_ERROR;
+}
+
 /* --- main --- */
 
 static void
@@ -1988,6 +2051,8 @@ ctl_usage(FILE *f)
 	    "  kick SID                 end the session (* BYE)\n"
 	    "  notify USER [MAILBOX]    a change made behind imapfresh's back: the user's sessions\n"
 	    "                           (every instance) resync; no MAILBOX: every mailbox\n"
+	    "  upgrade                  zero-downtime restart with the binary and configuration\n"
+	    "                           now on disk (SIGUSR2 to the pid in pid_file)\n"
 	    "options:\n"
 	    "  -c file        configuration (default %s when it exists)\n"
 	    "  -o key=value   override a configuration key (state, redis_prefix, admin_listen...)\n"
@@ -2102,6 +2167,8 @@ main(int argc, char **argv)
 		rc = ctl_cmd_control(&c, cmd, argv[0]);
 	else if (strcmp(cmd, "notify") == 0 && (argc == 1 || argc == 2))
 		rc = ctl_cmd_notify(&c, argv[0], argc == 2 ? argv[1] : NULL);
+	else if (strcmp(cmd, "upgrade") == 0 && argc == 0)
+		rc = ctl_cmd_upgrade(&c);
 	else {
 		ctl_err("%s: unknown command or wrong arguments", cmd);
 		ctl_usage(stderr);

@@ -1290,6 +1290,7 @@ import clients_tests  # noqa: E402,F401  (issue 16: real client programs)
 import status_tests  # noqa: E402,F401  (issue 19: the status page, in a browser)
 import sentinel_tests  # noqa: E402,F401  (issue 18: Redis Sentinel)
 import fanout_tests  # noqa: E402,F401  (issue 18: changes only to instances that need them)
+import upgrade_tests  # noqa: E402,F401  (issue 18: zero-downtime upgrade)
 
 
 def main():

@@ -585,6 +585,7 @@ class Imapfresh:
         self.cert, self.key = cert, key
         self.options = list(options or [])
         self.proc = None
+        self.env = None         # the process environment; None = ours
         self.conf = os.path.join(self.dir, name + ".conf")
         self.log = os.path.join(self.dir, name + ".log")
         self.pid_file = os.path.join(self.dir, name + ".pid")
@@ -615,7 +616,7 @@ class Imapfresh:
         os.makedirs(self.dir, exist_ok=True)
         with open(self.conf, "w") as f:
             f.write(self.config_text())
-        self.proc = spawn(self.argv(), self.log)
+        self.proc = spawn(self.argv(), self.log, env=self.env)
         ports = [p for p in (self.port, self.tls_port) if p]
         try:
             wait_ports(ports, self.proc, deadline, self.name, self.log)
