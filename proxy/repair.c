@@ -10,6 +10,8 @@ repair_why_stale(const struct repair_staleness *in)
 		return "requested by the operator";
 	if (in->has_user && in->gen_now > in->gen_synced)
 		return "mailbox changed since the session last matched it";
+	if (in->unheard)
+		return "selected while this instance was still subscribing to the user's changes";
 	if (in->epoch_now != in->epoch_synced)
 		return "changes may have been missed while the state store or the backend feed was unreachable";
 	if (in->resync_after > 0 && in->since_sync >= in->resync_after)

@@ -12,6 +12,7 @@
 struct repair_staleness {
 	int requested;			/* an operator asked */
 	int has_user;			/* generations are known for the user */
+	int unheard;			/* selected (or last matched) while a change could go unheard */
 	uint64_t gen_now, gen_synced;	/* the mailbox's generation, now and when last matched */
 	uint64_t epoch_now, epoch_synced;	/* the state store's epoch, likewise */
 	long long since_sync;		/* seconds since the session last matched */

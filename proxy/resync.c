@@ -88,6 +88,7 @@ resync_why_stale(const struct session *s)
 	struct repair_staleness in = {
 		.requested = s->resync.requested,
 		.has_user = t->suser != NULL,
+		.unheard = t->selected && t->unheard,
 		.gen_now = t->suser != NULL ? store_gen(t->suser, t->mailbox) : 0,
 		.gen_synced = t->synced_gen,
 		.epoch_now = server_epoch(s->srv),
@@ -194,6 +195,7 @@ resync_start_check(struct session *s)
 	s->resync.requested = 0;
 	r->gen_before = t->synced_gen;
 	r->gen = t->suser ? store_gen(t->suser, t->mailbox) : 0;
+	r->unheard = !store_user_listening(s->srv->store, t->suser);
 	r->failed = 0;
 	r->matched_at_search = 0;
 	uidset_clear(&r->truth);
@@ -271,6 +273,7 @@ resync_mailbox_changed(struct session *s, const char *mailbox)
 	    s->track.mailbox, r->reason);
 	r->gen_before = s->track.synced_gen;
 	r->gen = store_gen(s->track.suser, s->track.mailbox);
+	r->unheard = !store_user_listening(s->srv->store, s->track.suser);
 	resync_event(s, "idle-refresh", NULL);
 }
 
@@ -341,6 +344,7 @@ resync_finish(struct session *s, int synced, const char *outcome)
 	t->fetch_sink = NULL;
 	if (synced) {
 		track_synced(s, r->gen);
+		t->unheard = r->unheard;	/* still not listening when it began: check again */
 		s->resync.last_done = time(NULL);
 	}
 	log_msg(LOG_LEVEL_INFO, s->sid, "resync \"%s\": %s", t->mailbox, outcome);

@@ -39,6 +39,7 @@ struct resync {
 	unsigned pending;		/* injected commands not completed */
 	int failed;			/* one of them was refused */
 	uint64_t gen;			/* the generation being synced to */
+	int unheard;			/* ... while a change could go unheard (track.unheard) */
 	struct uidset truth;		/* UID SEARCH ALL: what the mailbox holds */
 	struct seqmap server_view;	/* FETCH 1:* (UID): the server session's seq -> UID */
 	int matched_at_search;		/* the view matched the SEARCH result when it came */

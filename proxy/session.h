@@ -52,6 +52,7 @@ struct inflight {
 	char *user;		/* LOGIN / AUTHENTICATE PLAIN identity, until the OK */
 	uint64_t sent_usec;	/* when it went upstream, for the latency histogram */
 	int expunge_issued;	/* it named messages expunged but not yet told: OK becomes NO */
+	int unheard;		/* SELECT sent while the user's changes could go unheard */
 };
 
 /* How the current upstream response travels to the client. */

@@ -51,8 +51,11 @@
  * would be missed: the user's generations are read (HGETALL P{U}:gen) when
  * subscribing and again once the subscription is confirmed, and every
  * mailbox whose shared generation moved in between counts as changed (at
- * worst a change heard twice: one resync too many). Regaining Redis
- * subscribes every user with sessions here again.
+ * worst a change heard twice: one resync too many). The two reads miss a
+ * change made after a session's SELECT but counted before the first read:
+ * a session that selects before that read is back checks once (track.unheard,
+ * store_user_listening()). Regaining Redis subscribes every user with
+ * sessions here again.
  *
  * Two connections: commands, and SUBSCRIBE (which allows nothing else;
  * hiredis 0.14 cannot route sharded pub/sub replies, it knows SUBSCRIBE and
@@ -321,6 +324,16 @@ store_gen(struct store_user *u, const char *mailbox)
 	const struct strmap_entry *e = u ? strmap_find(&u->gens, mailbox) : NULL;
 
 	return (e ? e->v.n : 0) + (u ? u->all : 0);
+}
+
+int
+store_user_listening(const struct store *st, const struct store_user *u)
+{
+	if (!st->redis || !st->healthy)
+		return 1;
+	if (u == NULL)
+		return 0;
+	return u->sub != STORE_SUB_ASKED || u->snap != NULL;
 }
 
 /*

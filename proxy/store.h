@@ -62,6 +62,14 @@ const char *store_user_last_change(const struct store_user *u);
  * only grows, with every change seen or heard of. No I/O: the hot path. */
 uint64_t store_gen(struct store_user *u, const char *mailbox);
 
+/* Will this instance learn of every change of u's made from now on? Not
+ * while u's channel is being subscribed and the first generations read has
+ * not come back (a change counted before that read and published before the
+ * subscription is neither heard nor seen as a difference), nor for a user
+ * not joined yet (NULL). Memory state, and Redis down (the epoch covers
+ * that), always. */
+int store_user_listening(const struct store *st, const struct store_user *u);
+
 /* A command through this instance changed the mailbox: bump it here, notify
  * the user's other members, and (Redis) HINCRBY the shared generation and
  * PUBLISH the change for the other instances, asynchronously. except (may be

@@ -83,6 +83,7 @@ track_deselect(struct session *s, const char *why)
 	t->uidvalidity = t->uidnext = 0;
 	t->highestmodseq = 0;
 	t->readonly = 0;	/* the next SELECT's [READ-ONLY] (or EXAMINE) says it again */
+	t->unheard = 0;
 	seqmap_reset(&t->view, 0);
 	pending_clear(&t->pending);	/* a new view: nothing of the old one is owed */
 	t->dirty = 1;
@@ -100,6 +101,8 @@ track_command_sent(struct session *s, struct inflight *f, const struct command *
 		f->readonly = cmd->kind == CMD_EXAMINE;
 		if (cmd->kind != CMD_APPEND && f->mailbox != NULL)
 			f->mailbox_wire = strdup(command_arg(cmd, 0)->val);
+		if (cmd->kind != CMD_APPEND)
+			f->unheard = !store_user_listening(s->srv->store, s->track.suser);
 		break;
 	case CMD_COPY:
 	case CMD_MOVE:
@@ -523,6 +526,7 @@ track_completed(struct session *s, struct inflight *f, int ok, const char *text)
 		track_set_name(&t->mailbox_wire, f->mailbox_wire ? f->mailbox_wire : f->mailbox);
 		t->readonly = t->readonly || f->readonly;
 		track_synced(s, t->suser ? store_gen(t->suser, t->mailbox) : 0);
+		t->unheard = f->unheard;
 		log_msg(LOG_LEVEL_DEBUG, s->sid, "mailbox \"%s\" selected: %u messages, UIDVALIDITY %u",
 		    t->mailbox, t->view.count, t->uidvalidity);
 		break;

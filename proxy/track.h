@@ -44,6 +44,7 @@ struct track {
 	struct seqmap view;		/* the client's count and seq -> UID */
 	struct pending pending;		/* expunges made upstream, not told to the client yet */
 	uint64_t synced_gen;		/* generation the session last matched */
+	int unheard;			/* selected while a change could go unheard: check once */
 	uint64_t synced_epoch;		/* store epoch at that time */
 	time_t last_sync;
 	int dirty;			/* changed since the last store write */

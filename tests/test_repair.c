@@ -224,7 +224,8 @@ test_model(void)
 static void
 test_staleness(void)
 {
-	struct repair_staleness in = { 0, 1, 5, 5, 2, 2, 10, 0 };
+	struct repair_staleness in = { .requested = 0, .has_user = 1, .gen_now = 5, .gen_synced = 5,
+		.epoch_now = 2, .epoch_synced = 2, .since_sync = 10, .resync_after = 0 };
 
 	ok(repair_why_stale(&in) == NULL, "same generation, same epoch, no resync_after: in sync");
 	in.gen_now = 6;
@@ -240,6 +241,9 @@ test_staleness(void)
 	    "resync_after elapsed (10 s of 10)");
 	in.since_sync = 9;
 	ok(repair_why_stale(&in) == NULL, "9 s of 10: not yet");
+	in.unheard = 1;
+	ok(repair_why_stale(&in) && strstr(repair_why_stale(&in), "subscribing"),
+	    "selected while the user's changes could go unheard");
 	in.requested = 1;
 	ok(repair_why_stale(&in) && strstr(repair_why_stale(&in), "operator"), "an operator asked");
 }

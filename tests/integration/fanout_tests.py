@@ -74,6 +74,12 @@ def stale_on(p):
     return any(s["possibly_stale"] for s in get_json(p.admin_port, "/sessions"))
 
 
+def behind(p):
+    """A session's mailbox moved on since it last matched it (a change was
+    heard or read): not merely possibly stale for another reason."""
+    return any(s["gen"] > s["synced_gen"] for s in get_json(p.admin_port, "/sessions"))
+
+
 def interest(ctx, plain):
     kind = "plain" if plain else "sharded"
     redis = start_redis(ctx, "fanout-" + kind, plain)
@@ -142,11 +148,14 @@ def t_fanout_plain(ctx):
 
 class HoldRelay:
     """A TCP relay to Redis that holds a connection's traffic, from the
-    command subscribing a channel containing pattern on, until release()."""
+    command subscribing a channel containing pattern on (or any command that
+    matches the regular expression commands and names pattern), until
+    release(). Each connection is held by its own first such command."""
 
-    def __init__(self, port, pattern):
+    def __init__(self, port, pattern, commands=rb"\r\nS?SUBSCRIBE\r\n"):
         self.target = port
         self.pattern = pattern
+        self.commands = commands
         self.seen = threading.Event()
         self.released = threading.Event()
         self.lsock = socket.socket()
@@ -173,8 +182,8 @@ class HoldRelay:
                 data = src.recv(65536)
                 if not data:
                     break
-                if upward and not self.seen.is_set() and self.pattern in data \
-                        and re.search(rb"\r\nS?SUBSCRIBE\r\n", data, re.I):
+                if upward and not self.released.is_set() and self.pattern in data \
+                        and re.search(self.commands, data, re.I):
                     self.seen.set()
                     self.released.wait(30)
                 dst.sendall(data)
@@ -215,12 +224,46 @@ def t_fanout_subscribe_race(ctx):
     uid = server.deliver("alice", "Archive", message(2, "fanout-race"))
     notify(pa.admin_port, "user=alice&mailbox=Archive")
     wait_for(lambda: calls(redis, "spublish") == 1, "a to publish it")
-    check(numsub(redis, "alice", False) == 0 and not stale_on(pb),
+    # (The session may count as possibly stale already, having selected
+    # before b's first read of the generations came back: that is the next
+    # test's case. Here it must not have heard of the change itself.)
+    check(numsub(redis, "alice", False) == 0 and not behind(pb),
           "nobody heard it: b's subscription is still held")
     relay.release()
-    wait_for(lambda: stale_on(pb), "b, once subscribed, to count the change it did not hear")
+    wait_for(lambda: behind(pb), "b, once subscribed, to count the change it did not hear")
     check(b.uid_fetch_all("F1") == [uid], "B sees the delivery")
     check(received(pb) == 0, "b heard no message: it read the change (%d)", received(pb))
+    b.assert_clean()
+
+
+@test("fanout: a session that selected while its user's channel was being subscribed "
+      "(the first read of the generations not back yet) checks its mailbox once: a change "
+      "counted before that read and published before the subscription is not missed",
+      proxy_only=True, timeout=60)
+def t_fanout_select_while_subscribing(ctx):
+    redis = start_redis(ctx, "fanout-unheard")
+    # Both of b's links to Redis stop at alice's first command there: the
+    # generations read (command link) and the subscription (subscriber link).
+    relay = HoldRelay(redis.port, b"{alice}:", rb"\r\n(S?SUBSCRIBE|HGETALL)\r\n")
+    ctx.closers.append(relay.stop)
+    server, up = start_upstream(ctx, "fanout-unheard")
+    pa = instance(ctx, "fo-a", redis.url, up)
+    pb = instance(ctx, "fo-b", "redis://%s:%d" % (HOST, relay.port), up)
+    both_up(redis)
+    b = login(ctx, pb.tls_port, "B")
+    wait_for(relay.seen.is_set, "b to ask for alice's generations and channel (held)")
+    b.expect_ok("S1", "SELECT Archive")
+    check(stale_on(pb), "the session that selected meanwhile counts as possibly stale")
+    # Another instance's change after the SELECT: counted in Redis before b's
+    # first read of the generations gets there, published before b subscribes.
+    uid = server.deliver("alice", "Archive", message(3, "fanout-unheard"))
+    notify(pa.admin_port, "user=alice&mailbox=Archive")
+    wait_for(lambda: calls(redis, "spublish") == 1, "a to publish it")
+    relay.release()
+    wait_for(lambda: channels(pb) == 1, "b to be subscribed to alice's channel")
+    check(received(pb) == 0, "b heard nothing of it (%d)", received(pb))
+    check(b.uid_fetch_all("F1") == [uid], "B sees the delivery")
+    check(not stale_on(pb), "checked once, it is in sync again")
     b.assert_clean()
 
 
