@@ -354,6 +354,34 @@ session_schedule_free(struct session *s)
 	event_active(s->ev_free, EV_TIMEOUT, 0);
 }
 
+/* COMPRESS's link under the filter drained while closing: the filter's own
+ * write callback does not say so. */
+static void
+session_under_drained_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+{
+	struct session *s = arg;
+
+	if (info->n_deleted > 0 && evbuffer_get_length(buf) == 0 && s->state == SESSION_CLOSING)
+		session_schedule_free(s);
+}
+
+/* Everything for the client reached its socket, through COMPRESS's filter
+ * and the link under it: only then may the link close (and close_notify go). */
+static int
+session_client_flushed(struct session *s)
+{
+	struct bufferevent *under = bufferevent_get_underlying(s->client);
+	struct evbuffer *uout;
+
+	if (evbuffer_get_length(bufferevent_get_output(s->client)) > 0)
+		return 0;
+	if (under == NULL || evbuffer_get_length(uout = bufferevent_get_output(under)) == 0)
+		return 1;
+	if (s->under_drained == NULL)
+		s->under_drained = evbuffer_add_cb(uout, session_under_drained_cb, s);
+	return 0;
+}
+
 void
 session_close(struct session *s, const char *bye, const char *why)
 {
@@ -365,6 +393,7 @@ session_close(struct session *s, const char *bye, const char *why)
 		bye = NULL;
 	}
 	if (s->up != NULL) {
+		tls_close_notify(s->up);
 		bufferevent_free(s->up);
 		s->up = NULL;
 	}
@@ -382,7 +411,7 @@ session_close(struct session *s, const char *bye, const char *why)
 		bufferevent_disable(s->client, EV_READ);
 	if (bye != NULL)
 		session_reply(s, "* BYE %s", bye);
-	if (evbuffer_get_length(bufferevent_get_output(s->client)) == 0)
+	if (session_client_flushed(s))
 		session_schedule_free(s);
 	else
 		bufferevent_setwatermark(s->client, EV_WRITE, 0, 0);
@@ -398,8 +427,14 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 	timersub(&now, &s->started, &age);
 	log_msg(LOG_LEVEL_INFO, s->sid, "disconnected after %ld.%03lds", (long)age.tv_sec,
 	    (long)age.tv_usec / 1000);
-	if (s->client != NULL)
+	if (s->client != NULL) {
+		struct bufferevent *under = bufferevent_get_underlying(s->client);
+		if (s->under_drained != NULL)
+			evbuffer_remove_cb_entry(bufferevent_get_output(under), s->under_drained);
+		if (!s->client_eof_error)
+			tls_close_notify(s->client);
 		bufferevent_free(s->client);
+	}
 	if (s->up != NULL)
 		bufferevent_free(s->up);
 	if (s->clex != NULL)
@@ -498,7 +533,7 @@ session_client_write_cb(struct bufferevent *bev, void *arg)
 	size_t pending = evbuffer_get_length(bufferevent_get_output(bev));
 
 	if (s->state == SESSION_CLOSING) {
-		if (pending == 0)
+		if (pending == 0 && session_client_flushed(s))
 			session_schedule_free(s);
 		return;
 	}
@@ -537,6 +572,7 @@ session_client_event_cb(struct bufferevent *bev, short what, void *arg)
 	}
 	/* EOF or error: the client is gone, nothing more can reach it. */
 	s->client_eof = 1;
+	s->client_eof_error = (what & BEV_EVENT_ERROR) != 0;
 	if (s->state == SESSION_CLOSING) {
 		session_schedule_free(s);
 		return;

@@ -82,6 +82,8 @@ struct session {
 	int client_tls_pending;		/* handshake not finished yet */
 	int authenticated;
 	int client_eof;
+	int client_eof_error;		/* the client link broke: no close_notify on it */
+	struct evbuffer_cb_entry *under_drained;	/* closing with COMPRESS: see session.c */
 
 	struct bufferevent *client;
 	struct bufferevent *up;
