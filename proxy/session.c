@@ -387,7 +387,7 @@ session_close(struct session *s, const char *bye, const char *why)
 {
 	if (s->state == SESSION_CLOSING || s->state == SESSION_DEAD)
 		return;
-	log_msg(LOG_LEVEL_INFO, s->sid, "closing: %s", why);
+	log_msg(s->quiet_close ? LOG_LEVEL_DEBUG : LOG_LEVEL_INFO, s->sid, "closing: %s", why);
 	if (!session_upstream_cut(s) && bye != NULL) {
 		log_msg(LOG_LEVEL_INFO, s->sid, "no BYE: the client is inside a literal");
 		bye = NULL;
@@ -577,7 +577,12 @@ session_client_event_cb(struct bufferevent *bev, short what, void *arg)
 		session_schedule_free(s);
 		return;
 	}
-	if (s->client_tls_pending) {
+	if (s->client_tls_pending && tls_peer_silent(bev)) {
+		/* Not a byte of a ClientHello: a port probe (a readiness or health
+		 * check), routine rather than a failed handshake. */
+		s->quiet_close = 1;
+		session_close(s, NULL, "closed before its TLS handshake began (a port probe?)");
+	} else if (s->client_tls_pending) {
 		s->srv->stats.tls_handshake_failures++;
 		tls_error_describe(bev, why, sizeof(why));
 		session_close(s, NULL, why);

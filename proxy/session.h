@@ -82,6 +82,7 @@ struct session {
 	int client_tls_pending;		/* handshake not finished yet */
 	int authenticated;
 	int client_eof;
+	int quiet_close;		/* the close is routine: logged at debug (a port probe) */
 	int client_eof_error;		/* the client link broke: no close_notify on it */
 	struct evbuffer_cb_entry *under_drained;	/* closing with COMPRESS: see session.c */
 

@@ -164,6 +164,15 @@ tls_error_describe(struct bufferevent *bev, char *buf, size_t len)
 		snprintf(buf, len, "connection closed during TLS");
 }
 
+int
+tls_peer_silent(struct bufferevent *bev)
+{
+	SSL *ssl = bufferevent_openssl_get_ssl(bev);
+	BIO *rbio = ssl != NULL ? SSL_get_rbio(ssl) : NULL;
+
+	return rbio != NULL && BIO_number_read(rbio) == 0;
+}
+
 void
 tls_close_notify(struct bufferevent *bev)
 {

@@ -26,6 +26,10 @@ struct bufferevent *tls_bufferevent_new(struct event_base *base, int fd, SSL *ss
 /* The reason the last TLS operation on bev failed, for logs. */
 void tls_error_describe(struct bufferevent *bev, char *buf, size_t len);
 
+/* The peer closed a TLS link without sending a single byte: a port probe
+ * (a readiness or health check), not a failed handshake. */
+int tls_peer_silent(struct bufferevent *bev);
+
 /* An orderly end: send close_notify (answering the peer's, if it sent one)
  * before the socket closes. bev may be COMPRESS's filter over the TLS one.
  * Does nothing for plaintext, an unfinished or failed handshake, or while
