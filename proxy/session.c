@@ -138,6 +138,15 @@ session_login_deadline(struct session *s)
 		evtimer_add(s->ev_login, &t);
 }
 
+int
+session_link_secure(const struct session *s)
+{
+	/* The real client's address: behind a balancer, not the balancer's. */
+	return !s->srv->cfg.require_tls || s->client_tls ||
+	    (!s->client_unknown && proxyproto_trusted(s->srv->secure,
+	    (const struct sockaddr *)&s->client_sa));
+}
+
 void
 session_login_done(struct session *s)
 {
@@ -234,7 +243,8 @@ session_proxy_read_cb(evutil_socket_t fd, short what, void *arg)
 		s->client_sa = src;
 		session_format_addr((struct sockaddr *)&src, s->client_addr, sizeof(s->client_addr));
 		log_msg(LOG_LEVEL_INFO, s->sid, "PROXY header from %s: client %s", was, s->client_addr);
-	}
+	} else
+		s->client_unknown = 1;
 	session_proxy_done(s);
 	session_start(s, fd);
 	return;

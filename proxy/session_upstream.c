@@ -39,7 +39,7 @@ session_upstream_policy(struct session *s, struct capability_policy *p)
 	/* STARTTLS is valid only before authentication. */
 	p->offer_starttls = !s->client_tls && !s->authenticated && !session_upstream_logs_in(s) &&
 	    s->srv->tls_server != NULL;
-	p->login_disabled = s->srv->cfg.require_tls && !s->client_tls;
+	p->login_disabled = !session_link_secure(s);
 	/* Like Dovecot: once authenticated (COMPRESS is valid only then). */
 	p->offer_compress = (s->authenticated || session_upstream_logs_in(s)) &&
 	    !compress_active(s->client);
