@@ -601,7 +601,8 @@ session_client_event_cb(struct bufferevent *bev, short what, void *arg)
 		    evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
 		session_close(s, NULL, why);
 	} else
-		session_close(s, NULL, "client closed the connection");
+		session_close(s, NULL, s->logged_out ? "client logged out" :
+		    "client closed the connection");
 }
 
 struct inflight *

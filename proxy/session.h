@@ -83,6 +83,7 @@ struct session {
 	int authenticated;
 	int client_eof;
 	int client_unknown;		/* a PROXY header named no client (LOCAL, UNKNOWN) */
+	int logged_out;			/* the upstream completed the client's LOGOUT */
 	int quiet_close;		/* the close is routine: logged at debug (a port probe) */
 	int client_eof_error;		/* the client link broke: no close_notify on it */
 	struct evbuffer_cb_entry *under_drained;	/* closing with COMPRESS: see session.c */
