@@ -69,6 +69,9 @@ test_defaults(void)
 	ok(c.require_tls == 1, "default require_tls = yes");
 	ok(strcmp(c.secure_networks, "127.0.0.0/8, ::1") == 0,
 	    "default secure_networks is loopback (as Dovecot): %s", c.secure_networks);
+	/* Checked here, not by binding it: the tests never take 8143 from a demo. */
+	ok(strcmp(c.admin_listen, "127.0.0.1:8143") == 0, "default admin_listen is %s",
+	    c.admin_listen);
 	ok(c.upstream.host[0] == '\0' && strcmp(c.upstream.port, "143") == 0,
 	    "default upstream: no host, port 143");
 	ok(c.upstream_tls == UPSTREAM_TLS_NONE, "default upstream_tls = none");
