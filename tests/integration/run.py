@@ -1297,6 +1297,7 @@ import status_tests  # noqa: E402,F401  (issue 19: the status page, in a browser
 import sentinel_tests  # noqa: E402,F401  (issue 18: Redis Sentinel)
 import fanout_tests  # noqa: E402,F401  (issue 18: changes only to instances that need them)
 import upgrade_tests  # noqa: E402,F401  (issue 18: zero-downtime upgrade)
+import firstrun_tests  # noqa: E402,F401  (issue 19: first-run surprises)
 
 
 def main():
