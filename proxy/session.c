@@ -318,6 +318,7 @@ session_set_timeouts(struct session *s)
 {
 	const struct config *cfg = &s->srv->cfg;
 	struct timeval t = { 0, 0 };
+	struct bufferevent *under;
 
 	if (s->client == NULL)
 		return;
@@ -330,6 +331,10 @@ session_set_timeouts(struct session *s)
 	else
 		t.tv_sec = cfg->timeout_preauth;
 	bufferevent_set_timeouts(s->client, &t, &t);
+	/* COMPRESS: a closing session may wait on the link under the filter
+	 * (session_client_flushed), which must not outwait the flush limit. */
+	if ((under = bufferevent_get_underlying(s->client)) != NULL)
+		bufferevent_set_timeouts(under, &t, &t);
 }
 
 void

@@ -140,6 +140,29 @@ def t_close_notify_compress(ctx):
     check(re.search(rb"\r\no OK", text), "no LOGOUT OK before the clean EOF: %r", text[-300:])
 
 
+@test("firstrun: with COMPRESS=DEFLATE, a client that never reads after LOGOUT does not hold "
+      "its session past the 10 s close flush (the link under the filter times out too)",
+      proxy_only=True, timeout=90)
+def t_compress_close_no_reader(ctx):
+    p = ctx.proxy("closenotify-zstuck")
+    c, _ = ctx.session("alice", p.tls_port, timeout=30)
+    box = ctx.mailbox(c, "Z")
+    body = base64.encodebytes(os.urandom(6 << 20))
+    msg = b"Subject: big\r\n\r\n" + body.replace(b"\n", b"\r\n")
+    c.expect_ok("a", b"APPEND %s {%d+}\r\n%s" % (box.encode(), len(msg), msg))
+    c.close()
+    sock, buf = strict_tls(ctx, p.tls_port, starttls=False)
+    status(cmd(sock, buf, b"l", b'LOGIN "alice" "%s"' % USERS["alice"].encode()), "OK")
+    status(cmd(sock, buf, b"s", b"SELECT " + box.encode()), "OK")
+    status(cmd(sock, buf, b"z", b"COMPRESS DEFLATE"), "OK")
+    out = zlib.compressobj(6, zlib.DEFLATED, -15)
+    sock.sendall(out.compress(b"f FETCH 1 BODY[]\r\no LOGOUT\r\n") +
+                 out.flush(zlib.Z_SYNC_FLUSH))
+    m = wait_log(p, r"(s\d+): closing: client logged out$", "the LOGOUT's close", 30)
+    # timeout_idle (30 min) would keep it; the close flush limit is 10 s.
+    wait_log(p, r"%s: disconnected after" % m.group(1), "the session freed", 40)
+
+
 # ------------------------------------------------- close_notify, upstream side
 
 class TlsUpstream:
