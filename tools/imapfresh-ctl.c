@@ -2108,7 +2108,7 @@ main(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	static struct ctl c;
-	char **overrides = calloc((size_t)argc + 1, sizeof(char *)), *end;
+	char *overrides[argc + 1], *end;	/* on the stack: every return frees it */
 	const char *file = NULL, *cmd;
 	int n_overrides = 0, ch, rc;
 
@@ -2191,6 +2191,5 @@ main(int argc, char **argv)
 	for (size_t i = 0; i < c.n_inst; i++)
 		ctl_json_free(c.inst[i].live);
 	free(c.inst);
-	free(overrides);
 	return rc;
 }
