@@ -835,9 +835,12 @@ admin_bind(const char *spec, int port_offset, char *err, size_t errlen)
 	fd = socket(res->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
 	    bind(fd, res->ai_addr, (socklen_t)res->ai_addrlen) < 0 || listen(fd, 64) < 0) {
-		snprintf(err, errlen, "admin_listen %s%s%s: %s", spec,
+		int e = errno;
+		/* Most often a second imapfresh on the host with the same default. */
+		snprintf(err, errlen, "admin_listen %s%s%s: %s%s", spec,
 		    port_offset > 0 ? ", worker's port " : "", port_offset > 0 ? a.port : "",
-		    strerror(errno));
+		    strerror(e), e == EADDRINUSE ? " (another imapfresh on this host? give each "
+		    "instance its own admin_listen = host:port, or admin_listen = (empty) for none)" : "");
 		if (fd >= 0)
 			close(fd);
 		evutil_freeaddrinfo(res);

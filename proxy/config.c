@@ -73,6 +73,8 @@ static const char *config_check_http_url(const char *value);
 	    .help = "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's)") \
 	X(require_tls, BOOL, .def = "yes", \
 	    .help = "refuse LOGIN and AUTHENTICATE until the client link is TLS") \
+	X(secure_networks, STRING, .def = "127.0.0.0/8, ::1", .check = config_check_cidrs, \
+	    .help = "networks whose plaintext connections count as secure for require_tls; empty = none") \
 	X(upstream, ADDR, \
 	    .help = "IMAP server host[:port]; port 143, or 993 with upstream_tls = tls") \
 	X(upstream_tls, ENUM, .def = "none", .choices = config_upstream_tls_names, \

@@ -51,6 +51,7 @@ struct config {
 	char tls_key[1024];
 	char tls_ciphers[512];	/* TLS 1.2 cipher list (OpenSSL syntax) */
 	int require_tls;	/* LOGIN/AUTHENTICATE only over TLS */
+	char secure_networks[1024];	/* CIDRs secure without TLS (loopback, like Dovecot) */
 
 	/* upstream */
 	struct config_addr upstream;

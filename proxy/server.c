@@ -239,6 +239,10 @@ server_init(struct server *srv, struct event_base *base, char *err, size_t errle
 		    srv->cfg.proxy_protocol_trusted);
 		return -1;
 	}
+	if (proxyproto_trust_parse(srv->cfg.secure_networks, &srv->secure) < 0) {
+		snprintf(err, errlen, "secure_networks: cannot parse %s", srv->cfg.secure_networks);
+		return -1;
+	}
 	if (trace_set(srv, srv->cfg.trace, err, errlen) < 0 || events_open(srv, err, errlen) < 0 ||
 	    admin_start(srv, err, errlen) < 0)
 		return -1;
@@ -316,6 +320,13 @@ server_reload(struct server *srv)
 		if (proxyproto_trust_parse(next->proxy_protocol_trusted, &t) == 0) {
 			proxyproto_trust_free(srv->trusted);
 			srv->trusted = t;
+		}
+	}
+	if (strcmp(srv->cfg.secure_networks, next->secure_networks) != 0) {
+		struct proxyproto_trust *t = NULL;
+		if (proxyproto_trust_parse(next->secure_networks, &t) == 0) {
+			proxyproto_trust_free(srv->secure);
+			srv->secure = t;
 		}
 	}
 	srv->cfg = *next;
@@ -402,6 +413,7 @@ server_free(struct server *srv)
 	events_close(srv);
 	trace_free_rules(srv);
 	proxyproto_trust_free(srv->trusted);
+	proxyproto_trust_free(srv->secure);
 	if (srv->ev_listen_retry)
 		event_free(srv->ev_listen_retry);
 	if (srv->ev_shutdown_deadline)

@@ -62,6 +62,7 @@ struct server {
 	struct events *events;		/* the sync event log (events.c) */
 	struct admin *admin;		/* the HTTP endpoint (admin.c) */
 	struct proxyproto_trust *trusted;	/* who may send PROXY headers */
+	struct proxyproto_trust *secure;	/* secure_networks: plaintext counts as secure */
 	time_t started;
 
 	struct server_listener listeners[2 * CONFIG_MAX_LISTEN];

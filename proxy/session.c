@@ -138,6 +138,15 @@ session_login_deadline(struct session *s)
 		evtimer_add(s->ev_login, &t);
 }
 
+int
+session_link_secure(const struct session *s)
+{
+	/* The real client's address: behind a balancer, not the balancer's. */
+	return !s->srv->cfg.require_tls || s->client_tls ||
+	    (!s->client_unknown && proxyproto_trusted(s->srv->secure,
+	    (const struct sockaddr *)&s->client_sa));
+}
+
 void
 session_login_done(struct session *s)
 {
@@ -234,7 +243,8 @@ session_proxy_read_cb(evutil_socket_t fd, short what, void *arg)
 		s->client_sa = src;
 		session_format_addr((struct sockaddr *)&src, s->client_addr, sizeof(s->client_addr));
 		log_msg(LOG_LEVEL_INFO, s->sid, "PROXY header from %s: client %s", was, s->client_addr);
-	}
+	} else
+		s->client_unknown = 1;
 	session_proxy_done(s);
 	session_start(s, fd);
 	return;
@@ -308,6 +318,7 @@ session_set_timeouts(struct session *s)
 {
 	const struct config *cfg = &s->srv->cfg;
 	struct timeval t = { 0, 0 };
+	struct bufferevent *under;
 
 	if (s->client == NULL)
 		return;
@@ -320,6 +331,10 @@ session_set_timeouts(struct session *s)
 	else
 		t.tv_sec = cfg->timeout_preauth;
 	bufferevent_set_timeouts(s->client, &t, &t);
+	/* COMPRESS: a closing session may wait on the link under the filter
+	 * (session_client_flushed), which must not outwait the flush limit. */
+	if ((under = bufferevent_get_underlying(s->client)) != NULL)
+		bufferevent_set_timeouts(under, &t, &t);
 }
 
 void
@@ -354,17 +369,46 @@ session_schedule_free(struct session *s)
 	event_active(s->ev_free, EV_TIMEOUT, 0);
 }
 
+/* COMPRESS's link under the filter drained while closing: the filter's own
+ * write callback does not say so. */
+static void
+session_under_drained_cb(struct evbuffer *buf, const struct evbuffer_cb_info *info, void *arg)
+{
+	struct session *s = arg;
+
+	if (info->n_deleted > 0 && evbuffer_get_length(buf) == 0 && s->state == SESSION_CLOSING)
+		session_schedule_free(s);
+}
+
+/* Everything for the client reached its socket, through COMPRESS's filter
+ * and the link under it: only then may the link close (and close_notify go). */
+static int
+session_client_flushed(struct session *s)
+{
+	struct bufferevent *under = bufferevent_get_underlying(s->client);
+	struct evbuffer *uout;
+
+	if (evbuffer_get_length(bufferevent_get_output(s->client)) > 0)
+		return 0;
+	if (under == NULL || evbuffer_get_length(uout = bufferevent_get_output(under)) == 0)
+		return 1;
+	if (s->under_drained == NULL)
+		s->under_drained = evbuffer_add_cb(uout, session_under_drained_cb, s);
+	return 0;
+}
+
 void
 session_close(struct session *s, const char *bye, const char *why)
 {
 	if (s->state == SESSION_CLOSING || s->state == SESSION_DEAD)
 		return;
-	log_msg(LOG_LEVEL_INFO, s->sid, "closing: %s", why);
+	log_msg(s->quiet_close ? LOG_LEVEL_DEBUG : LOG_LEVEL_INFO, s->sid, "closing: %s", why);
 	if (!session_upstream_cut(s) && bye != NULL) {
 		log_msg(LOG_LEVEL_INFO, s->sid, "no BYE: the client is inside a literal");
 		bye = NULL;
 	}
 	if (s->up != NULL) {
+		tls_close_notify(s->up);
 		bufferevent_free(s->up);
 		s->up = NULL;
 	}
@@ -382,7 +426,7 @@ session_close(struct session *s, const char *bye, const char *why)
 		bufferevent_disable(s->client, EV_READ);
 	if (bye != NULL)
 		session_reply(s, "* BYE %s", bye);
-	if (evbuffer_get_length(bufferevent_get_output(s->client)) == 0)
+	if (session_client_flushed(s))
 		session_schedule_free(s);
 	else
 		bufferevent_setwatermark(s->client, EV_WRITE, 0, 0);
@@ -398,8 +442,14 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 	timersub(&now, &s->started, &age);
 	log_msg(LOG_LEVEL_INFO, s->sid, "disconnected after %ld.%03lds", (long)age.tv_sec,
 	    (long)age.tv_usec / 1000);
-	if (s->client != NULL)
+	if (s->client != NULL) {
+		struct bufferevent *under = bufferevent_get_underlying(s->client);
+		if (s->under_drained != NULL)
+			evbuffer_remove_cb_entry(bufferevent_get_output(under), s->under_drained);
+		if (!s->client_eof_error)
+			tls_close_notify(s->client);
 		bufferevent_free(s->client);
+	}
 	if (s->up != NULL)
 		bufferevent_free(s->up);
 	if (s->clex != NULL)
@@ -498,7 +548,7 @@ session_client_write_cb(struct bufferevent *bev, void *arg)
 	size_t pending = evbuffer_get_length(bufferevent_get_output(bev));
 
 	if (s->state == SESSION_CLOSING) {
-		if (pending == 0)
+		if (pending == 0 && session_client_flushed(s))
 			session_schedule_free(s);
 		return;
 	}
@@ -537,11 +587,17 @@ session_client_event_cb(struct bufferevent *bev, short what, void *arg)
 	}
 	/* EOF or error: the client is gone, nothing more can reach it. */
 	s->client_eof = 1;
+	s->client_eof_error = (what & BEV_EVENT_ERROR) != 0;
 	if (s->state == SESSION_CLOSING) {
 		session_schedule_free(s);
 		return;
 	}
-	if (s->client_tls_pending) {
+	if (s->client_tls_pending && tls_peer_silent(bev)) {
+		/* Not a byte of a ClientHello: a port probe (a readiness or health
+		 * check), routine rather than a failed handshake. */
+		s->quiet_close = 1;
+		session_close(s, NULL, "closed before its TLS handshake began (a port probe?)");
+	} else if (s->client_tls_pending) {
 		s->srv->stats.tls_handshake_failures++;
 		tls_error_describe(bev, why, sizeof(why));
 		session_close(s, NULL, why);
@@ -550,7 +606,8 @@ session_client_event_cb(struct bufferevent *bev, short what, void *arg)
 		    evutil_socket_error_to_string(EVUTIL_SOCKET_ERROR()));
 		session_close(s, NULL, why);
 	} else
-		session_close(s, NULL, "client closed the connection");
+		session_close(s, NULL, s->logged_out ? "client logged out" :
+		    "client closed the connection");
 }
 
 struct inflight *

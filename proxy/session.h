@@ -83,6 +83,11 @@ struct session {
 	int client_tls_pending;		/* handshake not finished yet */
 	int authenticated;
 	int client_eof;
+	int client_unknown;		/* a PROXY header named no client (LOCAL, UNKNOWN) */
+	int logged_out;			/* the upstream completed the client's LOGOUT */
+	int quiet_close;		/* the close is routine: logged at debug (a port probe) */
+	int client_eof_error;		/* the client link broke: no close_notify on it */
+	struct evbuffer_cb_entry *under_drained;	/* closing with COMPRESS: see session.c */
 
 	struct bufferevent *client;
 	struct bufferevent *up;
@@ -153,6 +158,10 @@ void session_set_client_callbacks(struct session *s);
 
 /* Write a line (CRLF added) to the client. */
 void session_reply(struct session *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* May the client log in on its link as it is now: TLS, require_tls off, or a
+ * client address in secure_networks. */
+int session_link_secure(const struct session *s);
 
 /* The client authenticated: the pre-login deadline is off. */
 void session_login_done(struct session *s);

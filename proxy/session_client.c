@@ -10,8 +10,10 @@
 #include "tls.h"
 #include "trace.h"
 
+/* Says which settings decide, for whoever reads it at the client's end. */
 static const char SESSION_PRIVACY[] =
-    "NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.";
+    "NO [PRIVACYREQUIRED] Plaintext authentication disallowed on non-secure (SSL/TLS) "
+    "connections (use STARTTLS; imapfresh settings: require_tls, secure_networks).";
 
 static void
 session_client_reset(struct session *s)
@@ -94,8 +96,12 @@ session_client_decide(struct session *s, int whole_line)
 		break;
 	case CMD_LOGIN:
 	case CMD_AUTHENTICATE:
-		if (srv->cfg.require_tls && !s->client_tls)
+		if (!session_link_secure(s)) {
 			session_client_reject(s, SESSION_PRIVACY);
+			log_msg(LOG_LEVEL_INFO, s->sid, "%s refused: plaintext link from %s "
+			    "(require_tls = yes; the client is not in secure_networks)", s->cmd.name,
+			    s->client_addr);
+		}
 		break;
 	case CMD_COMPRESS:
 		/* RFC 4978: terminated here, like TLS; the upstream link stays as it is. */

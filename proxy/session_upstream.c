@@ -39,7 +39,7 @@ session_upstream_policy(struct session *s, struct capability_policy *p)
 	/* STARTTLS is valid only before authentication. */
 	p->offer_starttls = !s->client_tls && !s->authenticated && !session_upstream_logs_in(s) &&
 	    s->srv->tls_server != NULL;
-	p->login_disabled = s->srv->cfg.require_tls && !s->client_tls;
+	p->login_disabled = !session_link_secure(s);
 	/* Like Dovecot: once authenticated (COMPRESS is valid only then). */
 	p->offer_compress = (s->authenticated || session_upstream_logs_in(s)) &&
 	    !compress_active(s->client);
@@ -471,6 +471,22 @@ session_upstream_start(struct session *s)
 	session_client_process(s);
 }
 
+/* Operators grep for failed logins: the name (made printable, a literal may
+ * hold anything), the client, the server's words; never the password. */
+static void
+session_upstream_log_failed_login(struct session *s, const struct inflight *f)
+{
+	char user[128];
+	size_t i;
+
+	snprintf(user, sizeof(user), "%s", f->user != NULL ? f->user : "?");
+	for (i = 0; user[i] != '\0'; i++)
+		if ((unsigned char)user[i] < 0x20 || user[i] == 0x7f)
+			user[i] = '?';
+	log_msg(LOG_LEVEL_INFO, s->sid, "login failed: user=<%s> from %s: %s %s", user,
+	    s->client_addr, s->resp_word, s->resp_status_text);
+}
+
 /* A tagged completion: the command is done, for the upstream and for us. */
 static void
 session_upstream_completed(struct session *s)
@@ -514,6 +530,10 @@ session_upstream_completed(struct session *s)
 		s->authenticated = 1;
 		session_login_done(s);
 		session_set_timeouts(s);
+	} else if (f->kind == CMD_LOGIN || f->kind == CMD_AUTHENTICATE) {
+		session_upstream_log_failed_login(s, f);
+	} else if (ok && f->kind == CMD_LOGOUT) {
+		s->logged_out = 1;
 	} else if (ok && f->kind == CMD_UNAUTHENTICATE) {
 		s->authenticated = 0;
 		session_set_timeouts(s);

@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <openssl/err.h>
 #include <openssl/x509v3.h>
+#include <event2/buffer.h>
 #include <event2/bufferevent_ssl.h>
 
 #include "tls.h"
@@ -161,6 +162,33 @@ tls_error_describe(struct bufferevent *bev, char *buf, size_t len)
 		    X509_verify_cert_error_string(SSL_get_verify_result(ssl)));
 	if (buf[0] == '\0')
 		snprintf(buf, len, "connection closed during TLS");
+}
+
+int
+tls_peer_silent(struct bufferevent *bev)
+{
+	SSL *ssl = bufferevent_openssl_get_ssl(bev);
+	BIO *rbio = ssl != NULL ? SSL_get_rbio(ssl) : NULL;
+
+	return rbio != NULL && BIO_number_read(rbio) == 0;
+}
+
+void
+tls_close_notify(struct bufferevent *bev)
+{
+	struct bufferevent *under = bufferevent_get_underlying(bev);
+	struct bufferevent *tb = under != NULL ? under : bev;
+	SSL *ssl = bufferevent_openssl_get_ssl(tb);
+
+	if (ssl == NULL || !SSL_is_init_finished(ssl) || (SSL_get_shutdown(ssl) & SSL_SENT_SHUTDOWN))
+		return;
+	if (evbuffer_get_length(bufferevent_get_output(bev)) > 0 ||
+	    evbuffer_get_length(bufferevent_get_output(tb)) > 0)
+		return;
+	/* Non-blocking: the alert is written now or not at all; the peer's
+	 * close_notify is not waited for (RFC 8446 6.1 allows that). */
+	SSL_shutdown(ssl);
+	ERR_clear_error();
 }
 
 void

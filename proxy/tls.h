@@ -26,6 +26,16 @@ struct bufferevent *tls_bufferevent_new(struct event_base *base, int fd, SSL *ss
 /* The reason the last TLS operation on bev failed, for logs. */
 void tls_error_describe(struct bufferevent *bev, char *buf, size_t len);
 
+/* The peer closed a TLS link without sending a single byte: a port probe
+ * (a readiness or health check), not a failed handshake. */
+int tls_peer_silent(struct bufferevent *bev);
+
+/* An orderly end: send close_notify (answering the peer's, if it sent one)
+ * before the socket closes. bev may be COMPRESS's filter over the TLS one.
+ * Does nothing for plaintext, an unfinished or failed handshake, or while
+ * output is still queued (never cut into a record). */
+void tls_close_notify(struct bufferevent *bev);
+
 /* "TLSv1.3 TLS_AES_256_GCM_SHA384" for logs. */
 void tls_describe(struct bufferevent *bev, char *buf, size_t len);
 

@@ -203,5 +203,6 @@ upstream_event_cb(struct bufferevent *bev, short what, void *arg)
 	s->up_paused = 0;
 	session_upstream_process(s);
 	session_close(s, s->upstream_bye ? NULL :
-	    "[UNAVAILABLE] Backend server closed the connection", "upstream closed the connection");
+	    "[UNAVAILABLE] Backend server closed the connection",
+	    s->logged_out ? "client logged out" : "upstream closed the connection");
 }

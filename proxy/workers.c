@@ -67,13 +67,14 @@ workers_signal_all(struct workers *w, int sig)
 			kill(w->pid[i], sig);
 }
 
+/* sig is the one the master got, passed on so that the workers' logs name it. */
 static void
-workers_stop(struct workers *w, int status)
+workers_stop(struct workers *w, int status, int sig)
 {
 	if (!w->stopping)
 		w->status = status;
 	w->stopping = 1;
-	workers_signal_all(w, SIGTERM);
+	workers_signal_all(w, sig);
 }
 
 static void
@@ -112,7 +113,7 @@ workers_reap(struct workers *w)
 		    WIFEXITED(st) && WEXITSTATUS(st) != 0) {
 			/* Its own error is on stderr or in the log already. */
 			log_error("worker %d (pid %ld) %s at start: stopping", i, (long)pid, how);
-			workers_stop(w, WEXITSTATUS(st));
+			workers_stop(w, WEXITSTATUS(st), SIGTERM);
 			continue;
 		}
 		log_warning("worker %d (pid %ld) %s; starting a new one", i, (long)pid, how);
@@ -134,7 +135,7 @@ workers_ready(struct workers *w, int i)
 		return;
 	w->ready[i] = 1;
 	if (++w->n_ready == w->srv->workers && upgrade_master_ready(w->srv) < 0)
-		workers_stop(w, 1);
+		workers_stop(w, 1, SIGTERM);
 }
 
 int
@@ -162,7 +163,7 @@ workers_start(struct server *srv)
 		if (r == 1)
 			return WORKERS_CHILD;
 		if (r < 0) {
-			workers_stop(&w, 1);
+			workers_stop(&w, 1, SIGTERM);
 			break;
 		}
 	}
@@ -188,7 +189,7 @@ workers_start(struct server *srv)
 		case SIGTERM:
 		case SIGINT:
 			log_notice("master: %s: stopping the workers", sig == SIGTERM ? "SIGTERM" : "SIGINT");
-			workers_stop(&w, 0);
+			workers_stop(&w, 0, sig);
 			break;
 		case SIGHUP:
 			log_notice("master: SIGHUP: passed on to the workers");

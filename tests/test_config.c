@@ -67,6 +67,11 @@ test_defaults(void)
 	ok(strcmp(c.tls_ciphers, "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!MD5:!DSS") == 0,
 	    "default tls_ciphers is %s", c.tls_ciphers);
 	ok(c.require_tls == 1, "default require_tls = yes");
+	ok(strcmp(c.secure_networks, "127.0.0.0/8, ::1") == 0,
+	    "default secure_networks is loopback (as Dovecot): %s", c.secure_networks);
+	/* Checked here, not by binding it: the tests never take 8143 from a demo. */
+	ok(strcmp(c.admin_listen, "127.0.0.1:8143") == 0, "default admin_listen is %s",
+	    c.admin_listen);
 	ok(c.upstream.host[0] == '\0' && strcmp(c.upstream.port, "143") == 0,
 	    "default upstream: no host, port 143");
 	ok(c.upstream_tls == UPSTREAM_TLS_NONE, "default upstream_tls = none");
@@ -125,7 +130,7 @@ test_table(void)
 			no_help++;
 	}
 	ok(n > 0 && names_match && config_keys[n] == NULL, "config_keys[] lists the %d table rows in order", n);
-	ok(n == 46, "46 keys (got %d); update the tests and docs when adding one", n);
+	ok(n == 47, "47 keys (got %d); update the tests and docs when adding one", n);
 	ok(dups == 0, "no key twice in the table");
 	ok(bad_defaults == 0, "every default parses");
 	ok(bad_ranges == 0, "every numeric range fits its field");
@@ -257,6 +262,7 @@ static const struct {
 	{ "trace_stream_max", "x", "trace_stream_max: not an integer: x" },
 	{ "proxy_protocol_trusted", "10.0.0.0/33", "proxy_protocol_trusted: expected comma-separated addresses or networks, as in 10.0.0.0/8, ::1, got \"10.0.0.0/33\"" },
 	{ "proxy_protocol_trusted", "example.org", "proxy_protocol_trusted: expected comma-separated addresses or networks, as in 10.0.0.0/8, ::1, got \"example.org\"" },
+	{ "secure_networks", "localhost", "secure_networks: expected comma-separated addresses or networks, as in 10.0.0.0/8, ::1, got \"localhost\"" },
 	{ "upstream_client_address", "xff", "upstream_client_address: expected none, id, proxy-v1 or proxy-v2, got \"xff\"" },
 	{ "backend_events", "dovecot", "backend_events: expected none or wildduck, got \"dovecot\"" },
 	{ "backend_redis", "http://x", "backend_redis: expected empty, redis://host[:port][/db] or redis+unix:///path, got \"http://x\"" },
@@ -289,6 +295,7 @@ static const struct {
 	{ "trace", "all" }, { "trace", "user alice bodies" }, { "trace", "client 10.0." },
 	{ "trace_file", "/tmp/t.log" }, { "trace_stream_max", "100" },
 	{ "proxy_protocol_trusted", "10.0.0.0/8, ::1, 192.0.2.7" },
+	{ "secure_networks", "" }, { "secure_networks", "127.0.0.1, 10.1.0.0/16, fd00::/8" },
 	{ "upstream_client_address", "proxy-v2" }, { "upstream_client_address", "id" },
 	{ "backend_events", "wildduck" }, { "backend_redis", "redis://127.0.0.1:6379/3" },
 	{ "backend_api", "http://127.0.0.1:8080/api" }, { "backend_api_token", "t0k3n" },

@@ -480,6 +480,7 @@ struct ctl {
 	struct ctl_instance *inst;
 	size_t n_inst;
 	int registry_loaded;
+	const char *config_file;	/* the file read, or NULL: built-in defaults */
 };
 
 static void
@@ -1784,7 +1785,14 @@ ctl_events_file(struct ctl *c)
 	struct stat st;
 
 	if (path[0] == '\0') {
-		ctl_err("no event source: the configuration has no Redis state and no event_log");
+		/* Say which configuration that was: most often the wrong one. */
+		if (c->config_file != NULL)
+			ctl_err("no event source: %s has no Redis state and no event_log",
+			    c->config_file);
+		else
+			ctl_err("no event source: no configuration read (%s does not exist; give -c "
+			    "FILE or set IMAPFRESH_CONFIG), and the defaults have no Redis state "
+			    "and no event_log", CTL_DEFAULT_CONFIG);
 		return CTL_EXIT_ERROR;
 	}
 	if ((f = fopen(path, "r")) == NULL) {
@@ -2054,7 +2062,8 @@ ctl_usage(FILE *f)
 	    "  upgrade                  zero-downtime restart with the binary and configuration\n"
 	    "                           now on disk (SIGUSR2 to the pid in pid_file)\n"
 	    "options:\n"
-	    "  -c file        configuration (default %s when it exists)\n"
+	    "  -c file        configuration (default $IMAPFRESH_CONFIG,\n"
+	    "                 else %s when it exists)\n"
 	    "  -o key=value   override a configuration key (state, redis_prefix, admin_listen...)\n"
 	    "  --json         JSON output\n"
 	    "  --admin ADDR   talk to this admin endpoint instead of discovering them\n"
@@ -2067,8 +2076,11 @@ ctl_load_config(struct ctl *c, const char *file, char **overrides, int n_overrid
 	char err[1400];
 
 	config_defaults(&c->cfg);
+	if (file == NULL && getenv("IMAPFRESH_CONFIG") != NULL && getenv("IMAPFRESH_CONFIG")[0])
+		file = getenv("IMAPFRESH_CONFIG");
 	if (file == NULL && access(CTL_DEFAULT_CONFIG, R_OK) == 0)
 		file = CTL_DEFAULT_CONFIG;
+	c->config_file = file;
 	if (file != NULL && config_load_file(&c->cfg, file, err, sizeof(err)) < 0) {
 		ctl_err("%s", err);
 		return -1;
@@ -2096,7 +2108,7 @@ main(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	static struct ctl c;
-	char **overrides = calloc((size_t)argc + 1, sizeof(char *)), *end;
+	char *overrides[argc + 1], *end;	/* on the stack: every return frees it */
 	const char *file = NULL, *cmd;
 	int n_overrides = 0, ch, rc;
 
@@ -2179,6 +2191,5 @@ main(int argc, char **argv)
 	for (size_t i = 0; i < c.n_inst; i++)
 		ctl_json_free(c.inst[i].live);
 	free(c.inst);
-	free(overrides);
 	return rc;
 }

@@ -75,10 +75,15 @@ class Env:
             self.proxy.start()
 
     def new_proxy(self, name, options=(), upstream=None, upstream_tls="none",
-                  listen=True, listen_tls=True):
+                  listen=True, listen_tls=True, secure_loopback=False):
         with self.lock:
             self.instances += 1
             n = self.instances
+        # The suite connects from loopback, which secure_networks trusts by
+        # default: off, so that require_tls's refusals stay tested (firstrun_tests
+        # covers the default).
+        if not secure_loopback:
+            options = [("secure_networks", "")] + list(options)
         return servers.Imapfresh(
             self.binary, os.path.join(self.tmp, "proxy"),
             upstream or "%s:%d" % (HOST, self.dovecot.port),
@@ -177,10 +182,11 @@ class Ctx:
         return im
 
     def proxy(self, name, options=(), upstream=None, upstream_tls="none",
-              listen=True, listen_tls=True, start=True):
+              listen=True, listen_tls=True, start=True, secure_loopback=False):
         if self.direct:
             raise Skip("needs imapfresh")
-        p = self.env.new_proxy(name, options, upstream, upstream_tls, listen, listen_tls)
+        p = self.env.new_proxy(name, options, upstream, upstream_tls, listen, listen_tls,
+                               secure_loopback)
         self.proxies.append(p)
         if start:
             p.start()
@@ -1291,6 +1297,7 @@ import status_tests  # noqa: E402,F401  (issue 19: the status page, in a browser
 import sentinel_tests  # noqa: E402,F401  (issue 18: Redis Sentinel)
 import fanout_tests  # noqa: E402,F401  (issue 18: changes only to instances that need them)
 import upgrade_tests  # noqa: E402,F401  (issue 18: zero-downtime upgrade)
+import firstrun_tests  # noqa: E402,F401  (issue 19: first-run surprises)
 
 
 def main():
