@@ -231,6 +231,7 @@ server_init(struct server *srv, struct event_base *base, char *err, size_t errle
 		return -1;
 	store_set_up_callback(srv->store, server_store_up, srv);
 	store_set_failover_callback(srv->store, server_store_failover, srv);
+	store_set_listening_callback(srv->store, session_store_listening);
 	if ((srv->feed = feed_new(srv, err, errlen)) == NULL && err[0])
 		return -1;
 	srv->started = time(NULL);

@@ -750,3 +750,42 @@ session_store_notify(void *member, const char *mailbox)
 {
 	resync_mailbox_changed(member, mailbox);
 }
+
+struct session_wake {
+	struct server *srv;
+	uint64_t id;
+};
+
+static void
+session_listening_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct session_wake *w = arg;
+	struct session *s = session_find(w->srv, w->id);
+
+	(void)fd;
+	(void)what;
+	free(w);
+	if (s != NULL && s->held && s->resync.phase == RESYNC_NONE)
+		session_client_release(s);
+}
+
+void
+session_store_listening(void *member)
+{
+	struct session *s = member;
+	struct session_wake *w;
+	struct timeval now = { 0, 0 };
+
+	if (!s->held || s->resync.phase != RESYNC_NONE)
+		return;	/* only a SELECT waiting for it holds without a resync */
+	if ((w = malloc(sizeof(*w))) == NULL) {
+		session_close(s, "[UNAVAILABLE] Out of memory", "out of memory");
+		return;
+	}
+	w->srv = s->srv;
+	w->id = s->id;
+	if (event_base_once(s->srv->base, -1, EV_TIMEOUT, session_listening_cb, w, &now) < 0) {
+		free(w);
+		session_close(s, "[UNAVAILABLE] Internal error", "event_base_once failed");
+	}
+}

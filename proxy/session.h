@@ -195,6 +195,9 @@ void session_request_resync(struct session *s);
 
 /* store_notify_fn: one of the user's mailboxes changed. */
 void session_store_notify(void *member, const char *mailbox);
+/* store_listening_fn: a SELECT waiting for the user's changes to be heard
+ * goes on (deferred, found again by id). */
+void session_store_listening(void *member);
 
 /* session_client.c: the client's bytes, command by command. */
 void session_client_process(struct session *s);

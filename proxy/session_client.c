@@ -7,6 +7,7 @@
 #include "log.h"
 #include "relay.h"
 #include "session.h"
+#include "store.h"
 #include "tls.h"
 #include "trace.h"
 
@@ -266,18 +267,44 @@ session_client_error_resp(const struct imap_tok *tok, char *buf, size_t len, con
 	}
 }
 
+/*
+ * A SELECT or EXAMINE of a user whose changes this instance is only starting
+ * to hear (the user's first session here: the channel being subscribed, the
+ * first read of the generations not back) waits for it, a Redis round trip:
+ * a change made after the server took the SELECT but counted in Redis before
+ * that read would otherwise go unseen (store.c). session_store_listening()
+ * lets it go on. A released command passes (no_hold).
+ */
+static int
+session_client_waits_listening(const struct session *s)
+{
+	return (s->cmd.kind == CMD_SELECT || s->cmd.kind == CMD_EXAMINE) && !s->no_hold &&
+	    s->track.suser != NULL && !store_user_listening(s->srv->store, s->track.suser);
+}
+
 /* A trigger command on a possibly stale session waits, its first segment
  * kept in cline, until the resync is over. */
 static int
 session_client_hold(struct session *s, const struct imap_tok *tok)
 {
-	if (s->cmd_reject || s->cmd_local || !resync_hold(s, &s->cmd))
+	int for_resync;
+
+	if (s->cmd_reject || s->cmd_local)
+		return 0;
+	if (session_client_waits_listening(s)) {
+		for_resync = 0;
+		log_msg(LOG_LEVEL_DEBUG, s->sid, "%s waits until this instance hears %s's changes",
+		    s->cmd.name, s->track.user);
+	} else if (resync_hold(s, &s->cmd))
+		for_resync = 1;
+	else
 		return 0;
 	session_client_fate(s, TRACE_HELD);
 	s->held = 1;
 	s->held_tok = tok->type;
 	s->held_lit_flags = tok->literal_flags;
-	resync_quiet(s);
+	if (for_resync)
+		resync_quiet(s);
 	return 1;
 }
 

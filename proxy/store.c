@@ -53,8 +53,9 @@
  * mailbox whose shared generation moved in between counts as changed (at
  * worst a change heard twice: one resync too many). The two reads miss a
  * change made after a session's SELECT but counted before the first read:
- * a session that selects before that read is back checks once (track.unheard,
- * store_user_listening()). Regaining Redis subscribes every user with
+ * a SELECT waits until that read is back (store_user_listening(), the
+ * listening callback; a session that could not wait checks once,
+ * track.unheard). Regaining Redis subscribes every user with
  * sessions here again.
  *
  * Two connections: commands, and SUBSCRIBE (which allows nothing else;
@@ -167,6 +168,7 @@ struct store {
 	char master_up[300];	/* the last one reached, and found a master */
 	store_failover_fn failover_fn;
 	void *failover_arg;
+	store_listening_fn listening_fn;
 };
 
 /* A change waiting for its HINCRBY reply, to be published then. */
@@ -324,6 +326,16 @@ store_gen(struct store_user *u, const char *mailbox)
 	const struct strmap_entry *e = u ? strmap_find(&u->gens, mailbox) : NULL;
 
 	return (e ? e->v.n : 0) + (u ? u->all : 0);
+}
+
+/* u's members may go on with what waited for store_user_listening(). The
+ * callback defers its work, so the members stay put meanwhile. */
+static void
+store_tell_listening(struct store *st, struct store_user *u)
+{
+	if (st->listening_fn)
+		for (size_t i = 0; i < u->n; i++)
+			st->listening_fn(u->members[i]);
 }
 
 int
@@ -959,6 +971,7 @@ store_on_snap_before(redisAsyncContext *ac, void *reply, void *privdata)
 		    && r->element[i + 1]->type == REDIS_REPLY_STRING
 		    && (e = strmap_get(u->snap, r->element[i]->str)))
 			e->v.n = strtoull(r->element[i + 1]->str, NULL, 10);
+	store_tell_listening(((struct store_link *)ac->data)->st, u);
 }
 
 /* The user's generations once subscribed: what moved since the snapshot
@@ -1053,6 +1066,7 @@ store_sub_confirmed(struct store *st, const char *user)
 	u->sub = STORE_SUB_ON;
 	st->stats.channels++;
 	store_snap_ask(st, u, store_on_snap_after);
+	store_tell_listening(st, u);	/* in case the first read's answer was lost */
 }
 
 /* u's last session here is gone. */
@@ -1085,6 +1099,7 @@ store_subs_reset(struct store *st)
 			if ((u = e->v.ptr)) {
 				u->sub = STORE_SUB_NONE;
 				store_user_snap_free(u);
+				store_tell_listening(st, u);	/* an outage: the epoch covers it */
 			}
 	st->stats.channels = 0;
 }
@@ -1647,6 +1662,12 @@ store_set_failover_callback(struct store *st, store_failover_fn fn, void *arg)
 {
 	st->failover_fn = fn;
 	st->failover_arg = arg;
+}
+
+void
+store_set_listening_callback(struct store *st, store_listening_fn fn)
+{
+	st->listening_fn = fn;
 }
 
 /* The instance's name: instance_id, or the host name. */

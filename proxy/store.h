@@ -45,6 +45,13 @@ void store_upgrade_overlap(struct store *st, int on, int handed_over);
 typedef void (*store_failover_fn)(void *arg, const char *from, const char *to);
 void store_set_failover_callback(struct store *st, store_failover_fn fn, void *arg);
 
+/* Called for every member of a user once store_user_listening() may have
+ * become true for it (the first read of its generations came back, or
+ * Redis was lost: the epoch covers an outage). It must not make members
+ * leave: defer whatever it does. */
+typedef void (*store_listening_fn)(void *member);
+void store_set_listening_callback(struct store *st, store_listening_fn fn);
+
 /* Before event_base_free(). What is queued for Redis is written out as far as
  * it goes without blocking; users still joined are freed with the store. */
 void store_free(struct store *st);

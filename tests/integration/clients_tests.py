@@ -319,14 +319,20 @@ FLAGS = re.compile(rb"FLAGS \(([^)]*)\)")
 def maildir_messages(maildir, norm=None):
     """(flags, body) of each message of a Maildir folder, sorted; flags from the file name's
     info part (":2,FS"), keywords and \\Recent left out; body through norm (default normal)."""
-    out = []
-    for sub in ("cur", "new"):
-        for f in glob.glob(os.path.join(maildir, sub, "*")):
-            info = os.path.basename(f).partition(":2,")[2]
-            with open(f, "rb") as fh:
-                out.append((" ".join(sorted(MAILDIR_FLAGS[c] for c in info if c in MAILDIR_FLAGS)),
-                            (norm or normal)(fh.read())))
-    return sorted(out)
+    for _ in range(50):
+        out = []
+        try:
+            for sub in ("cur", "new"):
+                for f in glob.glob(os.path.join(maildir, sub, "*")):
+                    info = os.path.basename(f).partition(":2,")[2]
+                    with open(f, "rb") as fh:
+                        out.append((" ".join(sorted(MAILDIR_FLAGS[c] for c in info
+                                                    if c in MAILDIR_FLAGS)),
+                                    (norm or normal)(fh.read())))
+            return sorted(out)
+        except FileNotFoundError:
+            continue    # a client renamed it (new flags) while we listed: list again
+    raise AssertionError("%s: files kept vanishing while listed" % maildir)
 
 
 def server_messages(ctx, box, user="carol"):
