@@ -100,6 +100,9 @@ static const char *config_check_http_url(const char *value);
 	X(redis_publish_global, BOOL, .def = "no", \
 	    .help = "also publish every change on <redis_prefix>changes, for instances of " \
 	    "earlier versions during a rolling upgrade") \
+	X(select_wait, INT, .def = "100", .min = 0, .max = 10000, \
+	    .help = "milliseconds a user's first SELECT here waits for this instance to hear " \
+	    "the user's changes; 0 = never (the session checks its mailbox once instead)") \
 	X(instance_id, STRING, .check = config_check_instance, \
 	    .help = "this instance's name in Redis keys and messages; empty = host name") \
 	X(state_ttl, DURATION, .def = "1h", .min = 60, \

@@ -84,6 +84,7 @@ struct config {
 	int resync_after;		/* seconds; 0 = only on detected changes */
 	char redis_prefix[128];		/* key prefix, "imapfresh:" */
 	int redis_publish_global;	/* changes on Pchanges too (rolling upgrades) */
+	int select_wait;		/* ms a SELECT waits for the user's channel (session_client.c) */
 	char instance_id[128];		/* this instance in keys and messages; "" = host name */
 	int state_ttl;			/* seconds a session key outlives its last refresh */
 

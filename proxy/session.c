@@ -769,23 +769,44 @@ session_listening_cb(evutil_socket_t fd, short what, void *arg)
 		session_client_release(s);
 }
 
+/* Release the session's waiting SELECT after tv, from the loop, by id. */
+static int
+session_wake_after(struct session *s, const struct timeval *tv)
+{
+	struct session_wake *w;
+
+	if ((w = malloc(sizeof(*w))) == NULL)
+		return -1;
+	w->srv = s->srv;
+	w->id = s->id;
+	if (event_base_once(s->srv->base, -1, EV_TIMEOUT, session_listening_cb, w, tv) < 0) {
+		free(w);
+		return -1;
+	}
+	return 0;
+}
+
 void
 session_store_listening(void *member)
 {
 	struct session *s = member;
-	struct session_wake *w;
 	struct timeval now = { 0, 0 };
 
 	if (!s->held || s->resync.phase != RESYNC_NONE)
 		return;	/* only a SELECT waiting for it holds without a resync */
-	if ((w = malloc(sizeof(*w))) == NULL) {
+	if (session_wake_after(s, &now) < 0)
 		session_close(s, "[UNAVAILABLE] Out of memory", "out of memory");
-		return;
-	}
-	w->srv = s->srv;
-	w->id = s->id;
-	if (event_base_once(s->srv->base, -1, EV_TIMEOUT, session_listening_cb, w, &now) < 0) {
-		free(w);
-		session_close(s, "[UNAVAILABLE] Internal error", "event_base_once failed");
-	}
+}
+
+int
+session_wait_listening(struct session *s)
+{
+	/* A slow Redis must not hold a SELECT longer than select_wait: it then
+	   goes on, and the session checks its mailbox once (track.unheard). */
+	int ms = s->srv->cfg.select_wait;
+	struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+
+	if (ms == 0)
+		return -1;
+	return session_wake_after(s, &tv);
 }

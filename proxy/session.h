@@ -198,6 +198,9 @@ void session_store_notify(void *member, const char *mailbox);
 /* store_listening_fn: a SELECT waiting for the user's changes to be heard
  * goes on (deferred, found again by id). */
 void session_store_listening(void *member);
+/* A SELECT starts waiting for that: it goes on after select_wait at the
+ * latest. -1 when it does not wait (select_wait 0, out of memory). */
+int session_wait_listening(struct session *s);
 
 /* session_client.c: the client's bytes, command by command. */
 void session_client_process(struct session *s);

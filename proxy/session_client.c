@@ -273,7 +273,8 @@ session_client_error_resp(const struct imap_tok *tok, char *buf, size_t len, con
  * first read of the generations not back) waits for it, a Redis round trip:
  * a change made after the server took the SELECT but counted in Redis before
  * that read would otherwise go unseen (store.c). session_store_listening()
- * lets it go on. A released command passes (no_hold).
+ * lets it go on, or select_wait (a slow Redis holds no command longer; the
+ * session then checks once). A released command passes.
  */
 static int
 session_client_waits_listening(const struct session *s)
@@ -291,7 +292,7 @@ session_client_hold(struct session *s, const struct imap_tok *tok)
 
 	if (s->cmd_reject || s->cmd_local)
 		return 0;
-	if (session_client_waits_listening(s)) {
+	if (session_client_waits_listening(s) && session_wait_listening(s) == 0) {
 		for_resync = 0;
 		log_msg(LOG_LEVEL_DEBUG, s->sid, "%s waits until this instance hears %s's changes",
 		    s->cmd.name, s->track.user);

@@ -130,7 +130,7 @@ test_table(void)
 			no_help++;
 	}
 	ok(n > 0 && names_match && config_keys[n] == NULL, "config_keys[] lists the %d table rows in order", n);
-	ok(n == 47, "47 keys (got %d); update the tests and docs when adding one", n);
+	ok(n == 48, "48 keys (got %d); update the tests and docs when adding one", n);
 	ok(dups == 0, "no key twice in the table");
 	ok(bad_defaults == 0, "every default parses");
 	ok(bad_ranges == 0, "every numeric range fits its field");
@@ -216,6 +216,7 @@ static const struct {
 	{ "workers", "65", "workers: 65 out of range 1..64" },
 	{ "busy_poll", "-1", "busy_poll: not an integer: -1" },
 	{ "busy_poll", "100001", "busy_poll: 100001 out of range 0..100000" },
+	{ "select_wait", "10001", "select_wait: 10001 out of range 0..10000" },
 	{ "max_line", "12x", "max_line: not a size: 12x" },
 	{ "max_line", "1023", "max_line: 1023 out of range 1k..16M" },
 	{ "max_line", "16777217", "max_line: 16777217 out of range 1k..16M" },
@@ -286,7 +287,7 @@ static const struct {
 	{ "redis_prefix", "mail:imapfresh:" }, { "instance_id", "mx1.example.org" },
 	{ "redis_publish_global", "yes" },
 	{ "instance_id", "" }, { "state_ttl", "60" }, { "state_ttl", "24h" },
-	{ "max_clients", "1" }, { "workers", "64" }, { "busy_poll", "50" }, { "max_line", "16M" },
+	{ "max_clients", "1" }, { "workers", "64" }, { "busy_poll", "50" }, { "select_wait", "0" }, { "max_line", "16M" },
 	{ "max_literal", "1" }, { "timeout_connect", "1" }, { "timeout_tls_handshake", "1m" },
 	{ "timeout_preauth", "2h" }, { "timeout_idle", "2147483647" }, { "upgrade_drain_timeout", "10m" }, { "log_level", "DEBUG" },
 	{ "pid_file", "/run/imapfresh.pid" }, { "user", "nobody" },

@@ -39,9 +39,9 @@ def start_upstream(ctx, name):
     return server, "%s:%d" % (HOST, server.start())
 
 
-def instance(ctx, name, url, up):
+def instance(ctx, name, url, up, options=()):
     return ctx.proxy(name, upstream=up, options=[("state", url), ("redis_prefix", PREFIX),
-                                                 ("instance_id", name)])
+                                                 ("instance_id", name)] + list(options))
 
 
 def calls(redis, command):
@@ -236,10 +236,7 @@ def t_fanout_subscribe_race(ctx):
     b.assert_clean()
 
 
-@test("fanout: a SELECT while the user's channel is being subscribed (the first read of "
-      "the generations not back yet) waits for it: a change counted before that read and "
-      "published before the subscription is not missed", proxy_only=True, timeout=60)
-def t_fanout_select_while_subscribing(ctx):
+def select_while_subscribing(ctx, wait):
     redis = start_redis(ctx, "fanout-unheard")
     # Both of b's links to Redis stop at alice's first command there: the
     # generations read (command link) and the subscription (subscriber link).
@@ -247,27 +244,49 @@ def t_fanout_select_while_subscribing(ctx):
     ctx.closers.append(relay.stop)
     server, up = start_upstream(ctx, "fanout-unheard")
     pa = instance(ctx, "fo-a", redis.url, up)
-    pb = instance(ctx, "fo-b", "redis://%s:%d" % (HOST, relay.port), up)
+    pb = instance(ctx, "fo-b", "redis://%s:%d" % (HOST, relay.port), up,
+                  [("select_wait", str(wait))])
     both_up(redis)
     b = login(ctx, pb.tls_port, "B")
     wait_for(relay.seen.is_set, "b to ask for alice's generations and channel (held)")
     b.send(b"S1 SELECT Archive\r\n")
+    if not wait:
+        tagged, _, _ = b.wait_tagged(b"S1")
+        check(tagged.split()[1] == b"OK", "SELECT: %r", tagged)
+        check(stale_on(pb), "selected before b hears alice's changes: possibly stale")
     # Another instance's change: counted in Redis before b's first read of
     # the generations gets there, published before b subscribes. Had the
-    # server taken the SELECT already, b could learn of it no way.
+    # server taken the SELECT already, b could learn of it no way but by
+    # asking the server.
     uid = server.deliver("alice", "Archive", message(3, "fanout-unheard"))
     notify(pa.admin_port, "user=alice&mailbox=Archive")
     wait_for(lambda: calls(redis, "spublish") == 1, "a to publish it")
-    check([s["mailbox"] for s in get_json(pb.admin_port, "/sessions")] == [None],
-          "the SELECT waits for b to hear alice's changes")
+    if wait:
+        check([s["mailbox"] for s in get_json(pb.admin_port, "/sessions")] == [None],
+              "the SELECT waits for b to hear alice's changes")
     relay.release()
-    tagged, _, _ = b.wait_tagged(b"S1")
-    check(tagged.split()[1] == b"OK", "SELECT: %r", tagged)
+    if wait:
+        tagged, _, _ = b.wait_tagged(b"S1")
+        check(tagged.split()[1] == b"OK", "SELECT: %r", tagged)
     wait_for(lambda: channels(pb) == 1, "b to be subscribed to alice's channel")
     check(received(pb) == 0, "b heard nothing of it (%d)", received(pb))
     check(b.uid_fetch_all("F1") == [uid], "B sees the delivery")
     check(not stale_on(pb), "in sync")
     b.assert_clean()
+
+
+@test("fanout: a SELECT while the user's channel is being subscribed (the first read of "
+      "the generations not back yet) waits for it (select_wait): a change counted before "
+      "that read and published before the subscription is not missed", proxy_only=True,
+      timeout=60)
+def t_fanout_select_waits(ctx):
+    select_while_subscribing(ctx, 10000)
+
+
+@test("fanout: with select_wait = 0 such a SELECT goes on at once and the session checks "
+      "its mailbox once: the same change is not missed", proxy_only=True, timeout=60)
+def t_fanout_select_no_wait(ctx):
+    select_while_subscribing(ctx, 0)
 
 
 @test("fanout: redis_publish_global = yes also publishes every change on the global channel, "
