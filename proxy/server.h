@@ -71,6 +71,7 @@ struct server {
 
 	struct session_list sessions;
 	unsigned n_sessions;
+	unsigned n_busy;		/* of them, with busy state (session_busy()) */
 	uint64_t next_session_id;
 	struct server_stats stats;
 

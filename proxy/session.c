@@ -36,6 +36,7 @@ static void session_client_read_cb(struct bufferevent *bev, void *arg);
 static void session_client_write_cb(struct bufferevent *bev, void *arg);
 static void session_client_event_cb(struct bufferevent *bev, short what, void *arg);
 static void session_free_cb(evutil_socket_t fd, short what, void *arg);
+static void session_busy_free(struct session *s);
 
 const char *
 session_state_name(enum session_state st)
@@ -279,20 +280,14 @@ session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int t
 	s->proxy_fd = -1;
 	session_enter(s, SESSION_PROXY_HEADER, "accepted");
 	gettimeofday(&s->started, NULL);
-	command_reset(&s->cmd);
 	track_init(&s->track);
-	uidset_init(&s->resp_held_positions);
 	resync_init(&s->resync);
 	TAILQ_INSERT_TAIL(&srv->sessions, s, entry);
 	srv->n_sessions++;
 	srv->stats.accepted++;
 
 	s->ev_free = event_new(srv->base, -1, 0, session_free_cb, s);
-	s->cline = evbuffer_new();
-	s->uline = evbuffer_new();
-	s->resp_text = evbuffer_new();
-	if (s->ev_free == NULL || s->cline == NULL || s->uline == NULL || s->resp_text == NULL ||
-	    session_lex_limits(s) < 0) {
+	if (s->ev_free == NULL || session_lex_limits(s) < 0) {
 		close(fd);
 		log_msg(LOG_LEVEL_ERROR, s->sid, "out of memory setting up the session");
 		session_close(s, NULL, "setup failed");
@@ -456,12 +451,6 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 		imap_lex_free(s->clex);
 	if (s->ulex != NULL)
 		imap_lex_free(s->ulex);
-	if (s->cline != NULL)
-		evbuffer_free(s->cline);
-	if (s->uline != NULL)
-		evbuffer_free(s->uline);
-	if (s->resp_text != NULL)
-		evbuffer_free(s->resp_text);
 	if (s->ev_free != NULL)
 		event_free(s->ev_free);
 	if (s->ev_proxy != NULL) {
@@ -472,11 +461,10 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 	trace_session_end(s);
 	track_forget(s);
 	track_free(&s->track);
-	uidset_free(&s->resp_held_positions);
 	resync_free(&s->resync);
 	while (s->n_inflight > 0)
 		session_inflight_remove(s, &s->inflight[s->n_inflight - 1]);
-	command_reset(&s->cmd);	/* frees arguments of a command cut short */
+	session_busy_free(s);	/* frees arguments of a command cut short */
 	free(s->inflight);
 	TAILQ_REMOVE(&s->srv->sessions, s, entry);
 	s->srv->n_sessions--;
@@ -685,6 +673,82 @@ session_inflight_remove(struct session *s, struct inflight *f)
 	memmove(&s->inflight[i], &s->inflight[i + 1], (s->n_inflight - i - 1) * sizeof(*f));
 	s->n_inflight--;
 	s->last_active_usec = metrics_now_usec();
+}
+
+static void
+session_busy_free(struct session *s)
+{
+	struct session_busy *b = s->busy;
+
+	if (b == NULL)
+		return;
+	command_reset(&b->cmd);
+	uidset_free(&b->resp_held_positions);
+	if (b->cline != NULL)
+		evbuffer_free(b->cline);
+	if (b->uline != NULL)
+		evbuffer_free(b->uline);
+	if (b->resp_text != NULL)
+		evbuffer_free(b->resp_text);
+	free(b);
+	s->busy = NULL;
+	s->srv->n_busy--;
+}
+
+struct session_busy *
+session_busy(struct session *s)
+{
+	struct session_busy *b;
+
+	if (s->busy != NULL)
+		return s->busy;
+	/* Zeroed is the rest state: empty tag, word and text, no arguments. */
+	if ((b = calloc(1, sizeof(*b))) == NULL || (b->cline = evbuffer_new()) == NULL ||
+	    (b->uline = evbuffer_new()) == NULL) {
+		if (b != NULL) {
+			if (b->cline != NULL)
+				evbuffer_free(b->cline);
+			free(b);
+		}
+		log_msg(LOG_LEVEL_ERROR, s->sid, "out of memory for a command");
+		session_close(s, "[UNAVAILABLE] Out of memory", "out of memory");
+		return NULL;
+	}
+	command_reset(&b->cmd);
+	renumber_cmd_reset(&b->rn);
+	uidset_init(&b->resp_held_positions);
+	s->busy = b;
+	s->srv->n_busy++;
+	return b;
+}
+
+/*
+ * At rest: nothing half-done refers to the busy state. No command being read,
+ * refused, held or half forwarded; no response being read or waiting in the
+ * upstream input; no resync; nothing in flight but the client's IDLE, idling
+ * (it ends with the client's DONE, read as a new line).
+ */
+static int
+session_at_rest(const struct session *s)
+{
+	const struct session_busy *b = s->busy;
+
+	return s->state == SESSION_RUNNING && s->nest == 0 && !s->held &&
+	    s->resync.phase == RESYNC_NONE &&
+	    ((s->n_inflight == 0 && s->wait == WAIT_NONE) ||
+	    (s->n_inflight == 1 && s->wait == WAIT_IDLE && s->idling)) &&
+	    !s->cmd_forwarded && !s->cmd_reject && !s->cmd_local && !s->line_is_continuation &&
+	    b->cmd.ntokens == 0 && b->cmd.args == NULL && b->cmd.sasl_user == NULL &&
+	    evbuffer_get_length(b->cline) == 0 && imap_lex_at_command_start(s->clex) &&
+	    s->resp_mode == RESP_UNDECIDED && s->up_deferred == 0 && s->up_resp_start == 0 &&
+	    evbuffer_get_length(b->uline) == 0 && imap_lex_at_command_start(s->ulex);
+}
+
+void
+session_busy_put(struct session *s)
+{
+	if (s->busy != NULL && session_at_rest(s))
+		session_busy_free(s);
 }
 
 void

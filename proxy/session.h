@@ -64,6 +64,28 @@ enum resp_mode {
 	RESP_RENUMBER,	/* held to the end of the line, its message numbers renumbered */
 };
 
+/*
+ * What a session needs only while a command, a response or its upstream
+ * STARTTLS is under way: allocated when first needed (session_busy()),
+ * freed when the session is at rest again (session_busy_put()), so that an
+ * idle session (10,000s of them, mostly in IDLE) carries none of it.
+ */
+struct session_busy {
+	/* client to upstream */
+	struct evbuffer *cline;		/* raw bytes of the command segment being read */
+	struct command cmd;		/* the command being read */
+	struct renumber_cmd rn;		/* its sequence sets, for renumbering */
+	char reject_buf[160];		/* cmd_reject_resp when it is built here */
+	/* upstream to client */
+	struct evbuffer *uline;		/* raw bytes of the response held so far */
+	struct evbuffer *resp_text;	/* rewritten line under construction (NULL until one) */
+	char resp_tag[COMMAND_TAG_MAX + 1];
+	char resp_word[16];		/* OK, NO, CAPABILITY, EXISTS, ... (index 1) */
+	char resp_status_text[256];	/* resp-text of the response being read */
+	struct uidset resp_held_positions;	/* a held VANISHED's client positions */
+	char up_tag[24];		/* tag of imapfresh's own upstream STARTTLS */
+};
+
 struct session {
 	uint64_t id;
 	char sid[24];			/* "s" + id, the log prefix */
@@ -93,39 +115,31 @@ struct session {
 	struct bufferevent *up;
 	struct imap_lex *clex, *ulex;
 	struct event *ev_free;
+	struct session_busy *busy;	/* NULL while the session is at rest */
+	unsigned nest;			/* client/upstream processing under way (re-entered) */
 
 	/* client to upstream */
-	struct evbuffer *cline;		/* raw bytes of the command segment being read */
-	struct command cmd;		/* the command being read */
 	int cmd_reject;			/* answer locally, forward nothing */
 	const char *cmd_reject_resp;	/* the tagged response to give */
 	int cmd_forwarded;		/* some segment already went upstream */
 	int cmd_local;			/* handled by imapfresh (STARTTLS) */
 	int line_is_continuation;	/* a DONE or SASL line, not a command */
-	struct renumber_cmd rn;		/* its sequence sets, for renumbering */
-	char reject_buf[160];		/* cmd_reject_resp when it is built here */
 	enum session_wait wait;
 	struct inflight *inflight;	/* FIFO, oldest first */
 	unsigned n_inflight, cap_inflight;
 
 	/* upstream to client */
-	struct evbuffer *uline;		/* raw bytes of the response held so far */
 	enum resp_mode resp_mode;
 	int resp_passed;		/* some of this response reached the client */
 	size_t up_deferred;		/* bytes lexed but still in the upstream input:
 					   PASS ones, then the undecided response's */
 	size_t up_resp_start;		/* where in those the current response starts */
-	char resp_tag[COMMAND_TAG_MAX + 1];
-	char resp_word[16];		/* OK, NO, CAPABILITY, EXISTS, ... (index 1) */
-	struct evbuffer *resp_text;	/* rewritten line under construction */
 	int upstream_bye;		/* the upstream said BYE itself */
 	int up_esearch;			/* the upstream offers ESEARCH (RFC 4731) or IMAP4rev2 */
 	uint32_t resp_held_expunge;	/* "* n EXPUNGE" the client may not hear yet */
 	int resp_held_vanished;		/* "* VANISHED" likewise: the positions below */
-	struct uidset resp_held_positions;
 	int resp_expunge_issued;	/* a tagged OK that becomes NO [EXPUNGEISSUED] */
 	int up_paused, client_paused;	/* reading stopped for backpressure */
-	char up_tag[24];		/* tag of imapfresh's own upstream command */
 	uint64_t up_tag_seq;
 
 	struct timeval started;
@@ -136,7 +150,6 @@ struct session {
 	int held;			/* a trigger command waits for a resync */
 	int no_hold;			/* the released command goes on unchecked */
 	int idling;			/* the upstream said "+" to the client's IDLE */
-	char resp_status_text[256];	/* resp-text of the response being read */
 	struct trace_session *trace;	/* non-NULL while this session is traced */
 	uint64_t connect_start_usec;	/* upstream connect began */
 	enum imap_tok_type held_tok;	/* the token its first segment ended with */
@@ -211,6 +224,13 @@ int session_upstream_cut(struct session *s);
 /* Note the tag, first word and resp-text of the response being read. */
 void session_upstream_identify(struct session *s, const struct imap_tok *tok);
 void session_upstream_start(struct session *s);
+
+/* The busy state, allocated when NULL; NULL (and the session closing) when
+ * out of memory. */
+struct session_busy *session_busy(struct session *s);
+/* Free the busy state if nothing half-done refers to it (and no processing
+ * is under way further up the stack). */
+void session_busy_put(struct session *s);
 
 /* The session went quiet (nothing in flight, or idling): give back what only
  * a busy session needs. */
