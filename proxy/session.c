@@ -241,7 +241,7 @@ session_proxy_read_cb(evutil_socket_t fd, short what, void *arg)
 	if (src.ss_family != AF_UNSPEC) {
 		char was[64];
 		snprintf(was, sizeof(was), "%s", s->client_addr);
-		s->client_sa = src;
+		memcpy(&s->client_sa, &src, sizeof(s->client_sa));	/* INET or INET6 */
 		session_format_addr((struct sockaddr *)&src, s->client_addr, sizeof(s->client_addr));
 		log_msg(LOG_LEVEL_INFO, s->sid, "PROXY header from %s: client %s", was, s->client_addr);
 	} else
@@ -273,8 +273,8 @@ session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int t
 	    (uint64_t)srv->worker + 1;
 	snprintf(s->sid, sizeof(s->sid), "s%llu", (unsigned long long)s->id);
 	session_format_addr(sa, s->client_addr, sizeof(s->client_addr));
-	if ((size_t)salen <= sizeof(s->client_sa))
-		memcpy(&s->client_sa, sa, (size_t)salen);
+	memcpy(&s->client_sa, sa, (size_t)salen < sizeof(s->client_sa) ? (size_t)salen :
+	    sizeof(s->client_sa));	/* at least the family */
 	getsockname(fd, (struct sockaddr *)&s->local_sa, &len);
 	s->listener_tls = tls;
 	s->proxy_fd = -1;

@@ -6,6 +6,7 @@
 #include <time.h>
 #include <sys/queue.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
 #include <event2/bufferevent.h>
 #include <event2/buffer.h>
 
@@ -64,6 +65,14 @@ enum resp_mode {
 	RESP_RENUMBER,	/* held to the end of the line, its message numbers renumbered */
 };
 
+/* A session's addresses are IPv4 or IPv6 (anything else only says its
+ * family): 28 bytes, where a sockaddr_storage takes 128. */
+union session_addr {
+	struct sockaddr sa;
+	struct sockaddr_in sin;
+	struct sockaddr_in6 sin6;
+};
+
 /*
  * What a session needs only while a command, a response or its upstream
  * STARTTLS is under way: allocated when first needed (session_busy()),
@@ -93,8 +102,8 @@ struct session {
 	TAILQ_ENTRY(session) entry;
 	enum session_state state;
 	char client_addr[64];
-	struct sockaddr_storage client_sa;	/* the real client (after a PROXY header) */
-	struct sockaddr_storage local_sa;	/* where it connected to */
+	union session_addr client_sa;	/* the real client (after a PROXY header) */
+	union session_addr local_sa;	/* where it connected to */
 	int proxy_fd;			/* the socket while its PROXY header is read */
 	struct event *ev_proxy;
 	struct event *ev_login;		/* the pre-login deadline (timeout_preauth) */
