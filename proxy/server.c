@@ -418,6 +418,8 @@ server_free(struct server *srv)
 		event_free(srv->ev_listen_retry);
 	if (srv->ev_shutdown_deadline)
 		event_free(srv->ev_shutdown_deadline);
+	if (srv->ev_reap)
+		event_free(srv->ev_reap);
 	if (srv->sig_term)
 		event_free(srv->sig_term);
 	if (srv->sig_int)

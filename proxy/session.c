@@ -36,6 +36,7 @@ static void session_client_read_cb(struct bufferevent *bev, void *arg);
 static void session_client_write_cb(struct bufferevent *bev, void *arg);
 static void session_client_event_cb(struct bufferevent *bev, short what, void *arg);
 static void session_free_cb(evutil_socket_t fd, short what, void *arg);
+static void session_reap_cb(evutil_socket_t fd, short what, void *arg);
 static void session_busy_free(struct session *s);
 
 const char *
@@ -286,8 +287,9 @@ session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int t
 	srv->n_sessions++;
 	srv->stats.accepted++;
 
-	s->ev_free = event_new(srv->base, -1, 0, session_free_cb, s);
-	if (s->ev_free == NULL || session_lex_limits(s) < 0) {
+	if (srv->ev_reap == NULL)
+		srv->ev_reap = event_new(srv->base, -1, 0, session_reap_cb, srv);
+	if (srv->ev_reap == NULL || session_lex_limits(s) < 0) {
 		close(fd);
 		log_msg(LOG_LEVEL_ERROR, s->sid, "out of memory setting up the session");
 		session_close(s, NULL, "setup failed");
@@ -361,7 +363,28 @@ session_schedule_free(struct session *s)
 	if (s->state == SESSION_DEAD)
 		return;
 	session_enter(s, SESSION_DEAD, "output flushed, free scheduled");
-	event_active(s->ev_free, EV_TIMEOUT, 0);
+	/* One event for the server, not one per session: an idle session
+	 * carries no event of its own for this. */
+	if (s->srv->reap_tail == NULL)
+		s->srv->reap_tail = &s->srv->reap;
+	s->next_reap = NULL;
+	*s->srv->reap_tail = s;
+	s->srv->reap_tail = &s->next_reap;
+	event_active(s->srv->ev_reap, EV_TIMEOUT, 0);
+}
+
+/* Free the sessions scheduled, oldest first, out of any of their callbacks. */
+static void
+session_reap_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct server *srv = arg;
+	struct session *s;
+
+	while ((s = srv->reap) != NULL) {
+		if ((srv->reap = s->next_reap) == NULL)
+			srv->reap_tail = &srv->reap;
+		session_free_cb(-1, 0, s);
+	}
 }
 
 /* COMPRESS's link under the filter drained while closing: the filter's own
@@ -408,8 +431,8 @@ session_close(struct session *s, const char *bye, const char *why)
 		s->up = NULL;
 	}
 	session_enter(s, SESSION_CLOSING, why);
-	if (s->client == NULL || s->client_eof || s->ev_free == NULL) {
-		if (s->ev_free == NULL)
+	if (s->client == NULL || s->client_eof || s->srv->ev_reap == NULL) {
+		if (s->srv->ev_reap == NULL)
 			session_free_cb(-1, 0, s);	/* setup failed before deferral existed */
 		else
 			session_schedule_free(s);
@@ -451,8 +474,6 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 		imap_lex_free(s->clex);
 	if (s->ulex != NULL)
 		imap_lex_free(s->ulex);
-	if (s->ev_free != NULL)
-		event_free(s->ev_free);
 	if (s->ev_proxy != NULL) {
 		close(event_get_fd(s->ev_proxy));	/* still waiting for the header */
 		event_free(s->ev_proxy);

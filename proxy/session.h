@@ -123,7 +123,7 @@ struct session {
 	struct bufferevent *client;
 	struct bufferevent *up;
 	struct imap_lex *clex, *ulex;
-	struct event *ev_free;
+	struct session *next_reap;	/* on srv->reap once its free is scheduled */
 	struct session_busy *busy;	/* NULL while the session is at rest */
 	unsigned nest;			/* client/upstream processing under way (re-entered) */
 
