@@ -103,22 +103,6 @@ session_set_client_callbacks(struct session *s)
 	bufferevent_enable(s->client, EV_READ | EV_WRITE);
 }
 
-static int
-session_lex_limits(struct session *s)
-{
-	const struct config *cfg = &s->srv->cfg;
-	struct imap_lex_limits cl = {
-		.max_line = cfg->max_line, .max_token = cfg->max_line, .max_literal = cfg->max_literal,
-	};
-	/* Responses may be long (SEARCH of a big mailbox) and stream through;
-	 * only single tokens are bounded. */
-	struct imap_lex_limits ul = { .max_line = 0, .max_token = 1024 * 1024, .max_literal = 0 };
-
-	s->clex = imap_lex_new(IMAP_LEX_CLIENT, &cl);
-	s->ulex = imap_lex_new(IMAP_LEX_SERVER, &ul);
-	return s->clex != NULL && s->ulex != NULL ? 0 : -1;
-}
-
 static void
 session_login_deadline_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -289,7 +273,9 @@ session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int t
 
 	if (srv->ev_reap == NULL)
 		srv->ev_reap = event_new(srv->base, -1, 0, session_reap_cb, srv);
-	if (srv->ev_reap == NULL || session_lex_limits(s) < 0) {
+	s->max_line = srv->cfg.max_line;	/* new settings apply to new sessions */
+	s->max_literal = srv->cfg.max_literal;
+	if (srv->ev_reap == NULL) {
 		close(fd);
 		log_msg(LOG_LEVEL_ERROR, s->sid, "out of memory setting up the session");
 		session_close(s, NULL, "setup failed");
@@ -470,10 +456,6 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 	}
 	if (s->up != NULL)
 		bufferevent_free(s->up);
-	if (s->clex != NULL)
-		imap_lex_free(s->clex);
-	if (s->ulex != NULL)
-		imap_lex_free(s->ulex);
 	if (s->ev_proxy != NULL) {
 		close(event_get_fd(s->ev_proxy));	/* still waiting for the header */
 		event_free(s->ev_proxy);
@@ -697,14 +679,12 @@ session_inflight_remove(struct session *s, struct inflight *f)
 }
 
 static void
-session_busy_free(struct session *s)
+session_busy_destroy(struct session_busy *b)
 {
-	struct session_busy *b = s->busy;
-
-	if (b == NULL)
-		return;
 	command_reset(&b->cmd);
 	uidset_free(&b->resp_held_positions);
+	imap_lex_free(b->clex);
+	imap_lex_free(b->ulex);
 	if (b->cline != NULL)
 		evbuffer_free(b->cline);
 	if (b->uline != NULL)
@@ -712,34 +692,80 @@ session_busy_free(struct session *s)
 	if (b->resp_text != NULL)
 		evbuffer_free(b->resp_text);
 	free(b);
+}
+
+/* The session ends (its busy state may hold a command cut short). */
+static void
+session_busy_free(struct session *s)
+{
+	if (s->busy == NULL)
+		return;
+	session_busy_destroy(s->busy);
 	s->busy = NULL;
 	s->srv->n_busy--;
+}
+
+void
+session_busy_pool_free(struct server *srv)
+{
+	struct session_busy *b;
+
+	while ((b = srv->busy_pool) != NULL) {
+		srv->busy_pool = b->next_free;
+		session_busy_destroy(b);
+	}
+	srv->n_busy_pool = 0;
+}
+
+/* A new busy state: zeroed is the rest state (empty tag, word and text, no
+ * arguments), its lexers at a line start. */
+static struct session_busy *
+session_busy_new(void)
+{
+	/* Responses may be long (SEARCH of a big mailbox) and stream through;
+	 * only single tokens are bounded. */
+	struct imap_lex_limits ul = { .max_line = 0, .max_token = 1024 * 1024, .max_literal = 0 };
+	struct session_busy *b;
+
+	if ((b = calloc(1, sizeof(*b))) == NULL)
+		return NULL;
+	command_reset(&b->cmd);
+	renumber_cmd_reset(&b->rn);
+	uidset_init(&b->resp_held_positions);
+	b->clex = imap_lex_new(IMAP_LEX_CLIENT, NULL);	/* limits: session_busy() */
+	b->ulex = imap_lex_new(IMAP_LEX_SERVER, &ul);
+	b->cline = evbuffer_new();
+	b->uline = evbuffer_new();
+	if (b->clex == NULL || b->ulex == NULL || b->cline == NULL || b->uline == NULL) {
+		session_busy_destroy(b);
+		return NULL;
+	}
+	return b;
 }
 
 struct session_busy *
 session_busy(struct session *s)
 {
+	struct server *srv = s->srv;
+	struct imap_lex_limits cl = {
+		.max_line = s->max_line, .max_token = s->max_line, .max_literal = s->max_literal,
+	};
 	struct session_busy *b;
 
 	if (s->busy != NULL)
 		return s->busy;
-	/* Zeroed is the rest state: empty tag, word and text, no arguments. */
-	if ((b = calloc(1, sizeof(*b))) == NULL || (b->cline = evbuffer_new()) == NULL ||
-	    (b->uline = evbuffer_new()) == NULL) {
-		if (b != NULL) {
-			if (b->cline != NULL)
-				evbuffer_free(b->cline);
-			free(b);
-		}
+	if ((b = srv->busy_pool) != NULL) {
+		srv->busy_pool = b->next_free;
+		srv->n_busy_pool--;
+		b->next_free = NULL;
+	} else if ((b = session_busy_new()) == NULL) {
 		log_msg(LOG_LEVEL_ERROR, s->sid, "out of memory for a command");
 		session_close(s, "[UNAVAILABLE] Out of memory", "out of memory");
 		return NULL;
 	}
-	command_reset(&b->cmd);
-	renumber_cmd_reset(&b->rn);
-	uidset_init(&b->resp_held_positions);
+	imap_lex_set_limits(b->clex, &cl);
 	s->busy = b;
-	s->srv->n_busy++;
+	srv->n_busy++;
 	return b;
 }
 
@@ -747,7 +773,8 @@ session_busy(struct session *s)
  * At rest: nothing half-done refers to the busy state. No command being read,
  * refused, held or half forwarded; no response being read or waiting in the
  * upstream input; no resync; nothing in flight but the client's IDLE, idling
- * (it ends with the client's DONE, read as a new line).
+ * (it ends with the client's DONE, read as a new line); both lexers at a
+ * line start owing nothing to the next (imap_lex_at_rest()).
  */
 static int
 session_at_rest(const struct session *s)
@@ -760,23 +787,47 @@ session_at_rest(const struct session *s)
 	    (s->n_inflight == 1 && s->wait == WAIT_IDLE && s->idling)) &&
 	    !s->cmd_forwarded && !s->cmd_reject && !s->cmd_local && !s->line_is_continuation &&
 	    b->cmd.ntokens == 0 && b->cmd.args == NULL && b->cmd.sasl_user == NULL &&
-	    evbuffer_get_length(b->cline) == 0 && imap_lex_at_command_start(s->clex) &&
+	    evbuffer_get_length(b->cline) == 0 && imap_lex_at_rest(b->clex) &&
 	    s->resp_mode == RESP_UNDECIDED && s->up_deferred == 0 && s->up_resp_start == 0 &&
-	    evbuffer_get_length(b->uline) == 0 && imap_lex_at_command_start(s->ulex);
+	    evbuffer_get_length(b->uline) == 0 && imap_lex_at_rest(b->ulex);
 }
 
 void
 session_busy_put(struct session *s)
 {
-	if (s->busy != NULL && session_at_rest(s))
-		session_busy_free(s);
+	struct server *srv = s->srv;
+	struct session_busy *b = s->busy;
+
+	if (b == NULL || !session_at_rest(s))
+		return;
+	s->busy = NULL;
+	srv->n_busy--;
+	if (srv->n_busy_pool >= SESSION_BUSY_POOL) {
+		session_busy_destroy(b);
+		return;
+	}
+	/* As new: the rest state (the response fields are reset after each
+	 * response, the command after each command) with small buffers. */
+	command_reset(&b->cmd);
+	renumber_cmd_reset(&b->rn);
+	uidset_free(&b->resp_held_positions);
+	b->resp_tag[0] = b->resp_word[0] = b->resp_status_text[0] = '\0';
+	if (b->resp_text != NULL)
+		evbuffer_drain(b->resp_text, evbuffer_get_length(b->resp_text));
+	imap_lex_shrink(b->clex);
+	imap_lex_shrink(b->ulex);
+	b->next_free = srv->busy_pool;
+	srv->busy_pool = b;
+	srv->n_busy_pool++;
 }
 
 void
 session_quiet(struct session *s)
 {
-	imap_lex_shrink(s->clex);
-	imap_lex_shrink(s->ulex);
+	if (s->busy == NULL)
+		return;
+	imap_lex_shrink(s->busy->clex);
+	imap_lex_shrink(s->busy->ulex);
 }
 
 void

@@ -75,11 +75,14 @@ union session_addr {
 
 /*
  * What a session needs only while a command, a response or its upstream
- * STARTTLS is under way: allocated when first needed (session_busy()),
- * freed when the session is at rest again (session_busy_put()), so that an
- * idle session (10,000s of them, mostly in IDLE) carries none of it.
+ * STARTTLS is under way: taken when first needed (session_busy()), given
+ * back when the session is at rest again (session_busy_put()), so that an
+ * idle session (10,000s of them, mostly in IDLE) carries none of it. The
+ * lexers are here too: at rest both are at a line start, as good as new.
  */
 struct session_busy {
+	struct session_busy *next_free;	/* in the server's pool (srv->busy_pool) */
+	struct imap_lex *clex, *ulex;	/* at rest both at a line start, so shared */
 	/* client to upstream */
 	struct evbuffer *cline;		/* raw bytes of the command segment being read */
 	struct command cmd;		/* the command being read */
@@ -122,7 +125,8 @@ struct session {
 
 	struct bufferevent *client;
 	struct bufferevent *up;
-	struct imap_lex *clex, *ulex;
+	size_t max_line;		/* the client lexer's limits, as configured at accept */
+	uint64_t max_literal;
 	struct session *next_reap;	/* on srv->reap once its free is scheduled */
 	struct session_busy *busy;	/* NULL while the session is at rest */
 	unsigned nest;			/* client/upstream processing under way (re-entered) */
@@ -237,9 +241,13 @@ void session_upstream_start(struct session *s);
 /* The busy state, allocated when NULL; NULL (and the session closing) when
  * out of memory. */
 struct session_busy *session_busy(struct session *s);
-/* Free the busy state if nothing half-done refers to it (and no processing
- * is under way further up the stack). */
+/* Give the busy state back if nothing half-done refers to it (and no
+ * processing is under way further up the stack): to the server's pool of
+ * SESSION_BUSY_POOL, reused by the next session that needs one, or freed. */
 void session_busy_put(struct session *s);
+/* Free the pool (server_free). */
+void session_busy_pool_free(struct server *srv);
+#define SESSION_BUSY_POOL 64
 
 /* The session went quiet (nothing in flight, or idling): give back what only
  * a busy session needs. */

@@ -330,7 +330,7 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 			evbuffer_drain(s->busy->cline, evbuffer_get_length(s->busy->cline));
 			session_client_fate(s, TRACE_REFUSED);
 			if (!(tok->literal_flags & IMAP_LIT_NONSYNC)) {
-				imap_lex_reject_literal(s->clex);
+				imap_lex_reject_literal(s->busy->clex);
 				session_client_finish_reject(s);
 			}
 			break;
@@ -413,7 +413,7 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 static int
 session_client_move_literal(struct session *s, struct evbuffer *in)
 {
-	uint64_t rem = imap_lex_literal_remaining(s->clex);
+	uint64_t rem = imap_lex_literal_remaining(s->busy->clex);
 	size_t avail = evbuffer_get_length(in), n;
 
 	if (rem <= COMMAND_ARG_MAX || avail == 0)
@@ -427,7 +427,7 @@ session_client_move_literal(struct session *s, struct evbuffer *in)
 		relay_move(s->up, in, n);
 		s->srv->stats.bytes_client_to_upstream += n;
 	}
-	imap_lex_skip_literal(s->clex, n);
+	imap_lex_skip_literal(s->busy->clex, n);
 	return 1;
 }
 
@@ -451,12 +451,12 @@ session_client_run(struct session *s)
 		if (s->busy == NULL && (evbuffer_get_length(in) == 0 || session_busy(s) == NULL))
 			break;
 		if (!session_client_move_literal(s, in)) {
-			int at_start = imap_lex_at_command_start(s->clex);
+			int at_start = imap_lex_at_command_start(s->busy->clex);
 			int nv = evbuffer_peek(in, -1, NULL, &v, 1);
 
 			if (nv < 1)
 				v.iov_base = NULL, v.iov_len = 0;
-			st = imap_lex_next(s->clex, v.iov_base, v.iov_len, &used, &tok);
+			st = imap_lex_next(s->busy->clex, v.iov_base, v.iov_len, &used, &tok);
 			if (st == IMAP_LEX_TOKEN) {
 				if (at_start && (s->wait == WAIT_AUTH || s->wait == WAIT_IDLE))
 					s->line_is_continuation = 1;

@@ -531,9 +531,10 @@ session_upstream_completed(struct session *s)
 	}
 	if (!f->sent_whole && s->wait == WAIT_LITERAL) {
 		/* Refused instead of "+": the client will not send that literal. */
-		imap_lex_reject_literal(s->clex);
+		imap_lex_reject_literal(s->busy->clex);
 		evbuffer_drain(s->busy->cline, evbuffer_get_length(s->busy->cline));
 		command_reset(&s->busy->cmd);
+		renumber_cmd_reset(&s->busy->rn);	/* as after any command */
 		s->cmd_forwarded = 0;
 		s->wait = WAIT_NONE;
 	}
@@ -577,8 +578,8 @@ session_upstream_continuation(struct session *s)
 		session_quiet(s);
 	} else if (s->wait == WAIT_LITERAL)
 		s->wait = WAIT_NONE;
-	else if (s->wait == WAIT_AUTH && imap_lex_at_command_start(s->clex))
-		imap_lex_expect_text_line(s->clex);
+	else if (s->wait == WAIT_AUTH && imap_lex_at_command_start(s->busy->clex))
+		imap_lex_expect_text_line(s->busy->clex);
 }
 
 /* Our own STARTTLS got its answer. Returns 1 when the link was replaced. */
@@ -650,7 +651,7 @@ session_upstream_eol(struct session *s)
 static int
 session_upstream_move_literal(struct session *s, struct evbuffer *in)
 {
-	uint64_t rem = imap_lex_literal_remaining(s->ulex);
+	uint64_t rem = imap_lex_literal_remaining(s->busy->ulex);
 	size_t avail = evbuffer_get_length(in), n;
 
 	if (rem == 0 || avail == 0 || s->resp_mode != RESP_PASS)
@@ -661,7 +662,7 @@ session_upstream_move_literal(struct session *s, struct evbuffer *in)
 	s->srv->stats.bytes_upstream_to_client += n;
 	s->resp_passed = 1;
 	relay_move(s->client, in, n);
-	imap_lex_skip_literal(s->ulex, n);
+	imap_lex_skip_literal(s->busy->ulex, n);
 	return 1;
 }
 
@@ -715,12 +716,12 @@ session_upstream_release_pending(struct session *s)
 int
 session_upstream_cut(struct session *s)
 {
-	if (s->client == NULL || s->ulex == NULL)
+	if (s->client == NULL || s->busy == NULL)	/* at rest: at a line start */
 		return 1;
 	session_upstream_release_pending(s);
-	if (imap_lex_at_command_start(s->ulex) || s->resp_mode != RESP_PASS || !s->resp_passed)
+	if (imap_lex_at_command_start(s->busy->ulex) || s->resp_mode != RESP_PASS || !s->resp_passed)
 		return 1;
-	if (imap_lex_literal_remaining(s->ulex) > 0)
+	if (imap_lex_literal_remaining(s->busy->ulex) > 0)
 		return 0;
 	evbuffer_add(bufferevent_get_output(s->client), "\r\n", 2);
 	return 1;
@@ -792,7 +793,7 @@ session_upstream_fetch_line(struct session *s, const struct upstream_view *view)
 
 	/* The prefix first: it turns most other lines away in a few bytes. */
 	if (!session_upstream_fetch_fast(s) || !track_fetch_line(view->p, view->len, &num, &uid) ||
-	    (n = imap_lex_plain_line(s->ulex, view->p, view->len)) == 0)
+	    (n = imap_lex_plain_line(s->busy->ulex, view->p, view->len)) == 0)
 		return 0;
 	/* What its first two tokens would have told. */
 	tag.str = view->p;
@@ -818,7 +819,7 @@ session_upstream_fetch_line(struct session *s, const struct upstream_view *view)
 	while (session_upstream_fetch_fast(s) && s->resync.phase == RESYNC_NONE &&
 	    s->track.fetch_sink == NULL && s->up_deferred < SESSION_OUT_LOW &&
 	    track_fetch_line(view->p + total, view->len - total, &num, &uid) &&
-	    (n = imap_lex_plain_line(s->ulex, view->p + total, view->len - total)) != 0) {
+	    (n = imap_lex_plain_line(s->busy->ulex, view->p + total, view->len - total)) != 0) {
 		track_fetch_next(s, num, uid);
 		s->up_deferred += n;
 		total += n;
@@ -858,7 +859,7 @@ session_upstream_run(struct session *s)
 			moved = session_upstream_bound(s);
 			goto next;
 		}
-		st = imap_lex_next(s->ulex, view.p, view.len, &used, &tok);
+		st = imap_lex_next(s->busy->ulex, view.p, view.len, &used, &tok);
 		view.p += used;
 		view.len -= used;
 		if (st == IMAP_LEX_TOKEN)
