@@ -259,7 +259,7 @@ resync_mailbox_changed(struct session *s, const char *mailbox)
 	if (idle == NULL || s->n_inflight != 1)
 		return;
 	/* End the upstream IDLE ourselves; the client goes on idling. */
-	track_set_name(&r->idle_tag, idle->tag);
+	track_set_name(&r->idle_tag, session_inflight_tag(idle));
 	r->for_idle = 1;
 	r->client_done = 0;
 	r->reason = resync_reason_detail(s, "mailbox changed while the client idles");

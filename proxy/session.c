@@ -614,9 +614,13 @@ session_inflight_push(struct session *s, const struct command *cmd)
 		s->inflight = n;
 		s->cap_inflight = cap;
 	}
-	f = &s->inflight[s->n_inflight++];
+	f = &s->inflight[s->n_inflight];
 	memset(f, 0, sizeof(*f));
-	memcpy(f->tag, cmd->tag, sizeof(f->tag));
+	if (strlen(cmd->tag) < sizeof(f->tag_inline))
+		memcpy(f->tag_inline, cmd->tag, strlen(cmd->tag) + 1);
+	else if ((f->tag_heap = strdup(cmd->tag)) == NULL)
+		return NULL;
+	s->n_inflight++;
 	f->kind = cmd->kind;
 	f->uid = cmd->uid;
 	f->sent_usec = metrics_now_usec();
@@ -646,7 +650,7 @@ session_inject(struct session *s, enum resync_cmd purpose, const char *fmt, ...)
 	f->injected = 1;
 	f->purpose = purpose;
 	f->sent_whole = 1;
-	n = snprintf(line, sizeof(line), "%s ", f->tag);
+	n = snprintf(line, sizeof(line), "%s ", session_inflight_tag(f));
 	va_start(ap, fmt);
 	n += vsnprintf(line + n, sizeof(line) - (size_t)n - 2, fmt, ap);
 	va_end(ap);
@@ -660,9 +664,15 @@ struct inflight *
 session_inflight_find(struct session *s, const char *tag)
 {
 	for (unsigned i = 0; i < s->n_inflight; i++)
-		if (strcmp(s->inflight[i].tag, tag) == 0)
+		if (strcmp(session_inflight_tag(&s->inflight[i]), tag) == 0)
 			return &s->inflight[i];
 	return NULL;
+}
+
+const char *
+session_inflight_tag(const struct inflight *f)
+{
+	return f->tag_heap != NULL ? f->tag_heap : f->tag_inline;
 }
 
 void
@@ -670,6 +680,7 @@ session_inflight_remove(struct session *s, struct inflight *f)
 {
 	unsigned i = (unsigned)(f - s->inflight);
 
+	free(f->tag_heap);
 	free(f->mailbox);
 	free(f->mailbox_wire);
 	free(f->user);

@@ -36,24 +36,28 @@ enum session_wait {
 	WAIT_IDLE,	/* IDLE: the next client line is DONE */
 };
 
-/* A command the upstream has (at least partly) received and not yet completed. */
+#define INFLIGHT_TAG_INLINE 24	/* tags shorter than this (nearly all) live in the entry */
+
+/* A command the upstream has (at least partly) received and not yet
+ * completed. An idling session keeps one (its IDLE): kept small. */
 struct inflight {
-	char tag[COMMAND_TAG_MAX + 1];
+	char tag_inline[INFLIGHT_TAG_INLINE];	/* the tag: session_inflight_tag() */
+	char *tag_heap;		/* ... a copy of it when it is longer */
 	enum command_kind kind;
-	int uid;		/* UID FETCH, UID MOVE, ... */
-	int sent_whole;		/* its last line has gone upstream */
-	int injected;		/* imapfresh's own: never shown to the client */
 	enum resync_cmd purpose;	/* what an injected command is for */
-	int started;		/* SELECT: its untagged responses have begun */
-	int sasl_plain;		/* AUTHENTICATE PLAIN: the user can be read */
-	int readonly;		/* EXAMINE */
-	int condstore;		/* turns CONDSTORE on when it succeeds */
 	char *mailbox;		/* SELECT/EXAMINE/APPEND/COPY/MOVE target, canonical */
 	char *mailbox_wire;	/* SELECT/EXAMINE: the name as sent */
 	char *user;		/* LOGIN / AUTHENTICATE PLAIN identity, until the OK */
 	uint64_t sent_usec;	/* when it went upstream, for the latency histogram */
-	int expunge_issued;	/* it named messages expunged but not yet told: OK becomes NO */
-	int unheard;		/* SELECT sent while the user's changes could go unheard */
+	unsigned char uid;	/* UID FETCH, UID MOVE, ... */
+	unsigned char sent_whole;	/* its last line has gone upstream */
+	unsigned char injected;	/* imapfresh's own: never shown to the client */
+	unsigned char started;	/* SELECT: its untagged responses have begun */
+	unsigned char sasl_plain;	/* AUTHENTICATE PLAIN: the user can be read */
+	unsigned char readonly;	/* EXAMINE */
+	unsigned char condstore;	/* turns CONDSTORE on when it succeeds */
+	unsigned char expunge_issued;	/* it named messages expunged but not yet told: OK becomes NO */
+	unsigned char unheard;	/* SELECT sent while the user's changes could go unheard */
 };
 
 /* How the current upstream response travels to the client. */
@@ -206,6 +210,7 @@ struct inflight *session_inflight_push(struct session *s, const struct command *
 struct inflight *session_inject(struct session *s, enum resync_cmd purpose, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 struct inflight *session_inflight_find(struct session *s, const char *tag);
+const char *session_inflight_tag(const struct inflight *f);
 void session_inflight_remove(struct session *s, struct inflight *f);
 
 /* Send a line imapfresh wrote itself upstream (CRLF added), traced as such. */

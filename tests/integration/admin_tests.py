@@ -250,6 +250,29 @@ def t_admin_sessions_busy(ctx):
         c_.assert_clean()
 
 
+@test("admin: tags of 1, 23, 24 and 128 bytes (kept in the in-flight entry or beside it) complete "
+      "under their own tags, pipelined, an IDLE's included; the session is at rest after",
+      proxy_only=True)
+def t_tag_lengths(ctx):
+    p = ctx.proxy("tags")
+    c = login(ctx, p.tls_port, "A")
+    tags = [b"t", b"a" * 22 + b"1", b"b" * 23 + b"2", b"c" * 127 + b"3"]
+    c.send(b"".join(t + b" NOOP\r\n" for t in tags))
+    for t in tags:
+        tagged, _, _ = c.wait_tagged(t)
+        check(tagged.startswith(t + b" OK"), "%d-byte tag: %r", len(t), tagged[:200])
+    c.expect_ok(b"d" * 127 + b"4", "SELECT INBOX")
+    idle = b"e" * 127 + b"5"
+    c.send(idle + b" IDLE\r\n")
+    c.wait_continuation()
+    c.send(b"DONE\r\n")
+    tagged, _, _ = c.wait_tagged(idle)
+    check(tagged.startswith(idle + b" OK"), "IDLE under a 128-byte tag: %r", tagged[:200])
+    # Each completion found its command: nothing left in flight.
+    check(metric(scrape(p.admin_port), "imapfresh_sessions_busy") == 0, "the session is at rest")
+    c.assert_clean()
+
+
 @test("admin: /healthz 200 ok; 404 unknown path; 405 wrong method; 413 over 4 KiB",
       proxy_only=True)
 def t_admin_health(ctx):
