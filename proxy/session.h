@@ -252,7 +252,7 @@ struct session_busy *session_busy(struct session *s);
 void session_busy_put(struct session *s);
 /* Free the pool (server_free). */
 void session_busy_pool_free(struct server *srv);
-#define SESSION_BUSY_POOL 64
+#define SESSION_BUSY_POOL 16
 
 /* The session went quiet (nothing in flight, or idling): give back what only
  * a busy session needs. */
