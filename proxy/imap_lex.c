@@ -919,6 +919,12 @@ imap_lex_at_command_start(const struct imap_lex *lx)
 	return lx->fresh && lx->st == LX_START;
 }
 
+int
+imap_lex_at_rest(const struct imap_lex *lx)
+{
+	return imap_lex_at_command_start(lx) && !lx->text_next;
+}
+
 void
 imap_lex_shrink(struct imap_lex *lx)
 {

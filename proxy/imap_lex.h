@@ -143,6 +143,10 @@ void imap_lex_skip_literal(struct imap_lex *lx, uint64_t n);
 /* True between tokens at the very start of a command/response. */
 int imap_lex_at_command_start(const struct imap_lex *lx);
 
+/* At a command's start with nothing owed to the next line (no text line
+ * expected): as good as a new lexer with the same limits. */
+int imap_lex_at_rest(const struct imap_lex *lx);
+
 /* Between commands: give back a token buffer that grew for a long token, so
  * a quiet session keeps only the small one it started with. */
 void imap_lex_shrink(struct imap_lex *lx);

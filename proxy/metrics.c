@@ -136,6 +136,8 @@ metrics_sessions(struct evbuffer *out, struct server *srv)
 	metrics_gauge(out, "imapfresh_sessions_resyncing", "Live sessions with a resync under way.",
 	    resyncing);
 	metrics_gauge(out, "imapfresh_sessions_traced", "Live sessions being traced.", traced);
+	metrics_gauge(out, "imapfresh_sessions_busy", "Live sessions holding per-command state "
+	    "(a command, response or resync under way); idle ones hold none.", srv->n_busy);
 }
 
 void

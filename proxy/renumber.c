@@ -113,8 +113,8 @@ renumber_search_token(struct renumber_cmd *rc, const struct imap_tok *tok, size_
 void
 renumber_client_token(struct session *s, const struct imap_tok *tok, size_t end)
 {
-	struct renumber_cmd *rc = &s->rn;
-	const struct command *cmd = &s->cmd;
+	struct renumber_cmd *rc = &s->busy->rn;
+	const struct command *cmd = &s->busy->cmd;
 	unsigned first = cmd->uid ? 3 : 2;
 
 	switch (cmd->kind) {
@@ -153,14 +153,14 @@ static int
 renumber_map(struct session *s, const char *seg, unsigned i, struct uidset *out, int *held)
 {
 	uidset_clear(out);
-	return pending_set_to_server(&s->track.pending, seg + s->rn.at[i].off, s->rn.at[i].len,
+	return pending_set_to_server(&s->track.pending, seg + s->busy->rn.at[i].off, s->busy->rn.at[i].len,
 	    s->track.view.count, out, held);
 }
 
 const char *
 renumber_client_refusal(struct session *s)
 {
-	struct renumber_cmd *rc = &s->rn;
+	struct renumber_cmd *rc = &s->busy->rn;
 	const char *seg, *why = NULL;
 	struct uidset set;
 	int held;
@@ -169,14 +169,14 @@ renumber_client_refusal(struct session *s)
 		return NULL;
 	if (rc->overflow)
 		return RENUMBER_EXPUNGEISSUED;
-	if (s->cmd.kind == CMD_SEARCH || s->cmd.kind == CMD_SORT || s->cmd.kind == CMD_THREAD)
+	if (s->busy->cmd.kind == CMD_SEARCH || s->busy->cmd.kind == CMD_SORT || s->busy->cmd.kind == CMD_THREAD)
 		return NULL;	/* a key naming only expunged messages just matches none */
-	seg = (const char *)evbuffer_pullup(s->cline, -1);
+	seg = (const char *)evbuffer_pullup(s->busy->cline, -1);
 	uidset_init(&set);
 	if (renumber_map(s, seg, 0, &set, &held) == 0) {
 		/* RFC 2180 4.1.2 / 4.2.1 and 4.4: data for the messages that are
 		 * left and a tagged NO; a COPY or MOVE copies nothing. */
-		if (set.count == 0 || (held && (s->cmd.kind == CMD_COPY || s->cmd.kind == CMD_MOVE)))
+		if (set.count == 0 || (held && (s->busy->cmd.kind == CMD_COPY || s->busy->cmd.kind == CMD_MOVE)))
 			why = RENUMBER_EXPUNGEISSUED;
 	}
 	uidset_free(&set);
@@ -186,7 +186,7 @@ renumber_client_refusal(struct session *s)
 int
 renumber_client_rewrite(struct session *s)
 {
-	struct renumber_cmd *rc = &s->rn;
+	struct renumber_cmd *rc = &s->busy->rn;
 	struct evbuffer *nb;
 	const char *seg;
 	size_t len, from = 0;
@@ -197,8 +197,8 @@ renumber_client_rewrite(struct session *s)
 		rc->n = 0;
 		return 0;
 	}
-	len = evbuffer_get_length(s->cline);
-	seg = (const char *)evbuffer_pullup(s->cline, -1);
+	len = evbuffer_get_length(s->busy->cline);
+	seg = (const char *)evbuffer_pullup(s->busy->cline, -1);
 	if ((nb = evbuffer_new()) == NULL)
 		return 0;
 	uidset_init(&set);
@@ -228,8 +228,8 @@ renumber_client_rewrite(struct session *s)
 	}
 	evbuffer_add(nb, seg + from, len - from);
 	uidset_free(&set);
-	evbuffer_drain(s->cline, len);
-	evbuffer_add_buffer(s->cline, nb);
+	evbuffer_drain(s->busy->cline, len);
+	evbuffer_add_buffer(s->busy->cline, nb);
 	evbuffer_free(nb);
 	rc->n = 0;
 	return any_held;
@@ -253,7 +253,7 @@ renumber_expunge_allowed(const struct session *s)
 	/* "... nor when no command is in progress": a held command is in progress
 	 * for the client, and so is an IDLE imapfresh is refreshing. */
 	if (s->held) {
-		if (renumber_forbids(s->cmd.kind, s->cmd.uid))
+		if (renumber_forbids(s->busy->cmd.kind, s->busy->cmd.uid))
 			return 0;
 		in_progress = 1;
 	}
@@ -381,8 +381,8 @@ renumber_search_response(const struct session *s)
 {
 	if (!pending_any(&s->track.pending))
 		return 0;
-	if (strcmp(s->resp_word, "SEARCH") != 0 && strcmp(s->resp_word, "SORT") != 0 &&
-	    strcmp(s->resp_word, "ESEARCH") != 0)
+	if (strcmp(s->busy->resp_word, "SEARCH") != 0 && strcmp(s->busy->resp_word, "SORT") != 0 &&
+	    strcmp(s->busy->resp_word, "ESEARCH") != 0)
 		return 0;
 	/* The oldest search in flight is the one answered. */
 	for (unsigned i = 0; i < s->n_inflight; i++) {

@@ -12,7 +12,7 @@ struct session;
 #define RENUMBER_SETS 16
 
 /* The sequence sets of the client command being read, where they lie in
- * the segment not yet forwarded (s->cline). */
+ * the segment not yet forwarded (s->busy->cline). */
 struct renumber_cmd {
 	unsigned n;
 	struct {
@@ -29,14 +29,14 @@ struct renumber_cmd {
 
 void renumber_cmd_reset(struct renumber_cmd *rc);
 
-/* A token of a client command, its bytes the last of s->cline (end = its length). */
+/* A token of a client command, its bytes the last of s->busy->cline (end = its length). */
 void renumber_client_token(struct session *s, const struct imap_tok *tok, size_t end);
 
 /* At the first segment's end: the response to give instead of forwarding
  * (the command names only expunged messages, or would copy one), or NULL. */
 const char *renumber_client_refusal(struct session *s);
 
-/* Just before the segment in s->cline goes upstream: its sequence sets in
+/* Just before the segment in s->busy->cline goes upstream: its sequence sets in
  * the server's numbering. Returns 1 when they named a held message. */
 int renumber_client_rewrite(struct session *s);
 

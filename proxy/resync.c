@@ -259,7 +259,7 @@ resync_mailbox_changed(struct session *s, const char *mailbox)
 	if (idle == NULL || s->n_inflight != 1)
 		return;
 	/* End the upstream IDLE ourselves; the client goes on idling. */
-	track_set_name(&r->idle_tag, idle->tag);
+	track_set_name(&r->idle_tag, session_inflight_tag(idle));
 	r->for_idle = 1;
 	r->client_done = 0;
 	r->reason = resync_reason_detail(s, "mailbox changed while the client idles");
@@ -309,17 +309,17 @@ resync_response_hidden(struct session *s)
 
 	if (r->phase == RESYNC_NONE || r->phase == RESYNC_WAIT_QUIET)
 		return 0;
-	if (strcmp(s->resp_tag, "+") == 0)
+	if (strcmp(s->busy->resp_tag, "+") == 0)
 		return r->phase == RESYNC_IDLE_REENTER;
-	if (strcmp(s->resp_tag, "*") != 0) {
-		if (r->phase == RESYNC_IDLE_DONE && strcmp(s->resp_tag, r->idle_tag) == 0)
+	if (strcmp(s->busy->resp_tag, "*") != 0) {
+		if (r->phase == RESYNC_IDLE_DONE && strcmp(s->busy->resp_tag, r->idle_tag) == 0)
 			return 1;
-		return (f = session_inflight_find(s, s->resp_tag)) != NULL && f->injected;
+		return (f = session_inflight_find(s, s->busy->resp_tag)) != NULL && f->injected;
 	}
 	if (r->phase == RESYNC_ESCALATE)
 		return 1;	/* the re-SELECT's data would contradict the client's view */
 	return r->phase == RESYNC_CHECK &&
-	    (strcmp(s->resp_word, "SEARCH") == 0 || strcmp(s->resp_word, "ESEARCH") == 0);
+	    (strcmp(s->busy->resp_word, "SEARCH") == 0 || strcmp(s->busy->resp_word, "ESEARCH") == 0);
 }
 
 int
@@ -576,7 +576,7 @@ resync_idle_completed(struct session *s)
 {
 	struct resync *r = &s->resync;
 
-	if (r->phase != RESYNC_IDLE_DONE || strcmp(s->resp_tag, r->idle_tag) != 0)
+	if (r->phase != RESYNC_IDLE_DONE || strcmp(s->busy->resp_tag, r->idle_tag) != 0)
 		return 0;
 	/* The IDLE we ended is done upstream; the client is still idling. The
 	 * check starts once the caller has retired that command. */

@@ -419,6 +419,9 @@ server_free(struct server *srv)
 		event_free(srv->ev_listen_retry);
 	if (srv->ev_shutdown_deadline)
 		event_free(srv->ev_shutdown_deadline);
+	if (srv->ev_reap)
+		event_free(srv->ev_reap);
+	session_busy_pool_free(srv);
 	if (srv->sig_term)
 		event_free(srv->sig_term);
 	if (srv->sig_int)

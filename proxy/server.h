@@ -71,6 +71,11 @@ struct server {
 
 	struct session_list sessions;
 	unsigned n_sessions;
+	unsigned n_busy;		/* of them, with busy state (session_busy()) */
+	struct session_busy *busy_pool;	/* busy states given back, for reuse */
+	unsigned n_busy_pool;
+	struct session *reap, **reap_tail;	/* closed ones, freed from ev_reap (FIFO) */
+	struct event *ev_reap;		/* made by the first session_accept() */
 	uint64_t next_session_id;
 	struct server_stats stats;
 

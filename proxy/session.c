@@ -36,6 +36,8 @@ static void session_client_read_cb(struct bufferevent *bev, void *arg);
 static void session_client_write_cb(struct bufferevent *bev, void *arg);
 static void session_client_event_cb(struct bufferevent *bev, short what, void *arg);
 static void session_free_cb(evutil_socket_t fd, short what, void *arg);
+static void session_reap_cb(evutil_socket_t fd, short what, void *arg);
+static void session_busy_free(struct session *s);
 
 const char *
 session_state_name(enum session_state st)
@@ -99,22 +101,6 @@ session_set_client_callbacks(struct session *s)
 	relay_input_cap(s->client, SESSION_READ_HIGH);
 	relay_io_sizes(s->client);
 	bufferevent_enable(s->client, EV_READ | EV_WRITE);
-}
-
-static int
-session_lex_limits(struct session *s)
-{
-	const struct config *cfg = &s->srv->cfg;
-	struct imap_lex_limits cl = {
-		.max_line = cfg->max_line, .max_token = cfg->max_line, .max_literal = cfg->max_literal,
-	};
-	/* Responses may be long (SEARCH of a big mailbox) and stream through;
-	 * only single tokens are bounded. */
-	struct imap_lex_limits ul = { .max_line = 0, .max_token = 1024 * 1024, .max_literal = 0 };
-
-	s->clex = imap_lex_new(IMAP_LEX_CLIENT, &cl);
-	s->ulex = imap_lex_new(IMAP_LEX_SERVER, &ul);
-	return s->clex != NULL && s->ulex != NULL ? 0 : -1;
 }
 
 static void
@@ -240,7 +226,7 @@ session_proxy_read_cb(evutil_socket_t fd, short what, void *arg)
 	if (src.ss_family != AF_UNSPEC) {
 		char was[64];
 		snprintf(was, sizeof(was), "%s", s->client_addr);
-		s->client_sa = src;
+		memcpy(&s->client_sa, &src, sizeof(s->client_sa));	/* INET or INET6 */
 		session_format_addr((struct sockaddr *)&src, s->client_addr, sizeof(s->client_addr));
 		log_msg(LOG_LEVEL_INFO, s->sid, "PROXY header from %s: client %s", was, s->client_addr);
 	} else
@@ -272,27 +258,24 @@ session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int t
 	    (uint64_t)srv->worker + 1;
 	snprintf(s->sid, sizeof(s->sid), "s%llu", (unsigned long long)s->id);
 	session_format_addr(sa, s->client_addr, sizeof(s->client_addr));
-	if ((size_t)salen <= sizeof(s->client_sa))
-		memcpy(&s->client_sa, sa, (size_t)salen);
+	memcpy(&s->client_sa, sa, (size_t)salen < sizeof(s->client_sa) ? (size_t)salen :
+	    sizeof(s->client_sa));	/* at least the family */
 	getsockname(fd, (struct sockaddr *)&s->local_sa, &len);
 	s->listener_tls = tls;
 	s->proxy_fd = -1;
 	session_enter(s, SESSION_PROXY_HEADER, "accepted");
 	gettimeofday(&s->started, NULL);
-	command_reset(&s->cmd);
 	track_init(&s->track);
-	uidset_init(&s->resp_held_positions);
 	resync_init(&s->resync);
 	TAILQ_INSERT_TAIL(&srv->sessions, s, entry);
 	srv->n_sessions++;
 	srv->stats.accepted++;
 
-	s->ev_free = event_new(srv->base, -1, 0, session_free_cb, s);
-	s->cline = evbuffer_new();
-	s->uline = evbuffer_new();
-	s->resp_text = evbuffer_new();
-	if (s->ev_free == NULL || s->cline == NULL || s->uline == NULL || s->resp_text == NULL ||
-	    session_lex_limits(s) < 0) {
+	if (srv->ev_reap == NULL)
+		srv->ev_reap = event_new(srv->base, -1, 0, session_reap_cb, srv);
+	s->max_line = srv->cfg.max_line;	/* new settings apply to new sessions */
+	s->max_literal = srv->cfg.max_literal;
+	if (srv->ev_reap == NULL) {
 		close(fd);
 		log_msg(LOG_LEVEL_ERROR, s->sid, "out of memory setting up the session");
 		session_close(s, NULL, "setup failed");
@@ -366,7 +349,28 @@ session_schedule_free(struct session *s)
 	if (s->state == SESSION_DEAD)
 		return;
 	session_enter(s, SESSION_DEAD, "output flushed, free scheduled");
-	event_active(s->ev_free, EV_TIMEOUT, 0);
+	/* One event for the server, not one per session: an idle session
+	 * carries no event of its own for this. */
+	if (s->srv->reap_tail == NULL)
+		s->srv->reap_tail = &s->srv->reap;
+	s->next_reap = NULL;
+	*s->srv->reap_tail = s;
+	s->srv->reap_tail = &s->next_reap;
+	event_active(s->srv->ev_reap, EV_TIMEOUT, 0);
+}
+
+/* Free the sessions scheduled, oldest first, out of any of their callbacks. */
+static void
+session_reap_cb(evutil_socket_t fd, short what, void *arg)
+{
+	struct server *srv = arg;
+	struct session *s;
+
+	while ((s = srv->reap) != NULL) {
+		if ((srv->reap = s->next_reap) == NULL)
+			srv->reap_tail = &srv->reap;
+		session_free_cb(-1, 0, s);
+	}
 }
 
 /* COMPRESS's link under the filter drained while closing: the filter's own
@@ -413,8 +417,8 @@ session_close(struct session *s, const char *bye, const char *why)
 		s->up = NULL;
 	}
 	session_enter(s, SESSION_CLOSING, why);
-	if (s->client == NULL || s->client_eof || s->ev_free == NULL) {
-		if (s->ev_free == NULL)
+	if (s->client == NULL || s->client_eof || s->srv->ev_reap == NULL) {
+		if (s->srv->ev_reap == NULL)
 			session_free_cb(-1, 0, s);	/* setup failed before deferral existed */
 		else
 			session_schedule_free(s);
@@ -452,18 +456,6 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 	}
 	if (s->up != NULL)
 		bufferevent_free(s->up);
-	if (s->clex != NULL)
-		imap_lex_free(s->clex);
-	if (s->ulex != NULL)
-		imap_lex_free(s->ulex);
-	if (s->cline != NULL)
-		evbuffer_free(s->cline);
-	if (s->uline != NULL)
-		evbuffer_free(s->uline);
-	if (s->resp_text != NULL)
-		evbuffer_free(s->resp_text);
-	if (s->ev_free != NULL)
-		event_free(s->ev_free);
 	if (s->ev_proxy != NULL) {
 		close(event_get_fd(s->ev_proxy));	/* still waiting for the header */
 		event_free(s->ev_proxy);
@@ -472,11 +464,10 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 	trace_session_end(s);
 	track_forget(s);
 	track_free(&s->track);
-	uidset_free(&s->resp_held_positions);
 	resync_free(&s->resync);
 	while (s->n_inflight > 0)
 		session_inflight_remove(s, &s->inflight[s->n_inflight - 1]);
-	command_reset(&s->cmd);	/* frees arguments of a command cut short */
+	session_busy_free(s);	/* frees arguments of a command cut short */
 	free(s->inflight);
 	TAILQ_REMOVE(&s->srv->sessions, s, entry);
 	s->srv->n_sessions--;
@@ -623,9 +614,13 @@ session_inflight_push(struct session *s, const struct command *cmd)
 		s->inflight = n;
 		s->cap_inflight = cap;
 	}
-	f = &s->inflight[s->n_inflight++];
+	f = &s->inflight[s->n_inflight];
 	memset(f, 0, sizeof(*f));
-	memcpy(f->tag, cmd->tag, sizeof(f->tag));
+	if (strlen(cmd->tag) < sizeof(f->tag_inline))
+		memcpy(f->tag_inline, cmd->tag, strlen(cmd->tag) + 1);
+	else if ((f->tag_heap = strdup(cmd->tag)) == NULL)
+		return NULL;
+	s->n_inflight++;
 	f->kind = cmd->kind;
 	f->uid = cmd->uid;
 	f->sent_usec = metrics_now_usec();
@@ -655,7 +650,7 @@ session_inject(struct session *s, enum resync_cmd purpose, const char *fmt, ...)
 	f->injected = 1;
 	f->purpose = purpose;
 	f->sent_whole = 1;
-	n = snprintf(line, sizeof(line), "%s ", f->tag);
+	n = snprintf(line, sizeof(line), "%s ", session_inflight_tag(f));
 	va_start(ap, fmt);
 	n += vsnprintf(line + n, sizeof(line) - (size_t)n - 2, fmt, ap);
 	va_end(ap);
@@ -669,9 +664,15 @@ struct inflight *
 session_inflight_find(struct session *s, const char *tag)
 {
 	for (unsigned i = 0; i < s->n_inflight; i++)
-		if (strcmp(s->inflight[i].tag, tag) == 0)
+		if (strcmp(session_inflight_tag(&s->inflight[i]), tag) == 0)
 			return &s->inflight[i];
 	return NULL;
+}
+
+const char *
+session_inflight_tag(const struct inflight *f)
+{
+	return f->tag_heap != NULL ? f->tag_heap : f->tag_inline;
 }
 
 void
@@ -679,6 +680,7 @@ session_inflight_remove(struct session *s, struct inflight *f)
 {
 	unsigned i = (unsigned)(f - s->inflight);
 
+	free(f->tag_heap);
 	free(f->mailbox);
 	free(f->mailbox_wire);
 	free(f->user);
@@ -687,11 +689,156 @@ session_inflight_remove(struct session *s, struct inflight *f)
 	s->last_active_usec = metrics_now_usec();
 }
 
+static void
+session_busy_destroy(struct session_busy *b)
+{
+	command_reset(&b->cmd);
+	uidset_free(&b->resp_held_positions);
+	imap_lex_free(b->clex);
+	imap_lex_free(b->ulex);
+	if (b->cline != NULL)
+		evbuffer_free(b->cline);
+	if (b->uline != NULL)
+		evbuffer_free(b->uline);
+	if (b->resp_text != NULL)
+		evbuffer_free(b->resp_text);
+	free(b);
+}
+
+/* The session ends (its busy state may hold a command cut short). */
+static void
+session_busy_free(struct session *s)
+{
+	if (s->busy == NULL)
+		return;
+	session_busy_destroy(s->busy);
+	s->busy = NULL;
+	s->srv->n_busy--;
+}
+
+void
+session_busy_pool_free(struct server *srv)
+{
+	struct session_busy *b;
+
+	while ((b = srv->busy_pool) != NULL) {
+		srv->busy_pool = b->next_free;
+		session_busy_destroy(b);
+	}
+	srv->n_busy_pool = 0;
+}
+
+/* A new busy state: zeroed is the rest state (empty tag, word and text, no
+ * arguments), its lexers at a line start. */
+static struct session_busy *
+session_busy_new(void)
+{
+	/* Responses may be long (SEARCH of a big mailbox) and stream through;
+	 * only single tokens are bounded. */
+	struct imap_lex_limits ul = { .max_line = 0, .max_token = 1024 * 1024, .max_literal = 0 };
+	struct session_busy *b;
+
+	if ((b = calloc(1, sizeof(*b))) == NULL)
+		return NULL;
+	command_reset(&b->cmd);
+	renumber_cmd_reset(&b->rn);
+	uidset_init(&b->resp_held_positions);
+	b->clex = imap_lex_new(IMAP_LEX_CLIENT, NULL);	/* limits: session_busy() */
+	b->ulex = imap_lex_new(IMAP_LEX_SERVER, &ul);
+	b->cline = evbuffer_new();
+	b->uline = evbuffer_new();
+	if (b->clex == NULL || b->ulex == NULL || b->cline == NULL || b->uline == NULL) {
+		session_busy_destroy(b);
+		return NULL;
+	}
+	return b;
+}
+
+struct session_busy *
+session_busy(struct session *s)
+{
+	struct server *srv = s->srv;
+	struct imap_lex_limits cl = {
+		.max_line = s->max_line, .max_token = s->max_line, .max_literal = s->max_literal,
+	};
+	struct session_busy *b;
+
+	if (s->busy != NULL)
+		return s->busy;
+	if ((b = srv->busy_pool) != NULL) {
+		srv->busy_pool = b->next_free;
+		srv->n_busy_pool--;
+		b->next_free = NULL;
+	} else if ((b = session_busy_new()) == NULL) {
+		log_msg(LOG_LEVEL_ERROR, s->sid, "out of memory for a command");
+		session_close(s, "[UNAVAILABLE] Out of memory", "out of memory");
+		return NULL;
+	}
+	imap_lex_set_limits(b->clex, &cl);
+	s->busy = b;
+	srv->n_busy++;
+	return b;
+}
+
+/*
+ * At rest: nothing half-done refers to the busy state. No command being read,
+ * refused, held or half forwarded; no response being read or waiting in the
+ * upstream input; no resync; nothing in flight but the client's IDLE, idling
+ * (it ends with the client's DONE, read as a new line); both lexers at a
+ * line start owing nothing to the next (imap_lex_at_rest()).
+ */
+static int
+session_at_rest(const struct session *s)
+{
+	const struct session_busy *b = s->busy;
+
+	return s->state == SESSION_RUNNING && s->nest == 0 && !s->held &&
+	    s->resync.phase == RESYNC_NONE &&
+	    ((s->n_inflight == 0 && s->wait == WAIT_NONE) ||
+	    (s->n_inflight == 1 && s->wait == WAIT_IDLE && s->idling)) &&
+	    !s->cmd_forwarded && !s->cmd_reject && !s->cmd_local && !s->line_is_continuation &&
+	    b->cmd.ntokens == 0 && b->cmd.args == NULL && b->cmd.sasl_user == NULL &&
+	    evbuffer_get_length(b->cline) == 0 && imap_lex_at_rest(b->clex) &&
+	    s->resp_mode == RESP_UNDECIDED && s->up_deferred == 0 && s->up_resp_start == 0 &&
+	    evbuffer_get_length(b->uline) == 0 && imap_lex_at_rest(b->ulex);
+}
+
+void
+session_busy_put(struct session *s)
+{
+	struct server *srv = s->srv;
+	struct session_busy *b = s->busy;
+
+	if (b == NULL || !session_at_rest(s))
+		return;
+	s->busy = NULL;
+	srv->n_busy--;
+	if (srv->n_busy_pool >= SESSION_BUSY_POOL) {
+		session_busy_destroy(b);
+		return;
+	}
+	/* As new: the rest state (the response fields are reset after each
+	 * response, the command after each command) with small buffers. */
+	command_reset(&b->cmd);
+	renumber_cmd_reset(&b->rn);
+	uidset_free(&b->resp_held_positions);
+	b->resp_tag[0] = b->resp_word[0] = b->resp_status_text[0] = '\0';
+	if (b->resp_text != NULL)
+		evbuffer_drain(b->resp_text, evbuffer_get_length(b->resp_text));
+	imap_lex_shrink(b->clex);
+	imap_lex_shrink(b->ulex);
+	b->next_free = srv->busy_pool;
+	srv->busy_pool = b;
+	srv->n_busy_pool++;
+}
+
 void
 session_quiet(struct session *s)
 {
-	imap_lex_shrink(s->clex);
-	imap_lex_shrink(s->ulex);
+	if (s->busy == NULL)
+		return;
+	imap_lex_shrink(s->busy->clex);
+	imap_lex_shrink(s->busy->ulex);
 }
 
 void

@@ -6,6 +6,7 @@
 #include <time.h>
 #include <sys/queue.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
 #include <event2/bufferevent.h>
 #include <event2/buffer.h>
 
@@ -35,24 +36,28 @@ enum session_wait {
 	WAIT_IDLE,	/* IDLE: the next client line is DONE */
 };
 
-/* A command the upstream has (at least partly) received and not yet completed. */
+#define INFLIGHT_TAG_INLINE 24	/* tags shorter than this (nearly all) live in the entry */
+
+/* A command the upstream has (at least partly) received and not yet
+ * completed. An idling session keeps one (its IDLE): kept small. */
 struct inflight {
-	char tag[COMMAND_TAG_MAX + 1];
+	char tag_inline[INFLIGHT_TAG_INLINE];	/* the tag: session_inflight_tag() */
+	char *tag_heap;		/* ... a copy of it when it is longer */
 	enum command_kind kind;
-	int uid;		/* UID FETCH, UID MOVE, ... */
-	int sent_whole;		/* its last line has gone upstream */
-	int injected;		/* imapfresh's own: never shown to the client */
 	enum resync_cmd purpose;	/* what an injected command is for */
-	int started;		/* SELECT: its untagged responses have begun */
-	int sasl_plain;		/* AUTHENTICATE PLAIN: the user can be read */
-	int readonly;		/* EXAMINE */
-	int condstore;		/* turns CONDSTORE on when it succeeds */
 	char *mailbox;		/* SELECT/EXAMINE/APPEND/COPY/MOVE target, canonical */
 	char *mailbox_wire;	/* SELECT/EXAMINE: the name as sent */
 	char *user;		/* LOGIN / AUTHENTICATE PLAIN identity, until the OK */
 	uint64_t sent_usec;	/* when it went upstream, for the latency histogram */
-	int expunge_issued;	/* it named messages expunged but not yet told: OK becomes NO */
-	int unheard;		/* SELECT sent while the user's changes could go unheard */
+	unsigned char uid;	/* UID FETCH, UID MOVE, ... */
+	unsigned char sent_whole;	/* its last line has gone upstream */
+	unsigned char injected;	/* imapfresh's own: never shown to the client */
+	unsigned char started;	/* SELECT: its untagged responses have begun */
+	unsigned char sasl_plain;	/* AUTHENTICATE PLAIN: the user can be read */
+	unsigned char readonly;	/* EXAMINE */
+	unsigned char condstore;	/* turns CONDSTORE on when it succeeds */
+	unsigned char expunge_issued;	/* it named messages expunged but not yet told: OK becomes NO */
+	unsigned char unheard;	/* SELECT sent while the user's changes could go unheard */
 };
 
 /* How the current upstream response travels to the client. */
@@ -64,6 +69,39 @@ enum resp_mode {
 	RESP_RENUMBER,	/* held to the end of the line, its message numbers renumbered */
 };
 
+/* A session's addresses are IPv4 or IPv6 (anything else only says its
+ * family): 28 bytes, where a sockaddr_storage takes 128. */
+union session_addr {
+	struct sockaddr sa;
+	struct sockaddr_in sin;
+	struct sockaddr_in6 sin6;
+};
+
+/*
+ * What a session needs only while a command, a response or its upstream
+ * STARTTLS is under way: taken when first needed (session_busy()), given
+ * back when the session is at rest again (session_busy_put()), so that an
+ * idle session (10,000s of them, mostly in IDLE) carries none of it. The
+ * lexers are here too: at rest both are at a line start, as good as new.
+ */
+struct session_busy {
+	struct session_busy *next_free;	/* in the server's pool (srv->busy_pool) */
+	struct imap_lex *clex, *ulex;	/* at rest both at a line start, so shared */
+	/* client to upstream */
+	struct evbuffer *cline;		/* raw bytes of the command segment being read */
+	struct command cmd;		/* the command being read */
+	struct renumber_cmd rn;		/* its sequence sets, for renumbering */
+	char reject_buf[160];		/* cmd_reject_resp when it is built here */
+	/* upstream to client */
+	struct evbuffer *uline;		/* raw bytes of the response held so far */
+	struct evbuffer *resp_text;	/* rewritten line under construction (NULL until one) */
+	char resp_tag[COMMAND_TAG_MAX + 1];
+	char resp_word[16];		/* OK, NO, CAPABILITY, EXISTS, ... (index 1) */
+	char resp_status_text[256];	/* resp-text of the response being read */
+	struct uidset resp_held_positions;	/* a held VANISHED's client positions */
+	char up_tag[24];		/* tag of imapfresh's own upstream STARTTLS */
+};
+
 struct session {
 	uint64_t id;
 	char sid[24];			/* "s" + id, the log prefix */
@@ -71,8 +109,8 @@ struct session {
 	TAILQ_ENTRY(session) entry;
 	enum session_state state;
 	char client_addr[64];
-	struct sockaddr_storage client_sa;	/* the real client (after a PROXY header) */
-	struct sockaddr_storage local_sa;	/* where it connected to */
+	union session_addr client_sa;	/* the real client (after a PROXY header) */
+	union session_addr local_sa;	/* where it connected to */
 	int proxy_fd;			/* the socket while its PROXY header is read */
 	struct event *ev_proxy;
 	struct event *ev_login;		/* the pre-login deadline (timeout_preauth) */
@@ -91,41 +129,34 @@ struct session {
 
 	struct bufferevent *client;
 	struct bufferevent *up;
-	struct imap_lex *clex, *ulex;
-	struct event *ev_free;
+	size_t max_line;		/* the client lexer's limits, as configured at accept */
+	uint64_t max_literal;
+	struct session *next_reap;	/* on srv->reap once its free is scheduled */
+	struct session_busy *busy;	/* NULL while the session is at rest */
+	unsigned nest;			/* client/upstream processing under way (re-entered) */
 
 	/* client to upstream */
-	struct evbuffer *cline;		/* raw bytes of the command segment being read */
-	struct command cmd;		/* the command being read */
 	int cmd_reject;			/* answer locally, forward nothing */
 	const char *cmd_reject_resp;	/* the tagged response to give */
 	int cmd_forwarded;		/* some segment already went upstream */
 	int cmd_local;			/* handled by imapfresh (STARTTLS) */
 	int line_is_continuation;	/* a DONE or SASL line, not a command */
-	struct renumber_cmd rn;		/* its sequence sets, for renumbering */
-	char reject_buf[160];		/* cmd_reject_resp when it is built here */
 	enum session_wait wait;
 	struct inflight *inflight;	/* FIFO, oldest first */
 	unsigned n_inflight, cap_inflight;
 
 	/* upstream to client */
-	struct evbuffer *uline;		/* raw bytes of the response held so far */
 	enum resp_mode resp_mode;
 	int resp_passed;		/* some of this response reached the client */
 	size_t up_deferred;		/* bytes lexed but still in the upstream input:
 					   PASS ones, then the undecided response's */
 	size_t up_resp_start;		/* where in those the current response starts */
-	char resp_tag[COMMAND_TAG_MAX + 1];
-	char resp_word[16];		/* OK, NO, CAPABILITY, EXISTS, ... (index 1) */
-	struct evbuffer *resp_text;	/* rewritten line under construction */
 	int upstream_bye;		/* the upstream said BYE itself */
 	int up_esearch;			/* the upstream offers ESEARCH (RFC 4731) or IMAP4rev2 */
 	uint32_t resp_held_expunge;	/* "* n EXPUNGE" the client may not hear yet */
 	int resp_held_vanished;		/* "* VANISHED" likewise: the positions below */
-	struct uidset resp_held_positions;
 	int resp_expunge_issued;	/* a tagged OK that becomes NO [EXPUNGEISSUED] */
 	int up_paused, client_paused;	/* reading stopped for backpressure */
-	char up_tag[24];		/* tag of imapfresh's own upstream command */
 	uint64_t up_tag_seq;
 
 	struct timeval started;
@@ -136,7 +167,6 @@ struct session {
 	int held;			/* a trigger command waits for a resync */
 	int no_hold;			/* the released command goes on unchecked */
 	int idling;			/* the upstream said "+" to the client's IDLE */
-	char resp_status_text[256];	/* resp-text of the response being read */
 	struct trace_session *trace;	/* non-NULL while this session is traced */
 	uint64_t connect_start_usec;	/* upstream connect began */
 	enum imap_tok_type held_tok;	/* the token its first segment ended with */
@@ -180,6 +210,7 @@ struct inflight *session_inflight_push(struct session *s, const struct command *
 struct inflight *session_inject(struct session *s, enum resync_cmd purpose, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 struct inflight *session_inflight_find(struct session *s, const char *tag);
+const char *session_inflight_tag(const struct inflight *f);
 void session_inflight_remove(struct session *s, struct inflight *f);
 
 /* Send a line imapfresh wrote itself upstream (CRLF added), traced as such. */
@@ -217,6 +248,17 @@ int session_upstream_cut(struct session *s);
 /* Note the tag, first word and resp-text of the response being read. */
 void session_upstream_identify(struct session *s, const struct imap_tok *tok);
 void session_upstream_start(struct session *s);
+
+/* The busy state, allocated when NULL; NULL (and the session closing) when
+ * out of memory. */
+struct session_busy *session_busy(struct session *s);
+/* Give the busy state back if nothing half-done refers to it (and no
+ * processing is under way further up the stack): to the server's pool of
+ * SESSION_BUSY_POOL, reused by the next session that needs one, or freed. */
+void session_busy_put(struct session *s);
+/* Free the pool (server_free). */
+void session_busy_pool_free(struct server *srv);
+#define SESSION_BUSY_POOL 16
 
 /* The session went quiet (nothing in flight, or idling): give back what only
  * a busy session needs. */

@@ -19,13 +19,13 @@ static const char SESSION_PRIVACY[] =
 static void
 session_client_reset(struct session *s)
 {
-	command_reset(&s->cmd);
+	command_reset(&s->busy->cmd);
 	s->cmd_reject = 0;
 	s->cmd_reject_resp = NULL;
 	s->cmd_forwarded = 0;
 	s->cmd_local = 0;
 	s->line_is_continuation = 0;
-	renumber_cmd_reset(&s->rn);
+	renumber_cmd_reset(&s->busy->rn);
 }
 
 static void
@@ -39,8 +39,8 @@ session_client_reject(struct session *s, const char *resp)
 static int
 session_client_rewrite_id(struct session *s)
 {
-	size_t len = evbuffer_get_length(s->cline), end = len;
-	const char *line = (const char *)evbuffer_pullup(s->cline, -1);
+	size_t len = evbuffer_get_length(s->busy->cline), end = len;
+	const char *line = (const char *)evbuffer_pullup(s->busy->cline, -1);
 	struct evbuffer *nb;
 	char fields[400];
 
@@ -60,8 +60,8 @@ session_client_rewrite_id(struct session *s)
 		evbuffer_free(nb);
 		return -1;	/* not an ID we can extend: ours goes first */
 	}
-	evbuffer_drain(s->cline, len);
-	evbuffer_add_buffer(s->cline, nb);
+	evbuffer_drain(s->busy->cline, len);
+	evbuffer_add_buffer(s->busy->cline, nb);
 	evbuffer_free(nb);
 	return 0;
 }
@@ -71,9 +71,9 @@ session_client_rewrite_id(struct session *s)
 static int
 session_client_is_proxy_header(const struct session *s)
 {
-	return !s->authenticated && strcmp(s->cmd.tag, "PROXY") == 0 &&
-	    (strcmp(s->cmd.name, "TCP4") == 0 || strcmp(s->cmd.name, "TCP6") == 0 ||
-	    strcmp(s->cmd.name, "UNKNOWN") == 0);
+	return !s->authenticated && strcmp(s->busy->cmd.tag, "PROXY") == 0 &&
+	    (strcmp(s->busy->cmd.name, "TCP4") == 0 || strcmp(s->busy->cmd.name, "TCP6") == 0 ||
+	    strcmp(s->busy->cmd.name, "UNKNOWN") == 0);
 }
 
 /* The first segment of a command has arrived: forward it, refuse it, or keep it. */
@@ -82,7 +82,7 @@ session_client_decide(struct session *s, int whole_line)
 {
 	struct server *srv = s->srv;
 
-	switch (s->cmd.kind) {
+	switch (s->busy->cmd.kind) {
 	case CMD_STARTTLS:
 		if (!whole_line)
 			session_client_reject(s, "BAD STARTTLS takes no arguments");
@@ -100,13 +100,13 @@ session_client_decide(struct session *s, int whole_line)
 		if (!session_link_secure(s)) {
 			session_client_reject(s, SESSION_PRIVACY);
 			log_msg(LOG_LEVEL_INFO, s->sid, "%s refused: plaintext link from %s "
-			    "(require_tls = yes; the client is not in secure_networks)", s->cmd.name,
+			    "(require_tls = yes; the client is not in secure_networks)", s->busy->cmd.name,
 			    s->client_addr);
 		}
 		break;
 	case CMD_COMPRESS:
 		/* RFC 4978: terminated here, like TLS; the upstream link stays as it is. */
-		if (!whole_line || strcasecmp(command_arg(&s->cmd, 0)->val, "DEFLATE") != 0)
+		if (!whole_line || strcasecmp(command_arg(&s->busy->cmd, 0)->val, "DEFLATE") != 0)
 			session_client_reject(s, "BAD COMPRESS takes one argument: DEFLATE");
 		else if (compress_active(s->client))
 			session_client_reject(s, "NO [COMPRESSIONACTIVE] DEFLATE is already active");
@@ -127,7 +127,7 @@ session_client_decide(struct session *s, int whole_line)
 			session_client_reject(s, why);
 	}
 	if (s->cmd_reject)
-		log_msg(LOG_LEVEL_DEBUG, s->sid, "refusing %s: %s", s->cmd.name, s->cmd_reject_resp);
+		log_msg(LOG_LEVEL_DEBUG, s->sid, "refusing %s: %s", s->busy->cmd.name, s->cmd_reject_resp);
 }
 
 /* upstream_client_address = id: the client's address travels in one ID, sent
@@ -138,7 +138,7 @@ session_client_send_id(struct session *s)
 	char fields[400];
 
 	s->id_pending = 0;
-	if (s->cmd.kind == CMD_ID && s->cmd.literals == 0 && !s->line_is_continuation &&
+	if (s->busy->cmd.kind == CMD_ID && s->busy->cmd.literals == 0 && !s->line_is_continuation &&
 	    session_client_rewrite_id(s) == 0)
 		return;
 	session_id_fields(s, fields, sizeof(fields));
@@ -156,15 +156,15 @@ session_client_forward(struct session *s)
 	if (s->id_pending && !s->cmd_forwarded)
 		session_client_send_id(s);
 
-	s->srv->stats.bytes_client_to_upstream += evbuffer_get_length(s->cline);
+	s->srv->stats.bytes_client_to_upstream += evbuffer_get_length(s->busy->cline);
 	/* More of a pipelined burst waits to be read: queue, so that the burst
 	 * leaves in one write instead of one per command. */
 	if (evbuffer_get_length(bufferevent_get_input(s->client)) > 0)
-		evbuffer_add_buffer(bufferevent_get_output(s->up), s->cline);
+		evbuffer_add_buffer(bufferevent_get_output(s->up), s->busy->cline);
 	else
-		relay_move(s->up, s->cline, evbuffer_get_length(s->cline));
-	if (!s->cmd_forwarded && s->cmd.tag_ok && !s->line_is_continuation) {
-		struct inflight *f = session_inflight_push(s, &s->cmd);
+		relay_move(s->up, s->busy->cline, evbuffer_get_length(s->busy->cline));
+	if (!s->cmd_forwarded && s->busy->cmd.tag_ok && !s->line_is_continuation) {
+		struct inflight *f = session_inflight_push(s, &s->busy->cmd);
 		if (f != NULL)
 			f->expunge_issued = held;
 	} else if (held && s->n_inflight > 0)
@@ -182,10 +182,10 @@ session_client_fate(struct session *s, enum trace_fate fate)
 static void
 session_client_finish_reject(struct session *s)
 {
-	evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
+	evbuffer_drain(s->busy->cline, evbuffer_get_length(s->busy->cline));
 	s->srv->stats.rejected_commands++;
-	if (s->cmd.tag_ok)
-		session_reply(s, "%s %s", s->cmd.tag, s->cmd_reject_resp);
+	if (s->busy->cmd.tag_ok)
+		session_reply(s, "%s %s", s->busy->cmd.tag, s->cmd_reject_resp);
 	else
 		session_reply(s, "* %s", s->cmd_reject_resp);
 	session_client_reset(s);
@@ -198,13 +198,13 @@ session_client_starttls(struct session *s)
 {
 	struct evbuffer *in = bufferevent_get_input(s->client);
 
-	evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
+	evbuffer_drain(s->busy->cline, evbuffer_get_length(s->busy->cline));
 	if (evbuffer_get_length(in) > 0) {
 		log_msg(LOG_LEVEL_NOTICE, s->sid, "discarding %zu bytes pipelined after STARTTLS",
 		    evbuffer_get_length(in));
 		evbuffer_drain(in, evbuffer_get_length(in));
 	}
-	session_reply(s, "%s OK Begin TLS negotiation now", s->cmd.tag);
+	session_reply(s, "%s OK Begin TLS negotiation now", s->busy->cmd.tag);
 	session_client_reset(s);
 	bufferevent_disable(s->client, EV_READ);
 	session_enter(s, SESSION_CLIENT_STARTTLS, "client STARTTLS");
@@ -221,8 +221,8 @@ session_client_compress(struct session *s)
 {
 	struct bufferevent *bev;
 
-	evbuffer_drain(s->cline, evbuffer_get_length(s->cline));	/* ours, not the server's */
-	session_reply(s, "%s OK DEFLATE active", s->cmd.tag);
+	evbuffer_drain(s->busy->cline, evbuffer_get_length(s->busy->cline));	/* ours, not the server's */
+	session_reply(s, "%s OK DEFLATE active", s->busy->cmd.tag);
 	session_client_reset(s);
 	if ((bev = compress_wrap(s->client)) == NULL) {
 		session_close(s, NULL, "cannot start DEFLATE (out of memory)");
@@ -279,7 +279,9 @@ session_client_error_resp(const struct imap_tok *tok, char *buf, size_t len, con
 static int
 session_client_waits_listening(const struct session *s)
 {
-	return (s->cmd.kind == CMD_SELECT || s->cmd.kind == CMD_EXAMINE) && !s->no_hold &&
+	const struct command *cmd = &s->busy->cmd;	/* a command is being read: busy is there */
+
+	return (cmd->kind == CMD_SELECT || cmd->kind == CMD_EXAMINE) && !s->no_hold &&
 	    s->track.suser != NULL && !store_user_listening(s->srv->store, s->track.suser);
 }
 
@@ -295,8 +297,8 @@ session_client_hold(struct session *s, const struct imap_tok *tok)
 	if (session_client_waits_listening(s) && session_wait_listening(s) == 0) {
 		for_resync = 0;
 		log_msg(LOG_LEVEL_DEBUG, s->sid, "%s waits until this instance hears %s's changes",
-		    s->cmd.name, s->track.user);
-	} else if (resync_hold(s, &s->cmd))
+		    s->busy->cmd.name, s->track.user);
+	} else if (resync_hold(s, &s->busy->cmd))
 		for_resync = 1;
 	else
 		return 0;
@@ -340,11 +342,11 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 			    tok->errmsg ? tok->errmsg : "client protocol error");
 			return;
 		}
-		session_client_reject(s, session_client_error_resp(tok, s->reject_buf, sizeof(s->reject_buf),
+		session_client_reject(s, session_client_error_resp(tok, s->busy->reject_buf, sizeof(s->busy->reject_buf),
 		    &s->srv->cfg));
 		log_msg(LOG_LEVEL_INFO, s->sid, "client command refused: %s",
 		    tok->errmsg ? tok->errmsg : "error");
-		evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
+		evbuffer_drain(s->busy->cline, evbuffer_get_length(s->busy->cline));
 		break;
 	case IMAP_TOK_LITERAL:
 		if (!s->cmd_forwarded && !s->cmd_reject && !s->line_is_continuation) {
@@ -355,10 +357,10 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 		if (s->cmd_reject || s->cmd_local) {
 			if (s->cmd_local)
 				session_client_reject(s, "BAD STARTTLS takes no arguments");
-			evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
+			evbuffer_drain(s->busy->cline, evbuffer_get_length(s->busy->cline));
 			session_client_fate(s, TRACE_REFUSED);
 			if (!(tok->literal_flags & IMAP_LIT_NONSYNC)) {
-				imap_lex_reject_literal(s->clex);
+				imap_lex_reject_literal(s->busy->clex);
 				session_client_finish_reject(s);
 			}
 			break;
@@ -378,7 +380,7 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 			if (s->wait == WAIT_IDLE && resync_client_idle_line(s)) {
 				/* DONE while we refresh the idling client: ours to answer. */
 				session_client_fate(s, TRACE_HIDDEN);
-				evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
+				evbuffer_drain(s->busy->cline, evbuffer_get_length(s->busy->cline));
 				session_client_reset(s);
 				break;
 			}
@@ -408,7 +410,7 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 			}
 			if (s->cmd_local) {
 				session_client_fate(s, TRACE_LOCAL);
-				if (s->cmd.kind == CMD_COMPRESS)
+				if (s->busy->cmd.kind == CMD_COMPRESS)
 					session_client_compress(s);
 				else
 					session_client_starttls(s);
@@ -422,17 +424,17 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 		    !s->inflight[s->n_inflight - 1].injected) {
 			struct inflight *f = &s->inflight[s->n_inflight - 1];
 			f->sent_whole = 1;
-			track_command_sent(s, f, &s->cmd);
+			track_command_sent(s, f, &s->busy->cmd);
 		}
-		if (s->cmd.kind == CMD_AUTHENTICATE)
+		if (s->busy->cmd.kind == CMD_AUTHENTICATE)
 			s->wait = WAIT_AUTH;
-		else if (s->cmd.kind == CMD_IDLE)
+		else if (s->busy->cmd.kind == CMD_IDLE)
 			s->wait = WAIT_IDLE;
 		session_client_reset(s);
 		break;
 	default:
 		if (s->cmd_reject)
-			evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
+			evbuffer_drain(s->busy->cline, evbuffer_get_length(s->busy->cline));
 		break;
 	}
 }
@@ -441,7 +443,7 @@ session_client_act(struct session *s, const struct imap_tok *tok)
 static int
 session_client_move_literal(struct session *s, struct evbuffer *in)
 {
-	uint64_t rem = imap_lex_literal_remaining(s->clex);
+	uint64_t rem = imap_lex_literal_remaining(s->busy->clex);
 	size_t avail = evbuffer_get_length(in), n;
 
 	if (rem <= COMMAND_ARG_MAX || avail == 0)
@@ -455,12 +457,12 @@ session_client_move_literal(struct session *s, struct evbuffer *in)
 		relay_move(s->up, in, n);
 		s->srv->stats.bytes_client_to_upstream += n;
 	}
-	imap_lex_skip_literal(s->clex, n);
+	imap_lex_skip_literal(s->busy->clex, n);
 	return 1;
 }
 
-void
-session_client_process(struct session *s)
+static void
+session_client_run(struct session *s)
 {
 	struct evbuffer *in;
 
@@ -474,34 +476,38 @@ session_client_process(struct session *s)
 		size_t used = 0;
 		enum imap_lex_status st;
 
+		/* At rest (busy state NULL) a line starts: bytes bring the busy
+		 * state back. */
+		if (s->busy == NULL && (evbuffer_get_length(in) == 0 || session_busy(s) == NULL))
+			break;
 		if (!session_client_move_literal(s, in)) {
-			int at_start = imap_lex_at_command_start(s->clex);
+			int at_start = imap_lex_at_command_start(s->busy->clex);
 			int nv = evbuffer_peek(in, -1, NULL, &v, 1);
 
 			if (nv < 1)
 				v.iov_base = NULL, v.iov_len = 0;
-			st = imap_lex_next(s->clex, v.iov_base, v.iov_len, &used, &tok);
+			st = imap_lex_next(s->busy->clex, v.iov_base, v.iov_len, &used, &tok);
 			if (st == IMAP_LEX_TOKEN) {
 				if (at_start && (s->wait == WAIT_AUTH || s->wait == WAIT_IDLE))
 					s->line_is_continuation = 1;
 				if (!s->line_is_continuation)
-					command_feed(&s->cmd, &tok);
+					command_feed(&s->busy->cmd, &tok);
 				else if (tok.type == IMAP_TOK_TEXT && s->wait == WAIT_AUTH)
 					track_sasl_line(s, tok.str, tok.len);
 				if (s->trace != NULL)
 					trace_token(s, TRACE_C2P, &tok,
 					    (s->line_is_continuation && s->wait == WAIT_AUTH) ||
 					    (!s->line_is_continuation &&
-					    command_token_is_secret(&s->cmd, &tok)));
+					    command_token_is_secret(&s->busy->cmd, &tok)));
 			}
 			/* A refused command's rest (up to 100 MB of an over-long line)
 			 * is dropped as it is read, never kept. */
 			if (used > 0 && s->cmd_reject)
 				evbuffer_drain(in, used);
 			else if (used > 0)
-				evbuffer_remove_buffer(in, s->cline, used);
+				evbuffer_remove_buffer(in, s->busy->cline, used);
 			if (st == IMAP_LEX_TOKEN && !s->line_is_continuation && !s->cmd_reject)
-				renumber_client_token(s, &tok, evbuffer_get_length(s->cline));
+				renumber_client_token(s, &tok, evbuffer_get_length(s->busy->cline));
 			if (st == IMAP_LEX_TOKEN)
 				session_client_act(s, &tok);
 			else if (used == 0 || evbuffer_get_length(in) == 0)
@@ -510,4 +516,13 @@ session_client_process(struct session *s)
 		if (s->up != NULL && session_out_full(bufferevent_get_output(s->up)))
 			session_pause_reading(s, s->client);
 	}
+}
+
+void
+session_client_process(struct session *s)
+{
+	s->nest++;
+	session_client_run(s);
+	s->nest--;
+	session_busy_put(s);
 }

@@ -28,7 +28,7 @@ session_upstream_logs_in(struct session *s)
 {
 	struct inflight *f;
 
-	if (strcmp(s->resp_word, "OK") != 0 || (f = session_inflight_find(s, s->resp_tag)) == NULL)
+	if (strcmp(s->busy->resp_word, "OK") != 0 || (f = session_inflight_find(s, s->busy->resp_tag)) == NULL)
 		return 0;
 	return f->kind == CMD_LOGIN || f->kind == CMD_AUTHENTICATE;
 }
@@ -49,15 +49,26 @@ static void
 session_upstream_reset(struct session *s)
 {
 	s->resp_mode = RESP_UNDECIDED;
-	s->resp_tag[0] = '\0';
-	s->resp_word[0] = '\0';
-	s->resp_status_text[0] = '\0';
+	s->busy->resp_tag[0] = '\0';
+	s->busy->resp_word[0] = '\0';
+	s->busy->resp_status_text[0] = '\0';
 	s->resp_passed = 0;
 	s->resp_held_expunge = 0;
 	s->resp_held_vanished = 0;
 	s->resp_expunge_issued = 0;
 	s->up_resp_start = s->up_deferred;
-	evbuffer_drain(s->resp_text, evbuffer_get_length(s->resp_text));
+	if (s->busy->resp_text != NULL)
+		evbuffer_drain(s->busy->resp_text, evbuffer_get_length(s->busy->resp_text));
+}
+
+/* The rewritten line's buffer, made on the first rewrite (most sessions
+ * rewrite only their greeting and CAPABILITY): NULL when out of memory. */
+static struct evbuffer *
+session_upstream_text(struct session *s)
+{
+	if (s->busy->resp_text == NULL)
+		s->busy->resp_text = evbuffer_new();
+	return s->busy->resp_text;
 }
 
 static void session_upstream_release(struct session *s, size_t n);
@@ -65,17 +76,17 @@ static void session_upstream_release(struct session *s, size_t n);
 static void
 session_upstream_flush(struct session *s)
 {
-	size_t n = evbuffer_get_length(s->uline);
+	size_t n = evbuffer_get_length(s->busy->uline);
 
 	if (n == 0)
 		return;
 	if (s->resp_mode == RESP_SWALLOW || s->client == NULL) {
-		evbuffer_drain(s->uline, n);
+		evbuffer_drain(s->busy->uline, n);
 		return;
 	}
 	s->srv->stats.bytes_upstream_to_client += n;
 	s->resp_passed = 1;
-	relay_move(s->client, s->uline, n);
+	relay_move(s->client, s->busy->uline, n);
 }
 
 /* Take the undecided response's bytes out of the upstream input, after
@@ -86,7 +97,7 @@ session_upstream_spill(struct session *s)
 	if (s->up == NULL)
 		return;
 	session_upstream_release(s, s->up_resp_start);
-	evbuffer_remove_buffer(bufferevent_get_input(s->up), s->uline, s->up_deferred);
+	evbuffer_remove_buffer(bufferevent_get_input(s->up), s->busy->uline, s->up_deferred);
 	s->up_deferred = 0;
 }
 
@@ -109,19 +120,19 @@ session_upstream_identify(struct session *s, const struct imap_tok *tok)
 	if (tok->index >= 2 && tok->type != IMAP_TOK_TEXT)
 		return;	/* the common case: deep inside a response */
 	if (tok->index == 0 && tok->type == IMAP_TOK_ATOM && tok->len <= COMMAND_TAG_MAX) {
-		memcpy(s->resp_tag, tok->str, tok->len);
-		s->resp_tag[tok->len] = '\0';
+		memcpy(s->busy->resp_tag, tok->str, tok->len);
+		s->busy->resp_tag[tok->len] = '\0';
 	} else if (tok->index == 1 && tok->depth == 0 && tok->type == IMAP_TOK_ATOM) {
-		size_t n = tok->len < sizeof(s->resp_word) - 1 ? tok->len : sizeof(s->resp_word) - 1;
+		size_t n = tok->len < sizeof(s->busy->resp_word) - 1 ? tok->len : sizeof(s->busy->resp_word) - 1;
 		for (size_t i = 0; i < n; i++)
-			s->resp_word[i] = (char)toupper((unsigned char)tok->str[i]);
-		s->resp_word[n] = '\0';
+			s->busy->resp_word[i] = (char)toupper((unsigned char)tok->str[i]);
+		s->busy->resp_word[n] = '\0';
 	}
 	if (tok->type == IMAP_TOK_TEXT) {
-		size_t n = tok->len < sizeof(s->resp_status_text) - 1 ? tok->len :
-		    sizeof(s->resp_status_text) - 1;
-		memcpy(s->resp_status_text, tok->str, n);
-		s->resp_status_text[n] = '\0';
+		size_t n = tok->len < sizeof(s->busy->resp_status_text) - 1 ? tok->len :
+		    sizeof(s->busy->resp_status_text) - 1;
+		memcpy(s->busy->resp_status_text, tok->str, n);
+		s->busy->resp_status_text[n] = '\0';
 	}
 }
 
@@ -138,6 +149,7 @@ static void
 session_upstream_observe(struct session *s, const struct imap_tok *tok)
 {
 	struct capability_policy p;
+	struct evbuffer *text;
 	char *out;
 
 	session_upstream_identify(s, tok);
@@ -148,7 +160,7 @@ session_upstream_observe(struct session *s, const struct imap_tok *tok)
 	if (s->resp_mode == RESP_SWALLOW)
 		return;
 
-	if (tok->type == IMAP_TOK_TEXT && session_upstream_is_status(s->resp_word) &&
+	if (tok->type == IMAP_TOK_TEXT && session_upstream_is_status(s->busy->resp_word) &&
 	    capability_in_text(tok->str, tok->len)) {
 		/* Before upstream STARTTLS the list describes a link the client never sees. */
 		int drop = s->state == SESSION_GREETING &&
@@ -157,7 +169,8 @@ session_upstream_observe(struct session *s, const struct imap_tok *tok)
 
 		session_upstream_policy(s, &p);
 		session_upstream_note_caps(s, tok->str, tok->len);
-		if (evbuffer_reserve_space(s->resp_text, tok->len + CAPABILITY_EXTRA, &v, 1) < 1)
+		if ((text = session_upstream_text(s)) == NULL ||
+		    evbuffer_reserve_space(text, tok->len + CAPABILITY_EXTRA, &v, 1) < 1)
 			return;
 		out = v.iov_base;
 		v.iov_len = capability_rewrite_text(tok->str, tok->len, &p, drop, out);
@@ -165,13 +178,14 @@ session_upstream_observe(struct session *s, const struct imap_tok *tok)
 			memcpy(out, "Ready.", 6);	/* resp-text must not be empty */
 			v.iov_len = 6;
 		}
-		evbuffer_commit_space(s->resp_text, &v, 1);
+		evbuffer_commit_space(text, &v, 1);
 		session_upstream_set_mode(s, RESP_REWRITE);
-	} else if (s->resp_mode == RESP_REWRITE && tok->type == IMAP_TOK_ATOM && tok->index >= 2) {
+	} else if (s->resp_mode == RESP_REWRITE && tok->type == IMAP_TOK_ATOM && tok->index >= 2 &&
+	    (text = session_upstream_text(s)) != NULL) {
 		/* A CAPABILITY line: collect the names, rewritten at EOL. */
-		if (evbuffer_get_length(s->resp_text) > 0)
-			evbuffer_add(s->resp_text, " ", 1);
-		evbuffer_add(s->resp_text, tok->str, tok->len);
+		if (evbuffer_get_length(text) > 0)
+			evbuffer_add(text, " ", 1);
+		evbuffer_add(text, tok->str, tok->len);
 	}
 }
 
@@ -180,9 +194,9 @@ session_upstream_observe(struct session *s, const struct imap_tok *tok)
 static struct inflight *
 session_upstream_completes(struct session *s)
 {
-	if (strcmp(s->resp_tag, "*") == 0 || strcmp(s->resp_tag, "+") == 0)
+	if (strcmp(s->busy->resp_tag, "*") == 0 || strcmp(s->busy->resp_tag, "+") == 0)
 		return NULL;
-	return session_inflight_find(s, s->resp_tag);
+	return session_inflight_find(s, s->busy->resp_tag);
 }
 
 /* "* n WORD" goes on as "* k WORD": the bytes read so far are replaced,
@@ -191,8 +205,8 @@ static void
 session_upstream_renumber_prefix(struct session *s, uint32_t k, const struct imap_tok *word)
 {
 	session_upstream_spill(s);
-	evbuffer_drain(s->uline, evbuffer_get_length(s->uline));
-	evbuffer_add_printf(s->uline, "* %u %.*s", k, (int)word->len, word->str);
+	evbuffer_drain(s->busy->uline, evbuffer_get_length(s->busy->uline));
+	evbuffer_add_printf(s->busy->uline, "* %u %.*s", k, (int)word->len, word->str);
 	s->track.resp_num = k;
 	session_upstream_set_mode(s, RESP_PASS);
 }
@@ -220,7 +234,7 @@ session_upstream_renumber_vanished(struct session *s, const struct imap_tok *tok
 		return 0;
 	}
 	uidset_init(&uids);
-	uidset_clear(&s->resp_held_positions);
+	uidset_clear(&s->busy->resp_held_positions);
 	if (uidset_parse(&uids, tok->str, tok->len) < 0) {
 		uidset_free(&uids);
 		log_msg(LOG_LEVEL_NOTICE, s->sid, "a VANISHED the client may not hear yet names "
@@ -228,7 +242,7 @@ session_upstream_renumber_vanished(struct session *s, const struct imap_tok *tok
 		return 0;
 	}
 	if (!pending_unplaced(&s->track.pending) &&
-	    seqmap_positions_of(&s->track.view, &uids, &s->resp_held_positions) == 0)
+	    seqmap_positions_of(&s->track.view, &uids, &s->busy->resp_held_positions) == 0)
 		held = 1;	/* placed at the response's end */
 	else {
 		/* Positions the view does not know (after SELECT ... QRESYNC it
@@ -264,20 +278,20 @@ session_upstream_renumber(struct session *s, const struct imap_tok *tok, struct 
 	if (s->n_inflight > 0 && !s->inflight[0].injected && !s->inflight[0].started &&
 	    (s->inflight[0].kind == CMD_SELECT || s->inflight[0].kind == CMD_EXAMINE))
 		pending_clear(p);	/* what arrives now describes the new mailbox */
-	if (strcmp(s->resp_tag, "*") != 0) {
+	if (strcmp(s->busy->resp_tag, "*") != 0) {
 		if (f == NULL)	/* "+", or a tag in nothing in flight (ours are decided already) */
 			return 0;
 		renumber_flush(s);	/* before the completion: the client may hear them now */
 		if (f->expunge_issued && (f->kind == CMD_FETCH || f->kind == CMD_STORE) &&
-		    strcmp(s->resp_word, "OK") == 0) {
+		    strcmp(s->busy->resp_word, "OK") == 0) {
 			s->resp_expunge_issued = 1;
 			session_upstream_set_mode(s, RESP_SWALLOW);
 			return 1;
 		}
 		return 0;
 	}
-	if (s->resp_word[0] >= '0' && s->resp_word[0] <= '9') {
-		uint32_t n = (uint32_t)strtoul(s->resp_word, NULL, 10);
+	if (s->busy->resp_word[0] >= '0' && s->busy->resp_word[0] <= '9') {
+		uint32_t n = (uint32_t)strtoul(s->busy->resp_word, NULL, 10);
 
 		if (tok->index < 2)
 			return tok->type != IMAP_TOK_EOL;	/* the word after the number decides */
@@ -304,7 +318,7 @@ session_upstream_renumber(struct session *s, const struct imap_tok *tok, struct 
 		}
 		return 0;
 	}
-	if (strcmp(s->resp_word, "VANISHED") == 0)
+	if (strcmp(s->busy->resp_word, "VANISHED") == 0)
 		return session_upstream_renumber_vanished(s, tok);
 	if (renumber_search_response(s)) {
 		session_upstream_set_mode(s, RESP_RENUMBER);
@@ -323,7 +337,7 @@ session_upstream_decide(struct session *s, const struct imap_tok *tok)
 		return;
 	}
 	if (tok->index == 0 && tok->type != IMAP_TOK_EOL) {
-		if (strcmp(s->resp_tag, "+") == 0)
+		if (strcmp(s->busy->resp_tag, "+") == 0)
 			session_upstream_set_mode(s, resync_response_hidden(s) ? RESP_SWALLOW : RESP_PASS);
 		return;	/* wait for the word after the tag */
 	}
@@ -335,18 +349,18 @@ session_upstream_decide(struct session *s, const struct imap_tok *tok)
 	}
 	if (s->state == SESSION_RUNNING && session_upstream_renumber(s, tok, f))
 		return;
-	if (s->id_responses_hidden > 0 && strcmp(s->resp_tag, "*") == 0 &&
-	    strcmp(s->resp_word, "ID") == 0) {
+	if (s->id_responses_hidden > 0 && strcmp(s->busy->resp_tag, "*") == 0 &&
+	    strcmp(s->busy->resp_word, "ID") == 0) {
 		s->id_responses_hidden--;	/* the answer to our own ID comes first */
 		session_upstream_set_mode(s, RESP_SWALLOW);
 		return;
 	}
-	if (strcmp(s->resp_tag, "*") == 0 && strcmp(s->resp_word, "CAPABILITY") == 0 &&
+	if (strcmp(s->busy->resp_tag, "*") == 0 && strcmp(s->busy->resp_word, "CAPABILITY") == 0 &&
 	    tok->type != IMAP_TOK_EOL) {
 		session_upstream_set_mode(s, RESP_REWRITE);
 		return;
 	}
-	if (session_upstream_is_status(s->resp_word) && tok->type != IMAP_TOK_TEXT &&
+	if (session_upstream_is_status(s->busy->resp_word) && tok->type != IMAP_TOK_TEXT &&
 	    tok->type != IMAP_TOK_EOL && tok->index < 2)
 		return;	/* the resp-text decides */
 	session_upstream_set_mode(s, RESP_PASS);
@@ -357,13 +371,15 @@ session_upstream_decide(struct session *s, const struct imap_tok *tok)
 static void
 session_upstream_write_rewritten(struct session *s)
 {
-	struct evbuffer *out = s->uline;
+	struct evbuffer *out = s->busy->uline, *text;
 	struct capability_policy p;
 
-	evbuffer_drain(s->uline, evbuffer_get_length(s->uline));
-	if (strcmp(s->resp_word, "CAPABILITY") == 0) {
-		size_t len = evbuffer_get_length(s->resp_text);
-		char *list = (char *)evbuffer_pullup(s->resp_text, -1);
+	evbuffer_drain(s->busy->uline, evbuffer_get_length(s->busy->uline));
+	if ((text = session_upstream_text(s)) == NULL)
+		return;
+	if (strcmp(s->busy->resp_word, "CAPABILITY") == 0) {
+		size_t len = evbuffer_get_length(text);
+		char *list = (char *)evbuffer_pullup(text, -1);
 		struct evbuffer_iovec v;
 
 		session_upstream_note_caps(s, list, len);
@@ -380,14 +396,14 @@ session_upstream_write_rewritten(struct session *s)
 	} else {
 		if (s->trace != NULL) {
 			char line[1200];
-			int n = snprintf(line, sizeof(line), "%s %s %.*s", s->resp_tag, s->resp_word,
-			    (int)evbuffer_get_length(s->resp_text),
-			    (const char *)evbuffer_pullup(s->resp_text, -1));
+			int n = snprintf(line, sizeof(line), "%s %s %.*s", s->busy->resp_tag, s->busy->resp_word,
+			    (int)evbuffer_get_length(text),
+			    (const char *)evbuffer_pullup(text, -1));
 			trace_line(s, TRACE_P2C, line, n < (int)sizeof(line) ? (size_t)n :
 			    sizeof(line) - 1, 0);
 		}
-		evbuffer_add_printf(out, "%s %s ", s->resp_tag, s->resp_word);
-		evbuffer_add_buffer(out, s->resp_text);
+		evbuffer_add_printf(out, "%s %s ", s->busy->resp_tag, s->busy->resp_word);
+		evbuffer_add_buffer(out, text);
 		evbuffer_add(out, "\r\n", 2);
 	}
 	relay_move(s->client, out, evbuffer_get_length(out));
@@ -397,8 +413,8 @@ session_upstream_write_rewritten(struct session *s)
 static void
 session_upstream_write_renumbered(struct session *s)
 {
-	size_t len = evbuffer_get_length(s->uline), outlen = 0;
-	const char *line = (const char *)evbuffer_pullup(s->uline, -1);
+	size_t len = evbuffer_get_length(s->busy->uline), outlen = 0;
+	const char *line = (const char *)evbuffer_pullup(s->busy->uline, -1);
 	char *out;
 
 	while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
@@ -409,12 +425,12 @@ session_upstream_write_renumbered(struct session *s)
 	}
 	if (s->trace != NULL)
 		trace_line(s, TRACE_P2C, out, outlen, 0);
-	evbuffer_drain(s->uline, evbuffer_get_length(s->uline));
-	evbuffer_add(s->uline, out, outlen);
-	evbuffer_add(s->uline, "\r\n", 2);
+	evbuffer_drain(s->busy->uline, evbuffer_get_length(s->busy->uline));
+	evbuffer_add(s->busy->uline, out, outlen);
+	evbuffer_add(s->busy->uline, "\r\n", 2);
 	free(out);
-	s->srv->stats.bytes_upstream_to_client += evbuffer_get_length(s->uline);
-	relay_move(s->client, s->uline, evbuffer_get_length(s->uline));
+	s->srv->stats.bytes_upstream_to_client += evbuffer_get_length(s->busy->uline);
+	relay_move(s->client, s->busy->uline, evbuffer_get_length(s->busy->uline));
 }
 
 /* The server expunged message n while the client may not hear of it. */
@@ -438,11 +454,11 @@ session_upstream_hold_expunge(struct session *s, uint32_t n)
 static void
 session_upstream_greeted(struct session *s)
 {
-	if (strcmp(s->resp_word, "BYE") == 0) {
+	if (strcmp(s->busy->resp_word, "BYE") == 0) {
 		s->upstream_bye = 1;
 		return;	/* the upstream closes; its event callback ends the session */
 	}
-	if (strcmp(s->resp_word, "PREAUTH") == 0) {
+	if (strcmp(s->busy->resp_word, "PREAUTH") == 0) {
 		s->authenticated = 1;
 		session_login_done(s);
 	}
@@ -450,8 +466,8 @@ session_upstream_greeted(struct session *s)
 		char line[48];
 		int n;
 
-		snprintf(s->up_tag, sizeof(s->up_tag), "imapfresh.%llu", (unsigned long long)++s->up_tag_seq);
-		n = snprintf(line, sizeof(line), "%s STARTTLS", s->up_tag);
+		snprintf(s->busy->up_tag, sizeof(s->busy->up_tag), "imapfresh.%llu", (unsigned long long)++s->up_tag_seq);
+		n = snprintf(line, sizeof(line), "%s STARTTLS", s->busy->up_tag);
 		session_send_own(s, line, (size_t)n);
 		session_enter(s, SESSION_UPSTREAM_STARTTLS, "upstream greeting received");
 	} else
@@ -484,15 +500,15 @@ session_upstream_log_failed_login(struct session *s, const struct inflight *f)
 		if ((unsigned char)user[i] < 0x20 || user[i] == 0x7f)
 			user[i] = '?';
 	log_msg(LOG_LEVEL_INFO, s->sid, "login failed: user=<%s> from %s: %s %s", user,
-	    s->client_addr, s->resp_word, s->resp_status_text);
+	    s->client_addr, s->busy->resp_word, s->busy->resp_status_text);
 }
 
 /* A tagged completion: the command is done, for the upstream and for us. */
 static void
 session_upstream_completed(struct session *s)
 {
-	struct inflight *f = session_inflight_find(s, s->resp_tag);
-	int ok = strcmp(s->resp_word, "OK") == 0;
+	struct inflight *f = session_inflight_find(s, s->busy->resp_tag);
+	int ok = strcmp(s->busy->resp_word, "OK") == 0;
 
 	if (f == NULL)
 		return;
@@ -502,10 +518,10 @@ session_upstream_completed(struct session *s)
 		if (done.purpose == RESYNC_CMD_ID) {
 			if (!ok)
 				log_msg(LOG_LEVEL_WARNING, s->sid, "upstream refused our ID: %s",
-				    s->resp_status_text);
+				    s->busy->resp_status_text);
 			return;
 		}
-		resync_completed(s, &done, ok, s->resp_status_text);
+		resync_completed(s, &done, ok, s->busy->resp_status_text);
 		return;
 	}
 	if (f->kind == CMD_IDLE && resync_idle_completed(s)) {
@@ -515,9 +531,10 @@ session_upstream_completed(struct session *s)
 	}
 	if (!f->sent_whole && s->wait == WAIT_LITERAL) {
 		/* Refused instead of "+": the client will not send that literal. */
-		imap_lex_reject_literal(s->clex);
-		evbuffer_drain(s->cline, evbuffer_get_length(s->cline));
-		command_reset(&s->cmd);
+		imap_lex_reject_literal(s->busy->clex);
+		evbuffer_drain(s->busy->cline, evbuffer_get_length(s->busy->cline));
+		command_reset(&s->busy->cmd);
+		renumber_cmd_reset(&s->busy->rn);	/* as after any command */
 		s->cmd_forwarded = 0;
 		s->wait = WAIT_NONE;
 	}
@@ -539,7 +556,7 @@ session_upstream_completed(struct session *s)
 		session_set_timeouts(s);
 	}
 	metrics_observe(&s->srv->metrics.command_latency, metrics_now_usec() - f->sent_usec);
-	track_completed(s, f, ok, s->resp_status_text);
+	track_completed(s, f, ok, s->busy->resp_status_text);
 	session_inflight_remove(s, f);
 	track_save(s);
 	if (s->n_inflight == 0) {
@@ -561,17 +578,17 @@ session_upstream_continuation(struct session *s)
 		session_quiet(s);
 	} else if (s->wait == WAIT_LITERAL)
 		s->wait = WAIT_NONE;
-	else if (s->wait == WAIT_AUTH && imap_lex_at_command_start(s->clex))
-		imap_lex_expect_text_line(s->clex);
+	else if (s->wait == WAIT_AUTH && imap_lex_at_command_start(s->busy->clex))
+		imap_lex_expect_text_line(s->busy->clex);
 }
 
 /* Our own STARTTLS got its answer. Returns 1 when the link was replaced. */
 static int
 session_upstream_starttls_done(struct session *s)
 {
-	if (strcmp(s->resp_tag, s->up_tag) != 0)
+	if (strcmp(s->busy->resp_tag, s->busy->up_tag) != 0)
 		return 0;
-	if (strcmp(s->resp_word, "OK") != 0) {
+	if (strcmp(s->busy->resp_word, "OK") != 0) {
 		log_msg(LOG_LEVEL_WARNING, s->sid, "upstream refused STARTTLS");
 		session_close(s, "[UNAVAILABLE] Backend server refused STARTTLS",
 		    "upstream refused STARTTLS");
@@ -602,24 +619,24 @@ session_upstream_eol(struct session *s)
 		session_upstream_flush(s);
 	if (s->resp_expunge_issued)
 		session_reply(s, "%s NO [EXPUNGEISSUED] Some of the requested messages no longer exist.",
-		    s->resp_tag);
+		    s->busy->resp_tag);
 
 	if (st == SESSION_UPSTREAM_STARTTLS) {
 		int replaced = session_upstream_starttls_done(s);
 		session_upstream_reset(s);
 		return replaced;
 	}
-	if (strcmp(s->resp_tag, "+") == 0)
+	if (strcmp(s->busy->resp_tag, "+") == 0)
 		session_upstream_continuation(s);
-	else if (strcmp(s->resp_tag, "*") == 0) {
-		if (strcmp(s->resp_word, "BYE") == 0 && s->resp_mode != RESP_SWALLOW)
+	else if (strcmp(s->busy->resp_tag, "*") == 0) {
+		if (strcmp(s->busy->resp_word, "BYE") == 0 && s->resp_mode != RESP_SWALLOW)
 			s->upstream_bye = 1;
 		if (st == SESSION_RUNNING)
 			track_response_end(s, s->resp_mode != RESP_SWALLOW);
 		if (s->resp_held_expunge > 0)
 			session_upstream_hold_expunge(s, s->resp_held_expunge);
 		if (s->resp_held_vanished) {
-			pending_hold_positions(&s->track.pending, &s->resp_held_positions);
+			pending_hold_positions(&s->track.pending, &s->busy->resp_held_positions);
 			s->track.dirty = 1;
 		}
 	} else if (st == SESSION_RUNNING)
@@ -634,7 +651,7 @@ session_upstream_eol(struct session *s)
 static int
 session_upstream_move_literal(struct session *s, struct evbuffer *in)
 {
-	uint64_t rem = imap_lex_literal_remaining(s->ulex);
+	uint64_t rem = imap_lex_literal_remaining(s->busy->ulex);
 	size_t avail = evbuffer_get_length(in), n;
 
 	if (rem == 0 || avail == 0 || s->resp_mode != RESP_PASS)
@@ -645,7 +662,7 @@ session_upstream_move_literal(struct session *s, struct evbuffer *in)
 	s->srv->stats.bytes_upstream_to_client += n;
 	s->resp_passed = 1;
 	relay_move(s->client, in, n);
-	imap_lex_skip_literal(s->ulex, n);
+	imap_lex_skip_literal(s->busy->ulex, n);
 	return 1;
 }
 
@@ -699,12 +716,12 @@ session_upstream_release_pending(struct session *s)
 int
 session_upstream_cut(struct session *s)
 {
-	if (s->client == NULL || s->ulex == NULL)
+	if (s->client == NULL || s->busy == NULL)	/* at rest: at a line start */
 		return 1;
 	session_upstream_release_pending(s);
-	if (imap_lex_at_command_start(s->ulex) || s->resp_mode != RESP_PASS || !s->resp_passed)
+	if (imap_lex_at_command_start(s->busy->ulex) || s->resp_mode != RESP_PASS || !s->resp_passed)
 		return 1;
-	if (imap_lex_literal_remaining(s->ulex) > 0)
+	if (imap_lex_literal_remaining(s->busy->ulex) > 0)
 		return 0;
 	evbuffer_add(bufferevent_get_output(s->client), "\r\n", 2);
 	return 1;
@@ -776,7 +793,7 @@ session_upstream_fetch_line(struct session *s, const struct upstream_view *view)
 
 	/* The prefix first: it turns most other lines away in a few bytes. */
 	if (!session_upstream_fetch_fast(s) || !track_fetch_line(view->p, view->len, &num, &uid) ||
-	    (n = imap_lex_plain_line(s->ulex, view->p, view->len)) == 0)
+	    (n = imap_lex_plain_line(s->busy->ulex, view->p, view->len)) == 0)
 		return 0;
 	/* What its first two tokens would have told. */
 	tag.str = view->p;
@@ -786,7 +803,7 @@ session_upstream_fetch_line(struct session *s, const struct upstream_view *view)
 	session_upstream_identify(s, &tag);
 	session_upstream_identify(s, &word);
 	if (resync_response_hidden(s)) {
-		s->resp_tag[0] = s->resp_word[0] = '\0';
+		s->busy->resp_tag[0] = s->busy->resp_word[0] = '\0';
 		return 0;
 	}
 	track_fetch_seen(s, num, uid);
@@ -802,7 +819,7 @@ session_upstream_fetch_line(struct session *s, const struct upstream_view *view)
 	while (session_upstream_fetch_fast(s) && s->resync.phase == RESYNC_NONE &&
 	    s->track.fetch_sink == NULL && s->up_deferred < SESSION_OUT_LOW &&
 	    track_fetch_line(view->p + total, view->len - total, &num, &uid) &&
-	    (n = imap_lex_plain_line(s->ulex, view->p + total, view->len - total)) != 0) {
+	    (n = imap_lex_plain_line(s->busy->ulex, view->p + total, view->len - total)) != 0) {
 		track_fetch_next(s, num, uid);
 		s->up_deferred += n;
 		total += n;
@@ -811,8 +828,8 @@ session_upstream_fetch_line(struct session *s, const struct upstream_view *view)
 	return total;
 }
 
-void
-session_upstream_process(struct session *s)
+static void
+session_upstream_run(struct session *s)
 {
 	struct upstream_view view = { NULL, 0, 0, 0 };
 	struct evbuffer *in;
@@ -824,6 +841,10 @@ session_upstream_process(struct session *s)
 		int moved = 0;	/* bytes went to the client: check its watermark */
 
 		in = bufferevent_get_input(s->up);
+		/* At rest (busy state NULL) a response starts: bytes bring the
+		 * busy state back. */
+		if (s->busy == NULL && (evbuffer_get_length(in) == 0 || session_busy(s) == NULL))
+			break;
 		if (s->up_deferred == 0 && session_upstream_move_literal(s, in)) {
 			moved = 1;
 			goto next;
@@ -838,7 +859,7 @@ session_upstream_process(struct session *s)
 			moved = session_upstream_bound(s);
 			goto next;
 		}
-		st = imap_lex_next(s->ulex, view.p, view.len, &used, &tok);
+		st = imap_lex_next(s->busy->ulex, view.p, view.len, &used, &tok);
 		view.p += used;
 		view.len -= used;
 		if (st == IMAP_LEX_TOKEN)
@@ -846,7 +867,7 @@ session_upstream_process(struct session *s)
 		if (s->resp_mode == RESP_PASS || s->resp_mode == RESP_UNDECIDED)
 			s->up_deferred += used;
 		else if (used > 0)
-			evbuffer_remove_buffer(in, s->uline, used);
+			evbuffer_remove_buffer(in, s->busy->uline, used);
 		view.at = s->up_deferred;
 		moved = session_upstream_bound(s);
 		if (st != IMAP_LEX_TOKEN) {
@@ -888,4 +909,13 @@ next:
 		if (session_out_full(bufferevent_get_output(s->client)))
 			session_pause_reading(s, s->up);
 	}
+}
+
+void
+session_upstream_process(struct session *s)
+{
+	s->nest++;
+	session_upstream_run(s);
+	s->nest--;
+	session_busy_put(s);
 }

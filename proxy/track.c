@@ -309,7 +309,7 @@ track_token(struct session *s, const struct imap_tok *tok)
 		track_response_begin(t);
 		return;
 	}
-	if (s->resp_tag[0] != '*' || s->resp_tag[1] != '\0')
+	if (s->busy->resp_tag[0] != '*' || s->busy->resp_tag[1] != '\0')
 		return;
 	if (tok->index == 1 && tok->depth == 0) {
 		if ((t->resp_num = track_number(tok->str, tok->len)) == 0) {
@@ -392,7 +392,7 @@ track_response_end(struct session *s, int to_client)
 {
 	struct track *t = &s->track;
 
-	if (strcmp(s->resp_tag, "*") != 0)
+	if (strcmp(s->busy->resp_tag, "*") != 0)
 		return;
 	if (t->resp == TRACK_RESP_EXISTS || t->resp == TRACK_RESP_STATUS ||
 	    t->resp == TRACK_RESP_FETCH)

@@ -388,8 +388,9 @@ static int
 upgrade_between_commands(const struct session *s)
 {
 	return s->state == SESSION_RUNNING && s->n_inflight == 0 && s->wait == WAIT_NONE &&
-	    !s->held && s->resync.phase == RESYNC_NONE && s->client != NULL && s->clex != NULL &&
-	    evbuffer_get_length(s->cline) == 0 && imap_lex_at_command_start(s->clex) &&
+	    !s->held && s->resync.phase == RESYNC_NONE && s->client != NULL &&
+	    (s->busy == NULL || (evbuffer_get_length(s->busy->cline) == 0 &&
+	    imap_lex_at_command_start(s->busy->clex))) &&
 	    evbuffer_get_length(bufferevent_get_input(s->client)) == 0;
 }
 

@@ -174,11 +174,11 @@ push(struct session *s, const char *tag, enum command_kind kind, int uid, const 
 static void
 completed(struct session *s)
 {
-	struct inflight *f = session_inflight_find(s, s->resp_tag);
+	struct inflight *f = session_inflight_find(s, s->busy->resp_tag);
 
 	if (f == NULL)
 		return;
-	track_completed(s, f, strcmp(s->resp_word, "OK") == 0, s->resp_status_text);
+	track_completed(s, f, strcmp(s->busy->resp_word, "OK") == 0, s->busy->resp_status_text);
 	session_inflight_remove(s, f);
 	track_save(s);
 }
@@ -255,8 +255,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	vanished_check = 0;
 	flags = data[0];
 	count = data[1];
-	if ((s = calloc(1, sizeof(*s))) == NULL || (lx = imap_lex_new(IMAP_LEX_SERVER, &ul)) == NULL)
-		abort();
+	if ((s = calloc(1, sizeof(*s))) == NULL || (s->busy = calloc(1, sizeof(*s->busy))) == NULL ||
+	    (lx = imap_lex_new(IMAP_LEX_SERVER, &ul)) == NULL)
+		abort();	/* its busy state: the response fields only, no buffers */
 	s->srv = &srv;
 	s->id = ++srv.next_session_id;
 	snprintf(s->sid, sizeof(s->sid), "s%llu", (unsigned long long)s->id);
@@ -271,8 +272,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
 	if (flags & 0x10) {
 		push(s, "L1", CMD_LOGIN, 0, NULL);
-		snprintf(s->resp_tag, sizeof(s->resp_tag), "L1");
-		snprintf(s->resp_word, sizeof(s->resp_word), "OK");
+		snprintf(s->busy->resp_tag, sizeof(s->busy->resp_tag), "L1");
+		snprintf(s->busy->resp_word, sizeof(s->busy->resp_word), "OK");
 		completed(s);
 	}
 	if (flags & 0x01) {
@@ -326,7 +327,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		observe(s, &tok);
 		if (tok.type != IMAP_TOK_EOL)
 			continue;
-		if (strcmp(s->resp_tag, "*") == 0) {
+		if (strcmp(s->busy->resp_tag, "*") == 0) {
 			int to_client = !((flags & 0x80) && responses % 3 == 2);
 			track_response_end(s, to_client);
 			if (vanished_check && to_client && s->track.resp == TRACK_RESP_VANISHED) {
@@ -335,12 +336,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 				FUZZ_CHECK(s->track.view.count == want, "VANISHED on a fully known "
 				    "view: count %u, expected %u", s->track.view.count, want);
 			}
-		} else if (strcmp(s->resp_tag, "+") != 0)
+		} else if (strcmp(s->busy->resp_tag, "+") != 0)
 			completed(s);
 		responses++;
 		vanished_check = 0;
 		check_view(s);
-		s->resp_tag[0] = s->resp_word[0] = s->resp_status_text[0] = '\0';
+		s->busy->resp_tag[0] = s->busy->resp_word[0] = s->busy->resp_status_text[0] = '\0';
 	}
 	check_view(s);
 	check_seqmap(&fetch_sink);
@@ -357,6 +358,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	track_forget(s);
 	track_free(&s->track);
 	resync_free(&s->resync);
+	free(s->busy);
 	free(s);
 	return 0;
 }

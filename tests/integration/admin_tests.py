@@ -210,6 +210,69 @@ def t_admin_metrics(ctx):
     b.assert_clean()
 
 
+@test("admin: imapfresh_sessions_busy: sessions between commands or idling in IDLE (an EXISTS "
+      "told, a DONE answered) hold no per-command state; half a command line read holds it",
+      proxy_only=True)
+def t_admin_sessions_busy(ctx):
+    p = ctx.proxy("admin-busy")
+
+    def busy():
+        return metric(scrape(p.admin_port), "imapfresh_sessions_busy")
+
+    a = login(ctx, p.tls_port, "A")
+    b = login(ctx, p.tls_port, "B")
+    box = ctx.mailbox(a, "Busy")
+    uid = append(a, "P1", "INBOX", message(1, "busy"))
+    a.expect_ok("S1", "SELECT INBOX")
+    b.expect_ok("S2", "SELECT %s" % box)
+    b.send(b"I1 IDLE\r\n")
+    b.wait_continuation()
+    # One event loop: what the clients have read was processed to its end.
+    check(busy() == 0, "A between commands, B idling: %s busy", busy())
+    a.expect_ok("M1", "UID MOVE %d %s" % (uid, box))
+    got = b.readline()
+    check(got.startswith(b"* 1 EXISTS"), "EXISTS while idling: %r", got)
+    wait_for(lambda: busy() == 0, "B idling again after the EXISTS (and any refresh)")
+    c = login(ctx, p.tls_port, "C")
+    c.send(b"H1 NOO")
+    wait_for(lambda: busy() == 1, "C's half line read")
+    c.send(b"P\r\n")
+    tagged, _, _ = c.wait_tagged("H1")
+    check(tagged.startswith(b"H1 OK"), "NOOP completes: %r", tagged)
+    check(busy() == 0, "C's NOOP done: %s busy", busy())
+    b.send(b"DONE\r\n")
+    tagged, _, _ = b.wait_tagged("I1")
+    check(tagged.startswith(b"I1 OK"), "IDLE ends: %r", tagged)
+    check(busy() == 0, "B's IDLE done: %s busy", busy())
+    check(len(b.uid_fetch_all("F1")) == 1, "B sees the moved message")
+    check(busy() == 0, "after B's UID FETCH: %s busy", busy())
+    for c_ in (a, b, c):
+        c_.assert_clean()
+
+
+@test("admin: tags of 1, 23, 24 and 128 bytes (kept in the in-flight entry or beside it) complete "
+      "under their own tags, pipelined, an IDLE's included; the session is at rest after",
+      proxy_only=True)
+def t_tag_lengths(ctx):
+    p = ctx.proxy("tags")
+    c = login(ctx, p.tls_port, "A")
+    tags = [b"t", b"a" * 22 + b"1", b"b" * 23 + b"2", b"c" * 127 + b"3"]
+    c.send(b"".join(t + b" NOOP\r\n" for t in tags))
+    for t in tags:
+        tagged, _, _ = c.wait_tagged(t)
+        check(tagged.startswith(t + b" OK"), "%d-byte tag: %r", len(t), tagged[:200])
+    c.expect_ok(b"d" * 127 + b"4", "SELECT INBOX")
+    idle = b"e" * 127 + b"5"
+    c.send(idle + b" IDLE\r\n")
+    c.wait_continuation()
+    c.send(b"DONE\r\n")
+    tagged, _, _ = c.wait_tagged(idle)
+    check(tagged.startswith(idle + b" OK"), "IDLE under a 128-byte tag: %r", tagged[:200])
+    # Each completion found its command: nothing left in flight.
+    check(metric(scrape(p.admin_port), "imapfresh_sessions_busy") == 0, "the session is at rest")
+    c.assert_clean()
+
+
 @test("admin: /healthz 200 ok; 404 unknown path; 405 wrong method; 413 over 4 KiB",
       proxy_only=True)
 def t_admin_health(ctx):
