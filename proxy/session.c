@@ -461,6 +461,8 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 		event_free(s->ev_proxy);
 	}
 	session_login_done(s);
+	if (s->ev_listen != NULL)
+		event_free(s->ev_listen);
 	trace_session_end(s);
 	track_forget(s);
 	track_free(&s->track);
@@ -898,39 +900,27 @@ session_store_notify(void *member, const char *mailbox)
 	resync_mailbox_changed(member, mailbox);
 }
 
-struct session_wake {
-	struct server *srv;
-	uint64_t id;
-};
-
+/* The session's own timer (freed with it): a waiting SELECT goes on. */
 static void
 session_listening_cb(evutil_socket_t fd, short what, void *arg)
 {
-	struct session_wake *w = arg;
-	struct session *s = session_find(w->srv, w->id);
+	struct session *s = arg;
 
 	(void)fd;
 	(void)what;
-	free(w);
-	if (s != NULL && s->held && s->resync.phase == RESYNC_NONE)
+	if (s->state == SESSION_RUNNING && s->held && s->resync.phase == RESYNC_NONE)
 		session_client_release(s);
 }
 
-/* Release the session's waiting SELECT after tv, from the loop, by id. */
+/* Release the session's waiting SELECT after tv, from the loop: a store
+ * callback's zero wait replaces select_wait's. */
 static int
 session_wake_after(struct session *s, const struct timeval *tv)
 {
-	struct session_wake *w;
-
-	if ((w = malloc(sizeof(*w))) == NULL)
+	if (s->ev_listen == NULL &&
+	    (s->ev_listen = evtimer_new(s->srv->base, session_listening_cb, s)) == NULL)
 		return -1;
-	w->srv = s->srv;
-	w->id = s->id;
-	if (event_base_once(s->srv->base, -1, EV_TIMEOUT, session_listening_cb, w, tv) < 0) {
-		free(w);
-		return -1;
-	}
-	return 0;
+	return evtimer_add(s->ev_listen, tv);
 }
 
 void

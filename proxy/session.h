@@ -114,6 +114,7 @@ struct session {
 	int proxy_fd;			/* the socket while its PROXY header is read */
 	struct event *ev_proxy;
 	struct event *ev_login;		/* the pre-login deadline (timeout_preauth) */
+	struct event *ev_listen;	/* a SELECT waiting for the user's channel (select_wait) */
 	unsigned id_responses_hidden;	/* "* ID" answers to our own ID still to come */
 	int id_pending;			/* upstream_client_address = id, not yet sent */
 	int listener_tls;		/* accepted on listen_tls */
