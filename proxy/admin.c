@@ -53,6 +53,7 @@
 #include "trace.h"
 #include "uidset.h"
 #include "upgrade.h"
+#include "utf8.h"
 
 #define ADMIN_MAX_BODY 4096		/* larger request bodies get 413 */
 #define ADMIN_MAX_HEADERS 8192
@@ -68,35 +69,6 @@ struct admin {
 };
 
 /* --- JSON --- */
-
-/* Length of the well-formed UTF-8 sequence at p (non-ASCII lead), 0 if none. */
-static size_t
-admin_utf8_len(const unsigned char *p)
-{
-	unsigned char lo = 0x80, hi = 0xbf;
-	size_t n, i;
-
-	if (p[0] >= 0xc2 && p[0] <= 0xdf)
-		n = 2;
-	else if (p[0] >= 0xe0 && p[0] <= 0xef) {
-		n = 3;
-		if (p[0] == 0xe0)
-			lo = 0xa0;
-		else if (p[0] == 0xed)	/* no UTF-16 surrogates */
-			hi = 0x9f;
-	} else if (p[0] >= 0xf0 && p[0] <= 0xf4) {
-		n = 4;
-		if (p[0] == 0xf0)
-			lo = 0x90;
-		else if (p[0] == 0xf4)
-			hi = 0x8f;
-	} else
-		return 0;
-	for (i = 1; i < n; i++, lo = 0x80, hi = 0xbf)
-		if (p[i] < lo || p[i] > hi)
-			return 0;
-	return n;
-}
 
 /* A JSON string. Names come from clients and servers: bytes that are not
  * UTF-8 become U+FFFD so the document always parses. */
@@ -114,7 +86,7 @@ admin_json_str(struct evbuffer *out, const char *s)
 			evbuffer_add_printf(out, "\\u%04x", *p++);
 		} else if (*p < 0x80) {
 			evbuffer_add(out, p++, 1);
-		} else if ((n = admin_utf8_len(p)) > 0) {
+		} else if ((n = utf8_len(p, 4)) > 0) {
 			evbuffer_add(out, p, n);
 			p += n;
 		} else {

@@ -31,6 +31,7 @@
 #include "session.h"
 #include "store.h"
 #include "uidset.h"
+#include "utf8.h"
 
 #define EVENTS_UIDS_MAX 2048	/* longest server_uids string; longer is cut at a comma */
 
@@ -90,37 +91,6 @@ events_close(struct server *srv)
 	srv->events = NULL;
 }
 
-/* Length of the valid UTF-8 sequence at p (n bytes left), 0 if invalid. */
-static size_t
-events_utf8_len(const unsigned char *p, size_t n)
-{
-	size_t len;
-	uint32_t cp;
-
-	if (p[0] < 0x80)
-		return 1;
-	if (p[0] >= 0xc2 && p[0] <= 0xdf)
-		len = 2, cp = p[0] & 0x1f;
-	else if (p[0] >= 0xe0 && p[0] <= 0xef)
-		len = 3, cp = p[0] & 0x0f;
-	else if (p[0] >= 0xf0 && p[0] <= 0xf4)
-		len = 4, cp = p[0] & 0x07;
-	else
-		return 0;
-	if (n < len)
-		return 0;
-	for (size_t i = 1; i < len; i++) {
-		if ((p[i] & 0xc0) != 0x80)
-			return 0;
-		cp = (cp << 6) | (p[i] & 0x3f);
-	}
-	/* overlong forms, surrogates, beyond U+10FFFF */
-	if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
-	    (cp >= 0xd800 && cp <= 0xdfff))
-		return 0;
-	return len;
-}
-
 /* A JSON string, or null. */
 static void
 events_json_str(struct evbuffer *b, const char *s)
@@ -157,7 +127,7 @@ events_json_str(struct evbuffer *b, const char *s)
 			if (*p < 0x20 || *p == 0x7f) {
 				evbuffer_add_printf(b, "\\u%04x", *p);
 				k = 1;
-			} else if ((k = events_utf8_len(p, n)) > 0)
+			} else if ((k = utf8_len(p, n)) > 0)
 				evbuffer_add(b, p, k);
 			else {
 				evbuffer_add(b, "\\ufffd", 6);

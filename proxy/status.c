@@ -40,6 +40,7 @@
 #include "store.h"
 #include "trace.h"
 #include "uidset.h"
+#include "utf8.h"
 
 #define STATUS_PEER_SECS 3		/* another instance's rows wait this long at most */
 #define STATUS_PEER_MAX_BODY (4 << 20)
@@ -50,35 +51,6 @@
 #define STATUS_MARK_EVENTS "\n<!--imapfresh:events-->\n"
 
 /* --- escaping and small pieces --- */
-
-/* Length of the well-formed UTF-8 sequence at p (non-ASCII lead), 0 if none. */
-static size_t
-status_utf8_len(const unsigned char *p)
-{
-	unsigned char lo = 0x80, hi = 0xbf;
-	size_t n, i;
-
-	if (p[0] >= 0xc2 && p[0] <= 0xdf)
-		n = 2;
-	else if (p[0] >= 0xe0 && p[0] <= 0xef) {
-		n = 3;
-		if (p[0] == 0xe0)
-			lo = 0xa0;
-		else if (p[0] == 0xed)
-			hi = 0x9f;
-	} else if (p[0] >= 0xf0 && p[0] <= 0xf4) {
-		n = 4;
-		if (p[0] == 0xf0)
-			lo = 0x90;
-		else if (p[0] == 0xf4)
-			hi = 0x8f;
-	} else
-		return 0;
-	for (i = 1; i < n; i++, lo = 0x80, hi = 0xbf)
-		if (p[i] < lo || p[i] > hi)
-			return 0;
-	return n;
-}
 
 /* Text for an element or a quoted attribute: & < > " ' escaped, control
  * bytes and bytes that are not UTF-8 shown as U+FFFD. */
@@ -101,7 +73,7 @@ status_esc(struct evbuffer *out, const char *s)
 			p++;
 		} else if (*p < 0x80) {
 			evbuffer_add(out, p++, 1);
-		} else if ((n = status_utf8_len(p)) > 0) {
+		} else if ((n = utf8_len(p, 4)) > 0) {
 			evbuffer_add(out, p, n);
 			p += n;
 		} else {
