@@ -18,11 +18,13 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <event2/buffer.h>
 
@@ -42,6 +44,21 @@ struct events {
 	struct events_recent recent[EVENTS_RECENT];	/* a ring */
 	size_t n_recent, next_recent;
 };
+
+/* Opened as root before the privileges are dropped to user: make the file
+ * the user's, or a reload (which reopens it) could not open it again. */
+static void
+events_give_to_user(int fd, const char *user)
+{
+	struct passwd *pw;
+	struct stat st;
+
+	if (geteuid() != 0 || user[0] == '\0' || (pw = getpwnam(user)) == NULL ||
+	    fstat(fd, &st) < 0 || st.st_uid == pw->pw_uid)
+		return;
+	if (fchown(fd, pw->pw_uid, (gid_t)-1) < 0)
+		log_warning("event_log: cannot give it to %s: %s", user, strerror(errno));
+}
 
 int
 events_open(struct server *srv, char *err, size_t errlen)
@@ -70,6 +87,7 @@ events_open(struct server *srv, char *err, size_t errlen)
 		snprintf(err, errlen, "event_log %s: %s", path, strerror(errno));
 		return -1;	/* the file open before, if any, stays */
 	}
+	events_give_to_user(fd, srv->cfg.user);
 	if (e->fd >= 0)
 		close(e->fd);
 	e->fd = fd;

@@ -28,6 +28,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import ssl
 import stat
 import subprocess
@@ -461,6 +462,20 @@ def main():
                    "uid %s, imapfresh is %d" % (proc_uid(proxy.pid), uid))
         else:
             tap.skip("the daemon runs as the imapfresh user", "not installed for real")
+
+        # A reload reopens the event log, now as the imapfresh user: the file
+        # it created as root before dropping privileges must be its own.
+        if real_install:
+            os.kill(proxy.pid, signal.SIGHUP)
+            reloaded = wait_for(lambda: "reloading configuration" in open(plog).read() and
+                                open(plog).read())
+            tap.ok(reloaded and "reload failed" not in reloaded and
+                   owner(events)[0] == "imapfresh",
+                   "a reload reopens %s (owned by imapfresh)" % events,
+                   "owner %s%s" % (owner(events) if os.path.exists(events) else "-",
+                                   servers.log_tail(plog)))
+        else:
+            tap.skip("a reload reopens %s" % events, "not installed for real")
 
         def trace_check():
             text = wait_for(lambda: os.path.exists(trace) and "LOGOUT" in open(trace).read() and
