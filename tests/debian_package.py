@@ -286,6 +286,7 @@ def main():
     log = os.path.join(tmp, "commands.log")
     started = time.monotonic()
     procs = []
+    cleanup_dirs = []
     root = os.geteuid() == 0
     preinstalled = installed_status()
     real_install = root and not preinstalled
@@ -422,7 +423,20 @@ def main():
         dovecot = servers.Dovecot(os.path.join(tmp, "dovecot"))
         dovecot.setup().start()
         procs.append(dovecot)
-        certs = dovecot.certs
+        certs = dict(dovecot.certs)
+        if real_install:
+            # As an operator would: the key readable by the imapfresh user,
+            # so that a reload (which loads it again, unprivileged) works.
+            keydir = tempfile.mkdtemp(prefix="imapfresh-deb-tls-")
+            cleanup_dirs.append(keydir)
+            os.chmod(keydir, 0o755)
+            pw = pwd.getpwnam("imapfresh")
+            for k in ("cert", "key"):
+                dst = os.path.join(keydir, os.path.basename(certs[k]))
+                shutil.copyfile(certs[k], dst)
+                os.chown(dst, pw.pw_uid, pw.pw_gid)
+                os.chmod(dst, 0o600)
+                certs[k] = dst
         port, tls_port, admin_port = servers.free_port(), servers.free_port(), servers.free_port()
         trace = (LOGDIR if real_install else tmp) + "/trace.log"
         events = (LOGDIR if real_install else tmp) + "/events.log"
@@ -550,6 +564,8 @@ def main():
             if rc != 0:
                 tap.diag("cleanup: apt-get purge imapfresh failed:\n" + tail(out))
         tap.diag("done in %.0f s" % (time.monotonic() - started))
+        for d in cleanup_dirs:
+            shutil.rmtree(d, ignore_errors=True)
         if a.keep or tap.failed:
             tap.diag("kept %s" % tmp)
         else:
