@@ -835,15 +835,6 @@ session_busy_put(struct session *s)
 }
 
 void
-session_quiet(struct session *s)
-{
-	if (s->busy == NULL)
-		return;
-	imap_lex_shrink(s->busy->clex);
-	imap_lex_shrink(s->busy->ulex);
-}
-
-void
 session_send_own(struct session *s, const char *line, size_t len)
 {
 	struct evbuffer *out = bufferevent_get_output(s->up);

@@ -261,10 +261,6 @@ void session_busy_put(struct session *s);
 void session_busy_pool_free(struct server *srv);
 #define SESSION_BUSY_POOL 16
 
-/* The session went quiet (nothing in flight, or idling): give back what only
- * a busy session needs. */
-void session_quiet(struct session *s);
-
 const char *session_state_name(enum session_state st);
 
 #define SESSION_OUT_HIGH (256 * 1024)	/* stop reading the peer above this */

@@ -559,10 +559,8 @@ session_upstream_completed(struct session *s)
 	track_completed(s, f, ok, s->busy->resp_status_text);
 	session_inflight_remove(s, f);
 	track_save(s);
-	if (s->n_inflight == 0) {
-		session_quiet(s);
+	if (s->n_inflight == 0)
 		resync_quiet(s);
-	}
 }
 
 static void
@@ -575,7 +573,6 @@ session_upstream_continuation(struct session *s)
 	if (s->wait == WAIT_IDLE) {
 		s->idling = 1;
 		renumber_flush(s);	/* RFC 2177: the server may send EXPUNGE while idling */
-		session_quiet(s);
 	} else if (s->wait == WAIT_LITERAL)
 		s->wait = WAIT_NONE;
 	else if (s->wait == WAIT_AUTH && imap_lex_at_command_start(s->busy->clex))
