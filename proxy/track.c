@@ -427,8 +427,8 @@ track_response_end(struct session *s, int to_client)
 			break;
 		if (t->fetch_sink != NULL)
 			seqmap_learn(t->fetch_sink, t->resp_num, t->fetch_uid);
-		else if (to_client && seqmap_learn(&t->view, t->resp_num, t->fetch_uid))
-			t->dirty = 1;
+		else if (to_client)
+			track_fetch_next(s, t->resp_num, t->fetch_uid);
 		break;
 	default:
 		break;

@@ -98,8 +98,9 @@ int track_fetch_line(const char *p, size_t len, uint32_t *num, uint32_t *uid);
  * track_response_end() as usual. */
 void track_fetch_seen(struct session *s, uint32_t num, uint32_t uid);
 
-/* The next such line of a run, passed to the client with no resync under
- * way: what track_fetch_seen() and its track_response_end() would do. */
+/* A FETCH's (seq, UID) reaching the client, into its view: how
+ * track_response_end() ends one, and all a line after the first of a run
+ * (session_upstream's fast path) needs. */
 void track_fetch_next(struct session *s, uint32_t num, uint32_t uid);
 
 /* A tagged completion of a client command. */
