@@ -88,15 +88,23 @@ command_kind_from_name(const char *name)
 	return CMD_UNKNOWN;
 }
 
+/* Every command's name: ASCII case folding and exact compares, not the
+ * locale's toupper() and strcasecmp() (command names are atoms, RFC 9051 9). */
 static void
 command_set_name(struct command *cmd, const char *s, size_t len)
 {
 	if (len >= sizeof(cmd->name))
 		len = sizeof(cmd->name) - 1;
 	for (size_t i = 0; i < len; i++)
-		cmd->name[i] = (char)toupper((unsigned char)s[i]);
+		cmd->name[i] = (char)(s[i] >= 'a' && s[i] <= 'z' ? s[i] - ('a' - 'A') : s[i]);
 	cmd->name[len] = '\0';
-	cmd->kind = command_kind_from_name(cmd->name);
+	cmd->kind = CMD_UNKNOWN;
+	for (size_t i = 0; i < sizeof(command_table) / sizeof(command_table[0]); i++)
+		if (command_table[i].name[0] == cmd->name[0] &&
+		    strcmp(command_table[i].name, cmd->name) == 0) {
+			cmd->kind = command_table[i].kind;
+			break;
+		}
 }
 
 int
