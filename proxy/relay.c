@@ -10,14 +10,14 @@
 #define RELAY_LIBEVENT_READ 4096	/* libevent 2.1's EVBUFFER_MAX_READ */
 #define RELAY_CHUNK (64 * 1024)
 
-/* A plain socket bufferevent: TLS ones read whole records and must write
- * through SSL. */
-static int
-relay_is_plain(struct bufferevent *bev)
+/* TLS bufferevents read whole records and must write through SSL; a filter
+ * (COMPRESS) reports its underlying socket: never write around it. */
+enum relay_link
+relay_link_of(struct bufferevent *bev)
 {
-	/* A filter (COMPRESS) reports its underlying socket: never write around it. */
-	return bev != NULL && bufferevent_getfd(bev) >= 0 && bufferevent_openssl_get_ssl(bev) == NULL &&
-	    bufferevent_get_underlying(bev) == NULL;
+	if (bufferevent_openssl_get_ssl(bev) != NULL)
+		return RELAY_TLS;
+	return bufferevent_get_underlying(bev) == NULL ? RELAY_SOCKET : RELAY_FILTER;
 }
 
 void
@@ -78,13 +78,13 @@ relay_read_into(struct evbuffer *in, evutil_socket_t fd, size_t have, size_t cap
  * errors stay in the socket for libevent's next read to report.
  */
 void
-relay_read_more(struct bufferevent *bev, size_t cap)
+relay_read_more(struct bufferevent *bev, enum relay_link link, size_t cap)
 {
 	struct evbuffer *in = bufferevent_get_input(bev);
 	size_t have = evbuffer_get_length(in);
 
 	/* The cheap test first: it settles most callbacks. */
-	if (have < RELAY_LIBEVENT_READ || !relay_is_plain(bev) ||
+	if (have < RELAY_LIBEVENT_READ || link != RELAY_SOCKET ||
 	    !(bufferevent_get_enabled(bev) & EV_READ))
 		return;
 	/* The bufferevent freezes its input's end between its own reads. */
@@ -105,19 +105,17 @@ relay_read_more(struct bufferevent *bev, size_t cap)
  * it keeps its watermark for good.
  */
 void
-relay_input_cap(struct bufferevent *bev, size_t cap)
+relay_input_cap(struct bufferevent *bev, enum relay_link link, size_t cap)
 {
-	bufferevent_setwatermark(bev, EV_READ, 0,
-	    bufferevent_openssl_get_ssl(bev) != NULL ? cap : 0);
+	bufferevent_setwatermark(bev, EV_READ, 0, link == RELAY_TLS ? cap : 0);
 }
 
 void
-relay_input_cap_check(struct bufferevent *bev, size_t cap)
+relay_input_cap_check(struct bufferevent *bev, enum relay_link link, size_t cap)
 {
 	size_t have, low, high;
 
-	if (bufferevent_openssl_get_ssl(bev) != NULL ||
-	    bufferevent_getwatermark(bev, EV_READ, &low, &high) < 0)
+	if (link == RELAY_TLS || bufferevent_getwatermark(bev, EV_READ, &low, &high) < 0)
 		return;
 	have = evbuffer_get_length(bufferevent_get_input(bev));
 	if (high == 0 && have >= cap / 2)
@@ -134,11 +132,13 @@ relay_input_cap_check(struct bufferevent *bev, size_t cap)
  * queued as before, and errors are left to the bufferevent's own write.
  */
 void
-relay_move(struct bufferevent *to, struct evbuffer *from, size_t n)
+relay_move(struct bufferevent *to, enum relay_link link, struct evbuffer *from, size_t n)
 {
 	struct evbuffer *out = bufferevent_get_output(to);
 
-	if (n > 0 && evbuffer_get_length(out) == 0 && relay_is_plain(to) &&
+	/* Before its connect, an upstream socket's fd is -1: the write fails
+	 * and the bytes are queued. */
+	if (n > 0 && link == RELAY_SOCKET && evbuffer_get_length(out) == 0 &&
 	    (bufferevent_get_enabled(to) & EV_WRITE)) {
 		int w = evbuffer_write_atmost(from, bufferevent_getfd(to), (ev_ssize_t)n);
 

@@ -98,7 +98,8 @@ session_set_client_callbacks(struct session *s)
 {
 	bufferevent_setcb(s->client, session_client_read_cb, session_client_write_cb,
 	    session_client_event_cb, s);
-	relay_input_cap(s->client, SESSION_READ_HIGH);
+	s->client_link = relay_link_of(s->client);
+	relay_input_cap(s->client, s->client_link, SESSION_READ_HIGH);
 	relay_io_sizes(s->client);
 	bufferevent_enable(s->client, EV_READ | EV_WRITE);
 }
@@ -527,11 +528,11 @@ session_client_read_cb(struct bufferevent *bev, void *arg)
 {
 	struct session *s = arg;
 
-	relay_read_more(bev, SESSION_READ_HIGH);
+	relay_read_more(bev, s->client_link, SESSION_READ_HIGH);
 	session_client_process(s);
 	/* s->client, not bev: STARTTLS replaces the bufferevent. */
 	if (s->client != NULL)
-		relay_input_cap_check(s->client, SESSION_READ_HIGH);
+		relay_input_cap_check(s->client, s->client_link, SESSION_READ_HIGH);
 }
 
 static void

@@ -119,6 +119,7 @@ struct session {
 	int id_pending;			/* upstream_client_address = id, not yet sent */
 	int listener_tls;		/* accepted on listen_tls */
 	int client_tls;			/* client link is TLS now */
+	uint8_t client_link, up_link;	/* enum relay_link of s->client, s->up */
 	int client_tls_pending;		/* handshake not finished yet */
 	int authenticated;
 	int client_eof;

@@ -162,7 +162,7 @@ session_client_forward(struct session *s)
 	if (evbuffer_get_length(bufferevent_get_input(s->client)) > 0)
 		evbuffer_add_buffer(bufferevent_get_output(s->up), s->busy->cline);
 	else
-		relay_move(s->up, s->busy->cline, evbuffer_get_length(s->busy->cline));
+		relay_move(s->up, s->up_link, s->busy->cline, evbuffer_get_length(s->busy->cline));
 	if (!s->cmd_forwarded && s->busy->cmd.tag_ok && !s->line_is_continuation) {
 		struct inflight *f = session_inflight_push(s, &s->busy->cmd);
 		if (f != NULL)
@@ -454,7 +454,7 @@ session_client_move_literal(struct session *s, struct evbuffer *in)
 	if (s->cmd_reject)
 		evbuffer_drain(in, n);
 	else {
-		relay_move(s->up, in, n);
+		relay_move(s->up, s->up_link, in, n);
 		s->srv->stats.bytes_client_to_upstream += n;
 	}
 	imap_lex_skip_literal(s->busy->clex, n);

@@ -86,7 +86,7 @@ session_upstream_flush(struct session *s)
 	}
 	s->srv->stats.bytes_upstream_to_client += n;
 	s->resp_passed = 1;
-	relay_move(s->client, s->busy->uline, n);
+	relay_move(s->client, s->client_link, s->busy->uline, n);
 }
 
 /* Take the undecided response's bytes out of the upstream input, after
@@ -406,7 +406,7 @@ session_upstream_write_rewritten(struct session *s)
 		evbuffer_add_buffer(out, text);
 		evbuffer_add(out, "\r\n", 2);
 	}
-	relay_move(s->client, out, evbuffer_get_length(out));
+	relay_move(s->client, s->client_link, out, evbuffer_get_length(out));
 }
 
 /* A search's answer, its message numbers in the client's numbering. */
@@ -430,7 +430,7 @@ session_upstream_write_renumbered(struct session *s)
 	evbuffer_add(s->busy->uline, "\r\n", 2);
 	free(out);
 	s->srv->stats.bytes_upstream_to_client += evbuffer_get_length(s->busy->uline);
-	relay_move(s->client, s->busy->uline, evbuffer_get_length(s->busy->uline));
+	relay_move(s->client, s->client_link, s->busy->uline, evbuffer_get_length(s->busy->uline));
 }
 
 /* The server expunged message n while the client may not hear of it. */
@@ -658,7 +658,7 @@ session_upstream_move_literal(struct session *s, struct evbuffer *in)
 		trace_literal_bytes(s, TRACE_U2P, in, n);
 	s->srv->stats.bytes_upstream_to_client += n;
 	s->resp_passed = 1;
-	relay_move(s->client, in, n);
+	relay_move(s->client, s->client_link, in, n);
 	imap_lex_skip_literal(s->busy->ulex, n);
 	return 1;
 }
@@ -689,7 +689,7 @@ session_upstream_release(struct session *s, size_t n)
 		return;
 	}
 	s->srv->stats.bytes_upstream_to_client += n;
-	relay_move(s->client, in, n);
+	relay_move(s->client, s->client_link, in, n);
 }
 
 /*

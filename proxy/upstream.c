@@ -24,7 +24,8 @@ static void
 upstream_set_callbacks(struct session *s)
 {
 	bufferevent_setcb(s->up, upstream_read_cb, upstream_write_cb, upstream_event_cb, s);
-	relay_input_cap(s->up, SESSION_READ_HIGH);
+	s->up_link = relay_link_of(s->up);
+	relay_input_cap(s->up, s->up_link, SESSION_READ_HIGH);
 	relay_io_sizes(s->up);
 	bufferevent_enable(s->up, EV_READ | EV_WRITE);
 }
@@ -132,11 +133,11 @@ upstream_read_cb(struct bufferevent *bev, void *arg)
 {
 	struct session *s = arg;
 
-	relay_read_more(bev, SESSION_READ_HIGH);
+	relay_read_more(bev, s->up_link, SESSION_READ_HIGH);
 	session_upstream_process(s);
 	/* s->up, not bev: a failure frees it, STARTTLS replaces it. */
 	if (s->up != NULL)
-		relay_input_cap_check(s->up, SESSION_READ_HIGH);
+		relay_input_cap_check(s->up, s->up_link, SESSION_READ_HIGH);
 }
 
 static void

@@ -146,7 +146,7 @@ stream_read_cb(struct bufferevent *bev, void *arg)
 	st->callbacks++;
 	if (before > st->max_entry)
 		st->max_entry = before;
-	relay_read_more(bev, CAP);
+	relay_read_more(bev, relay_link_of(bev), CAP);
 	after = evbuffer_get_length(in);
 	if (after > st->max_after)
 		st->max_after = after;
@@ -412,7 +412,7 @@ read_more_case(const char *name, int tls, int enabled, size_t have, size_t sock,
 	if (write(sv[1], pat, sock) != (ssize_t)sock)
 		diag("%s: short write", name);
 
-	relay_read_more(bev, cap);
+	relay_read_more(bev, relay_link_of(bev), cap);
 	in_len = evbuffer_get_length(bufferevent_get_input(bev));
 	left = inq(sv[0]);
 	/* What was read follows the old input, in the socket's order. */
@@ -499,7 +499,7 @@ mover_move(struct mover *m, int i, size_t n)
 	r.out_before = evbuffer_get_length(out);
 	r.sock_before = inq(m->peer);
 	r.src_before = evbuffer_get_length(m->src[i]);
-	relay_move(m->to, m->src[i], n);
+	relay_move(m->to, relay_link_of(m->to), m->src[i], n);
 	r.out_after = evbuffer_get_length(out);
 	r.sock_after = inq(m->peer);
 	r.src_after = evbuffer_get_length(m->src[i]);
