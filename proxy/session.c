@@ -156,8 +156,10 @@ session_start(struct session *s, int fd)
 		s->client = ssl ? tls_bufferevent_new(srv->base, fd, ssl, 1) : NULL;
 		s->client_tls = s->client_tls_pending = 1;
 	} else
-		s->client = bufferevent_socket_new(srv->base, fd,
-		    BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+		/* Callbacks not deferred: a socket bufferevent calls them only
+		 * from its own events (read, write, timeout), never from a call
+		 * of ours, and a deferred one costs a second dispatch per read. */
+		s->client = bufferevent_socket_new(srv->base, fd, BEV_OPT_CLOSE_ON_FREE);
 	if (s->client == NULL) {
 		close(fd);
 		log_msg(LOG_LEVEL_ERROR, s->sid, "out of memory setting up the session");

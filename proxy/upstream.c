@@ -69,8 +69,9 @@ upstream_connect(struct session *s)
 		SSL *ssl = tls_upstream_ssl_new(srv->tls_client, cfg);
 		s->up = ssl ? tls_bufferevent_new(srv->base, -1, ssl, 0) : NULL;
 	} else
-		s->up = bufferevent_socket_new(srv->base, -1,
-		    BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
+		/* Not deferred, as the client's socket (session_start()); its
+		 * connect reports defer themselves. */
+		s->up = bufferevent_socket_new(srv->base, -1, BEV_OPT_CLOSE_ON_FREE);
 	if (s->up == NULL) {
 		upstream_fail(s, "setup", "out of memory");
 		return;
