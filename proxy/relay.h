@@ -17,6 +17,11 @@ enum relay_link {
 };
 
 enum relay_link relay_link_of(struct bufferevent *bev);
+/* A plain socket bufferevent with a file descriptor reads through relay's
+ * own read callback from now on (not libevent's, which makes a system call
+ * more per read); the rest of the bufferevent is unchanged. Set its fd
+ * (connect) first: bufferevent_setfd() puts libevent's callback back. */
+void relay_read_hook(struct bufferevent *bev);
 /* Raise libevent's per-call read and write sizes on bev. */
 void relay_io_sizes(struct bufferevent *bev);
 /* In a read callback of a plain socket bufferevent: read on past libevent's

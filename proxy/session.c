@@ -167,6 +167,7 @@ session_start(struct session *s, int fd)
 		return;
 	}
 	session_set_client_callbacks(s);
+	relay_read_hook(s->client);
 	trace_session_update(s);
 	session_login_deadline(s);
 	if (srv->n_sessions > (unsigned)srv->cfg.max_clients) {

@@ -160,6 +160,7 @@ upstream_event_cb(struct bufferevent *bev, short what, void *arg)
 
 	if (what & BEV_EVENT_CONNECTED) {
 		setsockopt(bufferevent_getfd(bev), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		relay_read_hook(bev);	/* connected: its fd is set for good */
 		if (bufferevent_openssl_get_ssl(bev) != NULL) {
 			tls_describe(bev, detail, sizeof(detail));
 			log_msg(LOG_LEVEL_DEBUG, s->sid, "upstream TLS established: %s", detail);

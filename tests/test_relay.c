@@ -1,4 +1,4 @@
-/* test_relay: relay_read_more() and relay_move() on socketpairs, byte for byte. */
+/* test_relay: relay's read callback, relay_read_more() and relay_move() on socketpairs, byte for byte. */
 #include <errno.h>
 #include <poll.h>
 #include <signal.h>
@@ -96,6 +96,13 @@ read_all(int fd, unsigned char *buf, size_t room)
  * with relay_read_more() in its read callback, as the proxy does. */
 
 enum consume { CONSUME_RANDOM, CONSUME_ALL };
+
+/* How the reading bufferevent is set up: libevent alone, with
+ * relay_read_more() in the read callback, and that through
+ * relay_read_hook()'s read callback (as the proxy's plain sockets). */
+enum reader { READER_LIBEVENT, READER_MORE, READER_HOOKED };
+static const char *const reader_name[] = { "libevent alone", "with relay_read_more",
+	"hooked, with relay_read_more" };
 
 struct stream {
 	struct event_base *base;
@@ -247,13 +254,13 @@ stream_watchdog_cb(evutil_socket_t fd, short what, void *arg)
  * Stream len bytes of a seeded pattern. prewrite: everything that fits goes
  * into the socket (and the writer closes, if that is all) before the loop
  * runs. reset: the reader's end first sends the writer a byte it never reads,
- * so the writer's close resets the reader (ECONNRESET). with_relay: 0 runs
- * the same without relay_read_more(), for comparison. Returns when the
+ * so the writer's close resets the reader (ECONNRESET). reader: see enum
+ * reader. Returns when the
  * reader is done (EOF, error, or the watchdog); stream_free() after.
  */
 static void
 stream_run(struct stream *st, uint64_t seed, size_t len, enum consume policy, int prewrite, int reset,
-    int with_relay)
+    enum reader reader)
 {
 	int sv[2];
 	struct timeval wd = { 120, 0 };
@@ -269,7 +276,8 @@ stream_run(struct stream *st, uint64_t seed, size_t len, enum consume policy, in
 	st->scratch = malloc(65536);
 	st->base = event_base_new();
 	st->bev = bufferevent_socket_new(st->base, sv[0], BEV_OPT_CLOSE_ON_FREE | BEV_OPT_DEFER_CALLBACKS);
-	bufferevent_setcb(st->bev, with_relay ? stream_read_cb : plain_read_cb, NULL, stream_event_cb, st);
+	bufferevent_setcb(st->bev, reader != READER_LIBEVENT ? stream_read_cb : plain_read_cb, NULL,
+	    stream_event_cb, st);
 	bufferevent_setwatermark(st->bev, EV_READ, 0, CAP);
 	relay_io_sizes(st->bev);
 	st->drain = evtimer_new(st->base, stream_drain_cb, st);
@@ -282,6 +290,8 @@ stream_run(struct stream *st, uint64_t seed, size_t len, enum consume policy, in
 		event_add(st->wev, NULL);
 	st->prewritten = st->writer_done;
 	bufferevent_enable(st->bev, EV_READ);
+	if (reader == READER_HOOKED)
+		relay_read_hook(st->bev);
 	event_base_dispatch(st->base);
 }
 
@@ -300,36 +310,36 @@ stream_free(struct stream *st)
 }
 
 static void
-test_stream(uint64_t seed)
+test_stream(uint64_t seed, enum reader reader)
 {
 	struct stream st;
 
-	stream_run(&st, seed, STREAM_LEN, CONSUME_RANDOM, 0, 0, 1);
+	stream_run(&st, seed, STREAM_LEN, CONSUME_RANDOM, 0, 0, reader);
 	ok(!st.timeout && !st.mismatch && st.roff == st.len && st.what == (BEV_EVENT_READING | BEV_EVENT_EOF),
-	    "stream seed %llu: %zu of %zu bytes consumed, identical and in order, then EOF (event 0x%x)",
-	    (unsigned long long)seed, st.roff, st.len, (unsigned)st.what);
+	    "stream seed %llu, %s: %zu of %zu bytes consumed, identical and in order, then EOF (event 0x%x)",
+	    (unsigned long long)seed, reader_name[reader], st.roff, st.len, (unsigned)st.what);
 	ok(st.max_entry <= CAP + LIBEVENT_READ && st.max_after <= CAP + LIBEVENT_READ,
-	    "stream seed %llu: input at most cap + one libevent read in %lu callbacks "
+	    "stream seed %llu, %s: input at most cap + one libevent read in %lu callbacks "
 	    "(largest %zu on entry, %zu after relay_read_more)",
-	    (unsigned long long)seed, st.callbacks, st.max_entry, st.max_after);
+	    (unsigned long long)seed, reader_name[reader], st.callbacks, st.max_entry, st.max_after);
 	ok(st.past > 0 && st.max_after > LIBEVENT_READ,
-	    "stream seed %llu: read past libevent's 4 KiB in %lu callbacks (up to %zu bytes more, %zu in the input)",
-	    (unsigned long long)seed, st.past, st.max_added, st.max_after);
+	    "stream seed %llu, %s: read past libevent's 4 KiB in %lu callbacks (up to %zu bytes more, %zu in the input)",
+	    (unsigned long long)seed, reader_name[reader], st.past, st.max_added, st.max_after);
 	stream_free(&st);
 }
 
 /* The writer sends len bytes and closes; everything and then EOF arrive. */
 static void
-test_eof(size_t len)
+test_eof(size_t len, enum reader reader)
 {
 	struct stream st;
 
-	stream_run(&st, len, len, CONSUME_ALL, 1, 0, 1);
+	stream_run(&st, len, len, CONSUME_ALL, 1, 0, reader);
 	ok(!st.timeout && !st.mismatch && st.roff == len && st.what == (BEV_EVENT_READING | BEV_EVENT_EOF) &&
 	    st.events_after_end == 0,
-	    "EOF after %zu bytes: %zu arrive identical, then EOF is reported (event 0x%x, %lu callbacks, "
-	    "%lu read past 4 KiB, %s)", len, st.roff, (unsigned)st.what, st.callbacks, st.past,
-	    st.prewritten ? "all in the socket before the loop" : "written as the reader read");
+	    "EOF after %zu bytes, %s: %zu arrive identical, then EOF is reported (event 0x%x, %lu callbacks, "
+	    "%lu read past 4 KiB, %s)", len, reader_name[reader], st.roff, (unsigned)st.what, st.callbacks,
+	    st.past, st.prewritten ? "all in the socket before the loop" : "written as the reader read");
 	stream_free(&st);
 }
 
@@ -346,7 +356,7 @@ test_reset(size_t len)
 	short plain_what;
 	int plain_err;
 
-	stream_run(&st, len, len, CONSUME_ALL, 1, 1, 0);
+	stream_run(&st, len, len, CONSUME_ALL, 1, 1, READER_LIBEVENT);
 	plain_what = st.what;
 	plain_err = st.err;
 	ok(!st.timeout && !st.mismatch && st.roff == len && st.what == (BEV_EVENT_READING | BEV_EVENT_ERROR) &&
@@ -355,12 +365,16 @@ test_reset(size_t len)
 	    len, (unsigned)st.what, strerror(st.err), st.prewritten ? "all written before the loop" : "NOT prewritten");
 	stream_free(&st);
 
-	stream_run(&st, len, len, CONSUME_ALL, 1, 1, 1);
-	ok(!st.timeout && !st.mismatch && st.roff == len && st.what == plain_what && st.err == plain_err,
-	    "reset after %zu bytes, with relay_read_more: all bytes, then the same report "
-	    "(event 0x%x, %s; libevent alone: 0x%x, %s)",
-	    len, (unsigned)st.what, strerror(st.err), (unsigned)plain_what, strerror(plain_err));
-	stream_free(&st);
+	for (enum reader r = READER_MORE; r <= READER_HOOKED; r++) {
+		stream_run(&st, len, len, CONSUME_ALL, 1, 1, r);
+		ok(!st.timeout && !st.mismatch && st.roff == len && st.what == plain_what &&
+		    st.err == plain_err,
+		    "reset after %zu bytes, %s: all bytes, then the same report "
+		    "(event 0x%x, %s; libevent alone: 0x%x, %s)",
+		    len, reader_name[r], (unsigned)st.what, strerror(st.err), (unsigned)plain_what,
+		    strerror(plain_err));
+		stream_free(&st);
+	}
 }
 
 /* ------------------------------------------------------------------ */
@@ -447,6 +461,139 @@ test_read_more_conditions(void)
 	read_more_case("4096 bytes of input, cap 10000", 0, 1, 4096, 20000, 10000, 10000, 20000 - 5904);
 	read_more_case("4096 bytes of input, cap 128 KiB", 0, 1, 4096, 20000, CAP, 24096, 0);
 	read_more_case("4096 bytes of input, cap one byte above", 0, 1, 4096, 20000, 4097, 4097, 19999);
+}
+
+/* ------------------------------------------------------------------ */
+/* The hooked reader under libevent's own controls: read timeout, disable
+ * and enable, the read high watermark. Each against libevent alone. */
+
+struct ctl {
+	struct event_base *base;
+	struct bufferevent *bev;
+	int peer;
+	unsigned long reads;
+	short what;
+	size_t got, max_in;
+};
+
+static void
+ctl_read_cb(struct bufferevent *bev, void *arg)
+{
+	struct ctl *c = arg;
+	size_t have = evbuffer_get_length(bufferevent_get_input(bev));
+
+	c->reads++;
+	if (have > c->max_in)
+		c->max_in = have;
+}
+
+static void
+ctl_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+	struct ctl *c = arg;
+
+	c->what = what;
+	event_base_loopexit(c->base, NULL);
+}
+
+static void
+ctl_init(struct ctl *c, int hooked)
+{
+	int sv[2];
+
+	memset(c, 0, sizeof(*c));
+	pair(sv);
+	c->peer = sv[1];
+	c->base = event_base_new();
+	c->bev = bufferevent_socket_new(c->base, sv[0], BEV_OPT_CLOSE_ON_FREE);
+	bufferevent_setcb(c->bev, ctl_read_cb, NULL, ctl_event_cb, c);
+	bufferevent_enable(c->bev, EV_READ);
+	if (hooked)
+		relay_read_hook(c->bev);
+}
+
+static void
+ctl_run(struct ctl *c, long usec)
+{
+	struct timeval tv = { 0, usec };
+
+	event_base_loopexit(c->base, &tv);
+	event_base_dispatch(c->base);
+}
+
+static void
+ctl_free(struct ctl *c)
+{
+	bufferevent_free(c->bev);
+	close(c->peer);
+	event_base_free(c->base);
+}
+
+static void
+test_hook_controls(void)
+{
+	struct ctl c;
+	short what[2];
+	int enabled[2];
+	unsigned long reads[2];
+	size_t max_in[2], got[2];
+	char buf[300];
+
+	memset(buf, 'x', sizeof(buf));
+	for (int hooked = 0; hooked <= 1; hooked++) {
+		struct timeval t = { 0, 30000 };
+
+		/* Read timeout: reported as READING|TIMEOUT, reading disabled. */
+		ctl_init(&c, hooked);
+		bufferevent_set_timeouts(c.bev, &t, NULL);
+		ctl_run(&c, 2000000);
+		what[hooked] = c.what;
+		enabled[hooked] = bufferevent_get_enabled(c.bev) & EV_READ;
+		ctl_free(&c);
+	}
+	ok(what[1] == what[0] && what[0] == (BEV_EVENT_READING | BEV_EVENT_TIMEOUT) &&
+	    enabled[0] == 0 && enabled[1] == 0,
+	    "read timeout: hooked 0x%x (reading %s), libevent alone 0x%x (reading %s)",
+	    (unsigned)what[1], enabled[1] ? "on" : "off", (unsigned)what[0], enabled[0] ? "on" : "off");
+
+	for (int hooked = 0; hooked <= 1; hooked++) {
+		/* Disabled: bytes wait in the socket; enabled: they are read. */
+		ctl_init(&c, hooked);
+		bufferevent_disable(c.bev, EV_READ);
+		if (write(c.peer, buf, 100) != 100)
+			diag("write failed");
+		ctl_run(&c, 30000);
+		reads[hooked] = c.reads;
+		bufferevent_enable(c.bev, EV_READ);
+		ctl_run(&c, 30000);
+		got[hooked] = evbuffer_get_length(bufferevent_get_input(c.bev));
+		ctl_free(&c);
+	}
+	ok(reads[0] == 0 && reads[1] == 0 && got[0] == 100 && got[1] == 100,
+	    "disabled, then enabled: hooked %lu reads then %zu bytes, libevent alone %lu then %zu",
+	    reads[1], got[1], reads[0], got[0]);
+
+	for (int hooked = 0; hooked <= 1; hooked++) {
+		/* High watermark 100 with 300 bytes waiting and nothing taken:
+		   the input stops at 100 and reading is suspended; taking it
+		   reads on. libevent 2.1 alone keeps calling the read callback
+		   meanwhile (over a million times in 50 ms here); the hooked
+		   reader calls it once. */
+		ctl_init(&c, hooked);
+		bufferevent_setwatermark(c.bev, EV_READ, 0, 100);
+		if (write(c.peer, buf, 300) != 300)
+			diag("write failed");
+		ctl_run(&c, 50000);
+		reads[hooked] = c.reads;
+		max_in[hooked] = c.max_in;
+		evbuffer_drain(bufferevent_get_input(c.bev), 100);
+		ctl_run(&c, 30000);
+		got[hooked] = evbuffer_get_length(bufferevent_get_input(c.bev));
+		ctl_free(&c);
+	}
+	ok(max_in[1] == 100 && max_in[0] == 100 && reads[1] <= 2 && got[1] == 100 && got[0] == 100,
+	    "read high watermark: hooked input at most %zu in %lu callbacks, then %zu more once taken; "
+	    "libevent alone %zu in %lu, then %zu", max_in[1], reads[1], got[1], max_in[0], reads[0], got[0]);
 }
 
 /* ------------------------------------------------------------------ */
@@ -749,16 +896,23 @@ main(void)
 
 	/* 1. bulk reads past libevent's 4 KiB, within the cap. */
 	for (uint64_t seed = 1; seed <= 3; seed++)
-		test_stream(seed);
+		test_stream(seed, READER_MORE);
+	for (uint64_t seed = 4; seed <= 6; seed++)
+		test_stream(seed, READER_HOOKED);
 
-	/* 2. EOF right behind the data: at every boundary relay_read_more meets. */
-	test_eof(1000);
-	test_eof(LIBEVENT_READ);			/* read-more finds EOF at once */
-	test_eof(LIBEVENT_READ + 1);
-	test_eof(LIBEVENT_READ + 65536);		/* one full chunk, then EOF */
-	test_eof(CAP);
-	test_eof(CAP + 1);
-	test_eof(300000);				/* more than the socket holds */
+	/* 2. EOF right behind the data: at every boundary relay_read_more meets
+	   (and the hooked reader's own: its small chain, its 4 KiB). */
+	for (enum reader r = READER_MORE; r <= READER_HOOKED; r++) {
+		test_eof(1, r);
+		test_eof(512, r);
+		test_eof(1000, r);
+		test_eof(LIBEVENT_READ, r);		/* read-more finds EOF at once */
+		test_eof(LIBEVENT_READ + 1, r);
+		test_eof(LIBEVENT_READ + 65536, r);	/* one full chunk, then EOF */
+		test_eof(CAP, r);
+		test_eof(CAP + 1, r);
+		test_eof(300000, r);			/* more than the socket holds */
+	}
 	/* ... and a reset behind the data: one partial read, two that drain
 	 * the socket exactly so read-more's next read meets the reset. */
 	test_reset(5000);
@@ -767,6 +921,9 @@ main(void)
 
 	/* 3. nothing read when disabled, below 4 KiB, at the cap or over TLS. */
 	test_read_more_conditions();
+
+	/* 3b. the hooked reader under libevent's timeout, enable and watermark. */
+	test_hook_controls();
 
 	/* 4. relay_move: direct, queued, in order. */
 	for (uint64_t seed = 1; seed <= 3; seed++)
