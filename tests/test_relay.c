@@ -526,6 +526,10 @@ ctl_free(struct ctl *c)
 {
 	bufferevent_free(c->bev);
 	close(c->peer);
+	/* A bufferevent freed with reading suspended by its watermark is
+	 * finalized by the loop: libevent 2.1's event_base_free() alone
+	 * leaks it (with or without relay's reader). */
+	event_base_loop(c->base, EVLOOP_NONBLOCK);
 	event_base_free(c->base);
 }
 
