@@ -9,6 +9,7 @@
 
 #include "feed.h"
 #include "log.h"
+#include "memtrim.h"
 #include "server.h"
 #include "admin.h"
 #include "events.h"
@@ -251,6 +252,10 @@ server_init(struct server *srv, struct event_base *base, char *err, size_t errle
 	if (srv->dns == NULL)
 		srv->dns = evdns_base_new(base, 0);	/* no resolv.conf: literal addresses still work */
 	srv->ev_listen_retry = evtimer_new(base, server_listen_retry_cb, srv);
+	if ((srv->memtrim = memtrim_new(base)) == NULL) {
+		snprintf(err, errlen, "out of memory");
+		return -1;
+	}
 	for (int i = 0; i < srv->cfg.n_listen; i++)
 		if (server_bind(srv, &srv->cfg.listen[i], 0, err, errlen) < 0)
 			return -1;
@@ -422,6 +427,8 @@ server_free(struct server *srv)
 	if (srv->ev_reap)
 		event_free(srv->ev_reap);
 	session_busy_pool_free(srv);
+	memtrim_free(srv->memtrim);
+	srv->memtrim = NULL;	/* memtrim_note() of a session freed later does nothing */
 	if (srv->sig_term)
 		event_free(srv->sig_term);
 	if (srv->sig_int)

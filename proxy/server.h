@@ -76,6 +76,7 @@ struct server {
 	unsigned n_busy_pool;
 	struct session *reap, **reap_tail;	/* closed ones, freed from ev_reap (FIFO) */
 	struct event *ev_reap;		/* made by the first session_accept() */
+	struct memtrim *memtrim;	/* heap trim after a burst of sessions */
 	uint64_t next_session_id;
 	struct server_stats stats;
 

@@ -11,6 +11,7 @@
 #include <event2/bufferevent_ssl.h>
 
 #include "log.h"
+#include "memtrim.h"
 #include "metrics.h"
 #include "session.h"
 #include "trace.h"
@@ -274,6 +275,7 @@ session_accept(struct server *srv, int fd, struct sockaddr *sa, int salen, int t
 	TAILQ_INSERT_TAIL(&srv->sessions, s, entry);
 	srv->n_sessions++;
 	srv->stats.accepted++;
+	memtrim_note(srv->memtrim);
 
 	if (srv->ev_reap == NULL)
 		srv->ev_reap = event_new(srv->base, -1, 0, session_reap_cb, srv);
@@ -478,6 +480,7 @@ session_free_cb(evutil_socket_t fd, short what, void *arg)
 	TAILQ_REMOVE(&s->srv->sessions, s, entry);
 	s->srv->n_sessions--;
 	s->srv->stats.closed++;
+	memtrim_note(s->srv->memtrim);
 	server_session_gone(s->srv, s);
 	free(s);
 }

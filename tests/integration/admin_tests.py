@@ -250,6 +250,36 @@ def t_admin_sessions_busy(ctx):
         c_.assert_clean()
 
 
+@test("tls memory: the heap is trimmed (memtrim, logged at debug) once a burst of TLS "
+      "sessions is set up, and again once they ended; a session set up after works",
+      proxy_only=True)
+def t_tls_memtrim(ctx):
+    p = ctx.proxy("memtrim", [("log_level", "debug")])
+
+    def trims_since(offset):
+        with open(p.log, "rb") as f:
+            f.seek(offset)
+            return f.read().count(b"memtrim: heap trimmed")
+
+    # The fixture's port probes were sessions too: let their trim pass
+    # (MEMTRIM_QUIET_MS is 0.5 s), so that the next one is the burst's.
+    time.sleep(1.0)
+    mark = os.path.getsize(p.log)
+    burst = [login(ctx, p.tls_port, "T%d" % i) for i in range(6)]
+    for i, c in enumerate(burst):
+        c.expect_ok("S%d" % i, "SELECT INBOX")
+    wait_for(lambda: trims_since(mark) > 0, "a heap trim after the sessions were set up")
+    mark = os.path.getsize(p.log)
+    for i, c in enumerate(burst):
+        c.expect_ok("L%d" % i, "LOGOUT")
+        c.close()
+    wait_for(lambda: trims_since(mark) > 0, "a heap trim after the sessions ended")
+    c = login(ctx, p.tls_port, "After")
+    c.expect_ok("S9", "SELECT INBOX")
+    c.expect_ok("N9", "NOOP")
+    c.assert_clean()
+
+
 @test("admin: tags of 1, 23, 24 and 128 bytes (kept in the in-flight entry or beside it) complete "
       "under their own tags, pipelined, an IDLE's included; the session is at rest after",
       proxy_only=True)
