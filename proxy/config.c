@@ -86,8 +86,19 @@ static const char *config_check_http_url(const char *value);
 	X(upstream_sni, STRING, \
 	    .help = "server name sent and checked upstream; empty = upstream host name") \
 	X(state, STRING, .def = "memory", .check = config_check_state, \
-	    .help = "session state store: memory, redis://host[:port][/db] or " \
-	    "redis-sentinel://host[:port],.../master[/db]") \
+	    .help = "session state store: memory, redis://[[user]:password@]host[:port][/db] or " \
+	    "redis-sentinel://[[user]:password@]host[:port],.../master[/db]") \
+	X(state_password_file, STRING, .file = 1, \
+	    .help = "file whose first line is the state store's Redis password, instead of " \
+	    "the URL's") \
+	X(sentinel_user, STRING, \
+	    .help = "user the sentinels of a redis-sentinel:// state require (Redis 6.2 ACL); " \
+	    "empty = none") \
+	X(sentinel_password, STRING, \
+	    .help = "password the sentinels themselves require (the URL's is the master's); " \
+	    "empty = none") \
+	X(sentinel_password_file, STRING, .file = 1, \
+	    .help = "file whose first line is sentinel_password") \
 	X(resync, BOOL, .def = "yes", \
 	    .help = "resync a stale session before the commands in resync_on") \
 	X(resync_on, STRING, .def = "GETQUOTAROOT, FETCH, UID FETCH", .min = 1, \
@@ -124,7 +135,9 @@ static const char *config_check_http_url(const char *value);
 	X(backend_events, ENUM, .def = "none", .choices = config_backend_events_names, \
 	    .help = "the backend's own change feed to follow: none or wildduck") \
 	X(backend_redis, STRING, .check = config_check_optional_redis, \
-	    .help = "the backend's Redis (WildDuck's wd_events): redis://host[:port][/db]") \
+	    .help = "the backend's Redis (WildDuck's wd_events): redis://[[user]:password@]host[:port]") \
+	X(backend_redis_password_file, STRING, .file = 1, \
+	    .help = "file whose first line is backend_redis's password, instead of the URL's") \
 	X(backend_api, STRING, .check = config_check_http_url, \
 	    .help = "the backend's HTTP API, for a login name's user id: http://host[:port]") \
 	X(backend_api_token, STRING, \
@@ -314,69 +327,218 @@ config_parse_addr(const char *s, const char *default_port, struct config_addr *o
 	return config_addr_reason(s, default_port, out) ? -1 : 0;
 }
 
+/* What config_redis_reason() says of a value that is no Redis URL at all. */
+static const char config_redis_expected[] = "memory, redis://[[user]:password@]host[:port][/db], "
+    "redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]"
+    "host[:port][,host[:port]...]/master[/db]";
+
+static int
+config_hexval(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+/* Percent-decode s[0..len) into out (NUL-terminated); NULL or why not. */
+static const char *
+config_pct_decode(const char *s, size_t len, char *out, size_t outlen, const char *what)
+{
+	static char why[128];
+	size_t i, o = 0;
+	int hi, lo;
+
+	for (i = 0; i < len; i++) {
+		char c = s[i];
+
+		if (c == '%') {
+			if (i + 2 >= len || (hi = config_hexval(s[i + 1])) < 0 ||
+			    (lo = config_hexval(s[i + 2])) < 0) {
+				snprintf(why, sizeof why, "a %s whose '%%' starts a %%XX escape (write "
+				    "'%%' itself as %%25)", what);
+				return why;
+			}
+			c = (char)(hi << 4 | lo);
+			i += 2;
+			if (c == '\0') {
+				snprintf(why, sizeof why, "a %s without %%00", what);
+				return why;
+			}
+		}
+		if (o + 1 >= outlen) {
+			snprintf(why, sizeof why, "a %s of at most %zu bytes", what, outlen - 1);
+			return why;
+		}
+		out[o++] = c;
+	}
+	out[o] = '\0';
+	return NULL;
+}
+
+const char *
+config_url_userinfo(const char *s, struct config_redis_auth *auth, const char **rest)
+{
+	const char *aend = s + strcspn(s, "/"), *at = NULL, *colon, *why, *p;
+
+	memset(auth, 0, sizeof *auth);
+	*rest = s;
+	/* The authority ends at the first '/': the last '@' before it ends the
+	 * userinfo, so a raw '@' or ':' in the password needs no escaping. */
+	for (p = s; p < aend; p++)
+		if (*p == '@')
+			at = p;
+	if (!at)
+		return NULL;
+	colon = memchr(s, ':', (size_t)(at - s));
+	if (!colon)
+		return "user:password@ or :password@ before the host (a name alone before '@' "
+		    "is a password to some clients, a user to others: write which)";
+	if (colon == s && at == colon + 1)
+		return "a password after ':' in :password@";
+	if ((why = config_pct_decode(s, (size_t)(colon - s), auth->user, sizeof auth->user,
+	    "user")) || (why = config_pct_decode(colon + 1, (size_t)(at - colon - 1),
+	    auth->password, sizeof auth->password, "password")))
+		return why;
+	*rest = at + 1;
+	return NULL;
+}
+
+const char *
+config_redact_url(const char *url, char *buf, size_t len)
+{
+	const char *start = strstr(url, "://"), *at = strrchr(url, '@'), *colon;
+
+	/* "scheme:///path": no userinfo, an '@' is the path's. */
+	if (!start || !at || at < start + 3 || start[3] == '/') {
+		snprintf(buf, len, "%s", url);
+		return buf;
+	}
+	start += 3;
+	colon = memchr(start, ':', (size_t)(at - start));
+	/* The user stays when it is plainly one (no '/' in it, a ':' after). */
+	if (colon && !memchr(start, '/', (size_t)(colon - start)))
+		snprintf(buf, len, "%.*s:***%s", (int)(colon - url), url, at);
+	else
+		snprintf(buf, len, "%.*s***%s", (int)(start - url), url, at);
+	return buf;
+}
+
 int
-config_parse_redis(const char *url, struct config_redis *out)
+config_auth_argv(const struct config_redis_auth *auth, const char *argv[3], size_t argvlen[3])
+{
+	int n = 0;
+
+	if (!auth->password[0])
+		return 0;
+	argv[n] = "AUTH";
+	argvlen[n++] = 4;
+	if (auth->user[0]) {
+		argv[n] = auth->user;
+		argvlen[n++] = strlen(auth->user);
+	}
+	argv[n] = auth->password;
+	argvlen[n++] = strlen(auth->password);
+	return n;
+}
+
+int
+config_auth_unneeded(const char *error)
+{
+	return strstr(error, "without any password configured") != NULL ||
+	    strstr(error, "no password is set") != NULL;
+}
+
+const char *
+config_redis_reason(const char *url, struct config_redis *out)
 {
 	static const char tcp[] = "redis://", unix_[] = "redis+unix://";
+	const char *expected = config_redis_expected;
 	struct config_redis r;
 	struct config_addr a;
 	char hostport[sizeof a.host + sizeof a.port + 4];
-	const char *rest, *slash;
+	const char *rest, *slash, *why;
 	unsigned long db = 0;
 	char *end;
 
 	memset(&r, 0, sizeof r);
 	if (strncmp(url, unix_, sizeof unix_ - 1) == 0) {
 		rest = url + sizeof unix_ - 1;
+		if ((why = config_url_userinfo(rest, &r.auth, &rest)))
+			return why;
 		if (rest[0] != '/' || rest[1] == '\0' || strlen(rest) >= sizeof r.path)
-			return -1;
+			return expected;
 		snprintf(r.path, sizeof r.path, "%s", rest);
 	} else if (strncmp(url, tcp, sizeof tcp - 1) == 0) {
 		rest = url + sizeof tcp - 1;
+		if ((why = config_url_userinfo(rest, &r.auth, &rest)))
+			return why;
+		/* A '/' in the password cut the authority short. */
+		if (rest == url + sizeof tcp - 1 && strchr(rest, '@'))
+			return "a user and password with any '/' written %2F";
 		slash = strchr(rest, '/');
 		if (!slash)
 			slash = rest + strlen(rest);
 		if ((size_t)(slash - rest) >= sizeof hostport)
-			return -1;
+			return expected;
 		memcpy(hostport, rest, (size_t)(slash - rest));
 		hostport[slash - rest] = '\0';
 		if (config_addr_reason(hostport, "6379", &a))
-			return -1;
+			return expected;
 		/* "/" alone is db 0, as redis-cli reads it. */
 		if (*slash && slash[1]) {
 			if (!isdigit((unsigned char)slash[1]) || strlen(slash + 1) > 9)
-				return -1;
+				return expected;
 			db = strtoul(slash + 1, &end, 10);
 			if (*end)
-				return -1;
+				return expected;
 		}
 		memcpy(r.host, a.host, sizeof r.host);
 		memcpy(r.port, a.port, sizeof r.port);
 		r.db = (int)db;
 	} else {
-		return -1;
+		return expected;
 	}
 	if (out)
 		*out = r;
-	return 0;
+	return NULL;
+}
+
+int
+config_parse_redis(const char *url, struct config_redis *out)
+{
+	return config_redis_reason(url, out) ? -1 : 0;
 }
 
 static const char *
 config_check_state(const char *value)
 {
-	if (strcmp(value, "memory") == 0 || config_parse_redis(value, NULL) == 0 ||
+	struct config_redis_auth auth;
+	const char *why, *rest, *uwhy;
+
+	if (strcmp(value, "memory") == 0 || !(why = config_redis_reason(value, NULL)) ||
 	    sentinel_parse_url(value, NULL) == 0)
 		return NULL;
-	return "memory, redis://host[:port][/db], redis+unix:///path or "
-	    "redis-sentinel://host[:port][,host[:port]...]/master[/db]";
+	if (strncmp(value, "redis-sentinel://", 17) == 0 &&
+	    (uwhy = config_url_userinfo(value + 17, &auth, &rest)))
+		return uwhy;
+	return why;
 }
 
 static const char *
 config_check_optional_redis(const char *value)
 {
-	if (value[0] == '\0' || config_parse_redis(value, NULL) == 0)
+	const char *why;
+
+	if (value[0] == '\0' || !(why = config_redis_reason(value, NULL)))
 		return NULL;
-	return "empty, redis://host[:port][/db] or redis+unix:///path";
+	if (why != config_redis_expected)
+		return why;
+	return "empty, redis://[[user]:password@]host[:port][/db] or "
+	    "redis+unix://[[user]:password@]/path";
 }
 
 static const char *
@@ -740,8 +902,14 @@ config_apply(struct config *cfg, const struct config_key *k, const char *value,
 			return config_err(err, errlen, "%s: too long (max %zu bytes)", k->name, k->size - 1);
 		if (len < k->min)
 			return config_err(err, errlen, "%s: must not be empty", k->name);
-		if (k->check && (why = k->check(value)))
+		if (k->check && (why = k->check(value))) {
+			char shown[1100];
+
+			/* A URL's password stays out of the message. */
+			if (k->check == config_check_state || k->check == config_check_optional_redis)
+				value = config_redact_url(value, shown, sizeof shown);
 			return config_err(err, errlen, "%s: expected %s, got \"%s\"", k->name, why, value);
+		}
 		memcpy(field, value, len + 1);
 		return 0;
 	case CONFIG_T_BOOL:
@@ -979,6 +1147,32 @@ config_duplicate_listener(const struct config *cfg)
 	return NULL;
 }
 
+/* The credentials of a Redis URL key against its *_password_file key:
+ * one password, from one place. */
+static int
+config_validate_auth(const char *key, const char *url, const char *file, char *err, size_t errlen)
+{
+	struct config_redis r;
+	struct sentinel_url su;
+	const struct config_redis_auth *auth;
+	char shown[1100];
+
+	if (config_parse_redis(url, &r) == 0)
+		auth = &r.auth;
+	else if (sentinel_parse_url(url, &su) == 0)
+		auth = &su.auth;
+	else
+		return 0;
+	config_redact_url(url, shown, sizeof shown);
+	if (auth->password[0] && file[0])
+		return config_err(err, errlen, "%s: %s has a password and %s_password_file is set: "
+		    "give it in one place", key, shown, key);
+	if (auth->user[0] && !auth->password[0] && !file[0])
+		return config_err(err, errlen, "%s: %s names user \"%s\" without a password: write "
+		    "user:PASSWORD@ or set %s_password_file", key, shown, auth->user, key);
+	return 0;
+}
+
 int
 config_validate(const struct config *cfg, char *err, size_t errlen)
 {
@@ -1008,6 +1202,15 @@ config_validate(const struct config *cfg, char *err, size_t errlen)
 		if (k->file && path[0] && config_check_file(k->name, path, err, errlen) < 0)
 			return -1;
 	}
+	if (config_validate_auth("state", cfg->state, cfg->state_password_file, err, errlen) < 0 ||
+	    config_validate_auth("backend_redis", cfg->backend_redis,
+	    cfg->backend_redis_password_file, err, errlen) < 0)
+		return -1;
+	if (cfg->sentinel_password[0] && cfg->sentinel_password_file[0])
+		return config_err(err, errlen, "sentinel_password: set, and sentinel_password_file "
+		    "too: give it in one place");
+	if (cfg->sentinel_user[0] && !cfg->sentinel_password[0] && !cfg->sentinel_password_file[0])
+		return config_err(err, errlen, "sentinel_user: set without sentinel_password");
 	if (cfg->workers > 1 && strcmp(cfg->state, "memory") == 0)
 		return config_err(err, errlen, "workers: %d workers need state = redis://...: a "
 		    "user's sessions may be in different workers, which share mailbox changes "
@@ -1044,6 +1247,54 @@ config_warn(void (*warn)(void *, const char *), void *arg, const char *fmt, ...)
 	return 1;
 }
 
+/* The first line of a secret file into out; -1 with err set (naming key). */
+static int
+config_read_secret(const char *key, const char *path, char *out, size_t outlen, char *err,
+    size_t errlen)
+{
+	char buf[1024];
+	size_t n, len;
+	FILE *f;
+
+	if (!(f = fopen(path, "re")))
+		return config_err(err, errlen, "%s: cannot read %s: %s", key, path, strerror(errno));
+	n = fread(buf, 1, sizeof buf - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	len = strcspn(buf, "\r\n");
+	if (memchr(buf, '\0', len) || len == 0) {
+		explicit_bzero(buf, sizeof buf);
+		return config_err(err, errlen, "%s: %s: no password on its first line", key, path);
+	}
+	if (len >= outlen) {
+		explicit_bzero(buf, sizeof buf);
+		return config_err(err, errlen, "%s: %s: password longer than %zu bytes", key, path,
+		    outlen - 1);
+	}
+	memcpy(out, buf, len);
+	out[len] = '\0';
+	explicit_bzero(buf, sizeof buf);
+	return 0;
+}
+
+int
+config_load_secrets(struct config *cfg, char *err, size_t errlen)
+{
+	if (cfg->state_password_file[0] && config_read_secret("state_password_file",
+	    cfg->state_password_file, cfg->state_password, sizeof cfg->state_password, err,
+	    errlen) < 0)
+		return -1;
+	if (cfg->backend_redis_password_file[0] && config_read_secret("backend_redis_password_file",
+	    cfg->backend_redis_password_file, cfg->backend_redis_password,
+	    sizeof cfg->backend_redis_password, err, errlen) < 0)
+		return -1;
+	if (cfg->sentinel_password_file[0] && config_read_secret("sentinel_password_file",
+	    cfg->sentinel_password_file, cfg->sentinel_password, sizeof cfg->sentinel_password,
+	    err, errlen) < 0)
+		return -1;
+	return 0;
+}
+
 int
 config_warnings(const struct config *cfg, void (*warn)(void *arg, const char *msg), void *arg)
 {
@@ -1055,6 +1306,10 @@ config_warnings(const struct config *cfg, void (*warn)(void *arg, const char *ms
 	if (!cfg->require_tls && cfg->n_listen)
 		n += config_warn(warn, arg, "require_tls: no; passwords may cross plaintext "
 		    "listener %s in the clear", config_fmt_addr(&cfg->listen[0], addr, sizeof addr));
+	if ((cfg->sentinel_password[0] || cfg->sentinel_password_file[0]) &&
+	    strncmp(cfg->state, "redis-sentinel://", 17) != 0)
+		n += config_warn(warn, arg, "sentinel_password: ignored without state = "
+		    "redis-sentinel://");
 	if (cfg->upstream_tls == UPSTREAM_TLS_NONE) {
 		if (cfg->upstream_ca[0])
 			n += config_warn(warn, arg, "upstream_ca: ignored with upstream_tls = none");

@@ -61,8 +61,14 @@ struct config {
 	char upstream_sni[256];	/* "" = upstream host when it is a name */
 
 	/* state */
-	char state[1024];	/* "memory", redis://host[:port][/db] or redis+unix:///path (config_parse_redis),
-				   redis-sentinel://host[:port],.../master[/db] (sentinel_parse_url) */
+	char state[1024];	/* "memory", redis://[[user]:password@]host[:port][/db] or
+				   redis+unix://[[user]:password@]/path (config_parse_redis),
+				   redis-sentinel://[[user]:password@]host[:port],.../master[/db]
+				   (sentinel_parse_url); print it through config_redact_url() */
+	char state_password_file[1024];	/* the state store's password, instead of the URL's */
+	char sentinel_user[128];	/* the sentinels' own credentials (not the master's) */
+	char sentinel_password[512];
+	char sentinel_password_file[1024];
 
 	/* limits */
 	int max_clients;	/* per worker */
@@ -100,7 +106,8 @@ struct config {
 
 	/* the backend's own change feed (feed.c) */
 	enum backend_events_mode backend_events;
-	char backend_redis[1024];	/* WildDuck's Redis URL */
+	char backend_redis[1024];	/* WildDuck's Redis URL, with credentials as state's */
+	char backend_redis_password_file[1024];
 	char backend_api[1024];		/* http://host[:port][/path] of its API */
 	char backend_api_token[256];	/* X-Access-Token; "" = none */
 	int backend_id_ttl;		/* seconds a resolved user id is kept */
@@ -114,6 +121,11 @@ struct config {
 	/* Derived defaults, kept current by every config_set(): while set, the
 	 * field follows the key it depends on, whatever order keys come in. */
 	int upstream_port_auto;	/* upstream.port is 143, or 993 with upstream_tls = tls */
+	/* Passwords read from the *_password_file keys by config_load_secrets()
+	 * ("" when the key is empty); sentinel_password_file's goes into
+	 * sentinel_password. */
+	char state_password[512];
+	char backend_redis_password[512];
 	int tls_key_auto;	/* tls_key is a copy of tls_cert (one combined PEM) */
 	/* upstream as a socket address when its host is an address literal (it
 	 * then needs no resolver); upstream_salen 0 when the host is a name. */
@@ -183,16 +195,54 @@ int config_parse_addr(const char *s, const char *default_port, struct config_add
 /* host:port for messages, bracketing IPv6 as a user would write it; returns buf. */
 const char *config_fmt_addr(const struct config_addr *a, char *buf, size_t len);
 
+/* What a Redis link sends first, before any other command: AUTH password,
+ * or AUTH user password (Redis 6 ACL users). No AUTH when password is "". */
+struct config_redis_auth {
+	char user[128];
+	char password[512];
+};
+
 /* A parsed "state" value other than "memory". */
 struct config_redis {
 	char host[256];		/* "" for a unix socket */
 	char port[16];		/* default 6379 */
 	char path[1024];	/* unix socket path, or "" */
 	int db;			/* default 0 */
+	struct config_redis_auth auth;	/* from the URL's user:password@, percent-decoded */
 };
 
-/* Parse redis://host[:port][/db] or redis+unix:///path; -1 if it is neither. */
+/* Parse redis://[[user]:password@]host[:port][/db] or
+ * redis+unix://[[user]:password@]/path; -1 if it is neither. */
 int config_parse_redis(const char *url, struct config_redis *out);
+/* The same, saying what is wrong (NULL when it parses). */
+const char *config_redis_reason(const char *url, struct config_redis *out);
+
+/* The userinfo of a URL (s: what follows "scheme://"): the credentials of
+ * "[user]:password@" percent-decoded into auth (zeroed without any), *rest
+ * pointing after the '@' (at s without one). NULL, or why it is wrong. */
+const char *config_url_userinfo(const char *s, struct config_redis_auth *auth, const char **rest);
+
+/* url with its password (whatever sits between "://" and the last '@',
+ * unless the authority is empty, as in redis+unix:///path) replaced by
+ * "***", for logs and messages: redis://user:***@host/1. Returns buf. */
+const char *config_redact_url(const char *url, char *buf, size_t len);
+
+/* The AUTH command for auth as argv (argv[0] "AUTH"): its argc, 0 when
+ * auth has no password (send nothing). */
+int config_auth_argv(const struct config_redis_auth *auth, const char *argv[3], size_t argvlen[3]);
+
+/* An error answered to AUTH that is no refusal: the server has no password
+ * to check (Redis 6: "ERR AUTH <password> called without any password
+ * configured ...", before: "ERR Client sent AUTH, but no password is set").
+ * The link works without one: a password may be configured here before the
+ * server requires it. */
+int config_auth_unneeded(const char *error);
+
+/* Read the *_password_file keys into state_password, backend_redis_password
+ * and sentinel_password (the first line of each file, as is). At start and
+ * on every reload, after config_validate(); the daemon has dropped its
+ * privileges by a reload, so the files must be readable by its user. */
+int config_load_secrets(struct config *cfg, char *err, size_t errlen);
 
 /* A parsed http://host[:port][/path]. */
 struct config_http_url {

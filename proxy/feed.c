@@ -51,7 +51,10 @@ struct feed_user {
 
 struct feed {
 	struct server *srv;
-	struct config_redis redis;
+	struct config_redis redis;	/* redis.auth: backend_redis's credentials */
+	char shown[1100];		/* backend_redis without its password */
+	int warn_next;			/* the next loss is a warning (a refused AUTH) */
+	int auth_warned;		/* ... logged once per outage */
 	struct config_http_url api;
 	char token[256];
 	int ttl;
@@ -116,12 +119,13 @@ feed_lost(struct feed *f, const char *why)
 {
 	struct timeval tv = { f->backoff, 0 };
 
-	if (f->up || f->stats.losses == 0 || f->backoff == 1)
+	if (f->up || f->stats.losses == 0 || f->backoff == 1 || f->warn_next)
 		log_warning("backend feed %s:%s lost: %s; every session resyncs once, retrying in "
 		    "%d s", f->redis.path[0] ? f->redis.path : f->redis.host, f->redis.port, why,
 		    f->backoff);
 	if (f->up)
 		f->epoch++;	/* changes published meanwhile are missed */
+	f->warn_next = 0;
 	f->up = 0;
 	f->stats.connected = 0;
 	f->stats.losses++;
@@ -145,6 +149,7 @@ feed_on_message(redisAsyncContext *ac, void *reply, void *privdata)
 		f->up = 1;
 		f->stats.connected = 1;
 		f->backoff = 1;
+		f->auth_warned = 0;
 		f->epoch++;	/* what happened while away is unknown */
 		log_notice("backend feed: subscribed to %s", FEED_CHANNEL);
 		return;
@@ -182,11 +187,35 @@ feed_on_disconnect(const redisAsyncContext *cac, int status)
 	feed_lost(f, status == REDIS_OK || !cac->c.errstr[0] ? "connection closed" : cac->c.errstr);
 }
 
+/* AUTH's answer: refused, the attempt fails as a lost connection does. */
+static void
+feed_on_auth(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	const redisReply *r = reply;
+	struct feed *f = ac->data;
+	char why[1500];
+
+	(void)privdata;
+	if (f == NULL || r == NULL || r->type != REDIS_REPLY_ERROR || config_auth_unneeded(r->str))
+		return;
+	snprintf(why, sizeof(why), "AUTH%s%s refused: %.200s (backend_redis = %s)",
+	    f->redis.auth.user[0] ? " as " : "", f->redis.auth.user, r->str, f->shown);
+	if (!f->auth_warned)
+		f->auth_warned = f->warn_next = 1;
+	f->ac = NULL;
+	ac->data = NULL;	/* its callbacks, now or deferred, touch nothing */
+	redisAsyncFree(ac);
+	feed_lost(f, why);
+}
+
 static void
 feed_connect(struct feed *f)
 {
 	redisAsyncContext *ac = f->redis.path[0] ? redisAsyncConnectUnix(f->redis.path) :
 	    redisAsyncConnect(f->redis.host, atoi(f->redis.port));
+	const char *argv[3];
+	size_t argvlen[3];
+	int argc;
 
 	if (ac == NULL || ac->err) {
 		feed_lost(f, ac ? ac->c.errstr : "out of memory");
@@ -205,6 +234,9 @@ feed_connect(struct feed *f)
 	}
 	redisAsyncSetConnectCallback(ac, feed_on_connect);
 	redisAsyncSetDisconnectCallback(ac, feed_on_disconnect);
+	if ((argc = config_auth_argv(&f->redis.auth, argv, argvlen)) > 0 &&
+	    redisAsyncCommandArgv(ac, feed_on_auth, NULL, argc, argv, argvlen) != REDIS_OK)
+		log_warning("backend feed: AUTH could not be queued");
 	/* Channels are not per database: no SELECT. */
 	if (redisAsyncCommand(ac, feed_on_message, NULL, "SUBSCRIBE %s", FEED_CHANNEL) != REDIS_OK)
 		log_warning("backend feed: SUBSCRIBE could not be queued");
@@ -422,6 +454,10 @@ feed_new(struct server *srv, char *err, size_t errlen)
 		free(f);
 		return NULL;
 	}
+	if (cfg->backend_redis_password[0])
+		snprintf(f->redis.auth.password, sizeof(f->redis.auth.password), "%s",
+		    cfg->backend_redis_password);
+	config_redact_url(cfg->backend_redis, f->shown, sizeof(f->shown));
 	snprintf(f->token, sizeof(f->token), "%s", cfg->backend_api_token);
 	f->ttl = cfg->backend_id_ttl;
 	f->backoff = 1;
@@ -436,10 +472,25 @@ feed_new(struct server *srv, char *err, size_t errlen)
 }
 
 void
+feed_set_auth(struct feed *f, const struct config *cfg)
+{
+	struct config_redis r;
+
+	if (f == NULL || config_parse_redis(cfg->backend_redis, &r) < 0)
+		return;
+	if (cfg->backend_redis_password[0])
+		snprintf(r.auth.password, sizeof(r.auth.password), "%s", cfg->backend_redis_password);
+	f->redis.auth = r.auth;
+	config_redact_url(cfg->backend_redis, f->shown, sizeof(f->shown));
+	explicit_bzero(&r, sizeof(r));
+}
+
+void
 feed_free(struct feed *f)
 {
 	if (f == NULL)
 		return;
+	explicit_bzero(&f->redis.auth, sizeof(f->redis.auth));
 	if (feed_current == f)
 		feed_current = NULL;
 	if (f->ac != NULL) {

@@ -21,6 +21,11 @@ struct feed_stats {
 struct feed *feed_new(struct server *srv, char *err, size_t errlen);
 void feed_free(struct feed *f);
 
+/* backend_redis's credentials from cfg (a reload's), used from the next
+ * connection on. */
+struct config;
+void feed_set_auth(struct feed *f, const struct config *cfg);
+
 /* A session authenticated as user: its backend id is looked up (async, from
  * the backend's API) unless known and fresh. Never waits. */
 void feed_user_joined(struct feed *f, const char *user);

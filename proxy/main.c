@@ -171,7 +171,7 @@ main(int argc, char **argv)
 	const char *config_file = NULL;
 	int n_overrides = 0, foreground = 0, check_only = 0, has_master = 0, ch;
 	struct event_base *base;
-	char err[1024], upstream[300];
+	char err[2048], upstream[300];
 
 	upgrade_init(argc, argv);	/* before getopt() reorders argv */
 

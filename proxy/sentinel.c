@@ -20,6 +20,10 @@
  * sentinel is watched is still noticed by the store: the old master is gone
  * or refuses writes (READONLY), and the store then asks again.
  *
+ * Sentinels that require a password (sentinel_password, sentinel_user) get
+ * AUTH first on every connection; a refusal fails that sentinel as an
+ * error answer does. The master's own credentials are the store's.
+ *
  * What a sentinel says is trusted no further than the store's ROLE check
  * on the address it names.
  */
@@ -47,6 +51,7 @@ struct sentinel {
 	sentinel_found_fn found;
 	sentinel_switch_fn switched;
 	void *arg;
+	struct config_redis_auth auth;	/* the sentinels' own (sentinel_password) */
 
 	/* discovery */
 	redisAsyncContext *query;	/* NULL between sentinels and discoveries */
@@ -81,7 +86,8 @@ sentinel_parse_url(const char *url, struct sentinel_url *out)
 	memset(&u, 0, sizeof(u));
 	if (strncmp(url, scheme, sizeof(scheme) - 1) != 0)
 		return -1;
-	p = url + sizeof(scheme) - 1;
+	if (config_url_userinfo(url + sizeof(scheme) - 1, &u.auth, &p) != NULL)
+		return -1;
 	if ((end = strchr(p, '/')) == NULL)
 		return -1;		/* the master's name is required */
 	while (p < end) {
@@ -145,6 +151,30 @@ sentinel_drop(redisAsyncContext **slot, int free_it)
 		redisAsyncFree(ac);
 }
 
+static void sentinel_query_failed(struct sentinel *sn, const char *why, int free_it);
+static void sentinel_watch_lost(struct sentinel *sn, const char *why, int free_it);
+
+/* AUTH's answer, on either connection: a refusal fails it as an error
+ * answer would (the next sentinel is tried). */
+static void
+sentinel_on_auth(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	struct sentinel *sn = ac->data;
+	const redisReply *r = reply;
+	char why[400];
+
+	(void)privdata;
+	if (sn == NULL || r == NULL || r->type != REDIS_REPLY_ERROR ||
+	    config_auth_unneeded(r->str))
+		return;
+	snprintf(why, sizeof(why), "AUTH%s%s refused (sentinel_user, sentinel_password): %.150s",
+	    sn->auth.user[0] ? " as " : "", sn->auth.user, r->str);
+	if (ac == sn->query)
+		sentinel_query_failed(sn, why, 1);
+	else if (ac == sn->watch)
+		sentinel_watch_lost(sn, why, 1);
+}
+
 /* A connection to sentinel i with our callbacks; NULL with why set. */
 static redisAsyncContext *
 sentinel_open(struct sentinel *sn, int i, redisConnectCallback *on_connect,
@@ -152,6 +182,9 @@ sentinel_open(struct sentinel *sn, int i, redisConnectCallback *on_connect,
 {
 	const struct config_addr *a = &sn->url.addr[i];
 	redisAsyncContext *ac = redisAsyncConnect(a->host, atoi(a->port));
+	const char *argv[3];
+	size_t argvlen[3];
+	int argc;
 
 	if (ac == NULL || ac->err) {
 		snprintf(why, whylen, "%s", ac ? ac->c.errstr : "out of memory");
@@ -167,6 +200,14 @@ sentinel_open(struct sentinel *sn, int i, redisConnectCallback *on_connect,
 	ac->data = sn;
 	redisAsyncSetConnectCallback(ac, on_connect);
 	redisAsyncSetDisconnectCallback(ac, on_disconnect);
+	/* Before anything else, when the sentinels require a password. */
+	if ((argc = config_auth_argv(&sn->auth, argv, argvlen)) > 0 &&
+	    redisAsyncCommandArgv(ac, sentinel_on_auth, NULL, argc, argv, argvlen) != REDIS_OK) {
+		snprintf(why, whylen, "cannot queue AUTH");
+		ac->data = NULL;
+		redisAsyncFree(ac);
+		return NULL;
+	}
 	return ac;
 }
 
@@ -438,10 +479,17 @@ sentinel_new(struct event_base *base, const struct sentinel_url *url, sentinel_f
 }
 
 void
+sentinel_set_auth(struct sentinel *sn, const struct config_redis_auth *auth)
+{
+	sn->auth = *auth;
+}
+
+void
 sentinel_free(struct sentinel *sn)
 {
 	if (sn == NULL)
 		return;
+	explicit_bzero(&sn->auth, sizeof(sn->auth));
 	sentinel_drop(&sn->query, 1);
 	sentinel_drop(&sn->watch, 1);
 	if (sn->query_timer)

@@ -33,7 +33,7 @@ server_load_config(struct config *cfg, const char *file, char *const *overrides,
 	if (file != NULL && config_load_file(cfg, file, err, errlen) < 0)
 		return -1;
 	for (int i = 0; i < n_overrides; i++) {
-		char key[128], sub[200];
+		char key[128], sub[1400];
 		const char *eq = strchr(overrides[i], '=');
 		size_t klen;
 
@@ -50,7 +50,9 @@ server_load_config(struct config *cfg, const char *file, char *const *overrides,
 			return -1;
 		}
 	}
-	return config_validate(cfg, err, errlen);
+	if (config_validate(cfg, err, errlen) < 0)
+		return -1;
+	return config_load_secrets(cfg, err, errlen);
 }
 
 static void
@@ -281,12 +283,52 @@ server_same_listeners(const struct config *a, const struct config *b)
 	    memcmp(a->listen_tls, b->listen_tls, sizeof(a->listen_tls[0]) * a->n_listen_tls) == 0;
 }
 
+/* A Redis URL without its credentials into buf: what a reload cannot
+ * change without a restart. */
+static const char *
+server_url_target(const char *url, char *buf, size_t len)
+{
+	const char *start = strstr(url, "://"), *at = strrchr(url, '@');
+
+	if (start && at && at > start)
+		snprintf(buf, len, "%.*s%s", (int)(start + 3 - url), url, at + 1);
+	else
+		snprintf(buf, len, "%s", url);
+	return buf;
+}
+
+/* A reload's Redis credentials: used from the next connection when the
+ * server stays the same (a password rotated), else at the restart. */
+static void
+server_reload_auth(struct server *srv, const struct config *next)
+{
+	char a[1100], b[1100];
+	int same_state = strcmp(server_url_target(srv->cfg.state, a, sizeof(a)),
+	    server_url_target(next->state, b, sizeof(b))) == 0;
+	int same_feed = strcmp(server_url_target(srv->cfg.backend_redis, a, sizeof(a)),
+	    server_url_target(next->backend_redis, b, sizeof(b))) == 0;
+
+	if (same_state && (strcmp(srv->cfg.state, next->state) != 0 ||
+	    strcmp(srv->cfg.state_password, next->state_password) != 0 ||
+	    strcmp(srv->cfg.sentinel_user, next->sentinel_user) != 0 ||
+	    strcmp(srv->cfg.sentinel_password, next->sentinel_password) != 0)) {
+		store_set_auth(srv->store, next);
+		log_notice("reload: new state store credentials, used from its next connection");
+	}
+	if (same_feed && srv->cfg.backend_events == next->backend_events &&
+	    (strcmp(srv->cfg.backend_redis, next->backend_redis) != 0 ||
+	    strcmp(srv->cfg.backend_redis_password, next->backend_redis_password) != 0)) {
+		feed_set_auth(srv->feed, next);
+		log_notice("reload: new backend_redis credentials, used from its next connection");
+	}
+}
+
 void
 server_reload(struct server *srv)
 {
 	struct config *next = malloc(sizeof(*next));
 	SSL_CTX *tls_server, *tls_client;
-	char err[1024];
+	char err[2048], target[2][1100];
 
 	log_notice("SIGHUP: reloading configuration");
 	if (next == NULL)
@@ -300,20 +342,23 @@ server_reload(struct server *srv)
 	}
 	if (!server_same_listeners(&srv->cfg, next))
 		log_warning("reload: listener changes take effect only after a restart");
-	if (strcmp(srv->cfg.state, next->state) != 0 ||
+	if (strcmp(server_url_target(srv->cfg.state, target[0], sizeof(target[0])),
+	    server_url_target(next->state, target[1], sizeof(target[1]))) != 0 ||
 	    strcmp(srv->cfg.redis_prefix, next->redis_prefix) != 0 ||
 	    strcmp(srv->cfg.instance_id, next->instance_id) != 0 ||
 	    srv->cfg.redis_publish_global != next->redis_publish_global)
 		log_warning("reload: state, redis_prefix, redis_publish_global and instance_id take "
 		    "effect only after a restart");
 	if (srv->cfg.backend_events != next->backend_events ||
-	    strcmp(srv->cfg.backend_redis, next->backend_redis) != 0 ||
+	    strcmp(server_url_target(srv->cfg.backend_redis, target[0], sizeof(target[0])),
+	    server_url_target(next->backend_redis, target[1], sizeof(target[1]))) != 0 ||
 	    strcmp(srv->cfg.backend_api, next->backend_api) != 0 ||
 	    strcmp(srv->cfg.backend_api_token, next->backend_api_token) != 0 ||
 	    srv->cfg.backend_id_ttl != next->backend_id_ttl)
 		log_warning("reload: backend_* keys take effect only after a restart");
 	if (srv->cfg.workers != next->workers)
 		log_warning("reload: workers takes effect only after a restart");
+	server_reload_auth(srv, next);
 	/* Listeners stay as bound; everything else is replaced whole. */
 	memcpy(next->listen, srv->cfg.listen, sizeof(next->listen));
 	memcpy(next->listen_tls, srv->cfg.listen_tls, sizeof(next->listen_tls));

@@ -72,6 +72,12 @@
  * state next changed). Host names in the URL are resolved with a blocking
  * lookup at each (re)connect: prefer an address.
  *
+ * A Redis that requires a password (the URL's user:password@, or
+ * state_password_file) gets AUTH first on both links, pipelined ahead of
+ * everything else: its refusal is the first reply, and an outage like a
+ * refused connection (logged as a warning once per outage, the URL shown
+ * without its password).
+ *
  * With redis-sentinel:// the address comes from the sentinels (sentinel.c)
  * at every (re)connection, so a failed command or a lost link also finds a
  * new master; the command link then checks with ROLE that it reached a
@@ -129,6 +135,7 @@ struct store_link {
 	const char *name;	/* for the log */
 	redisAsyncContext *ac;	/* NULL while disconnected */
 	int up;			/* SELECT (or PING) answered / SUBSCRIBE confirmed */
+	int authing;		/* subscriber link: its first reply is AUTH's */
 };
 
 struct store {
@@ -139,7 +146,9 @@ struct store {
 
 	/* Redis only */
 	int redis;
-	struct config_redis url;
+	struct config_redis url;	/* url.auth: the credentials (master's with sentinels) */
+	char shown[1100];	/* the state URL without its password, for the log */
+	int auth_warned;	/* this outage's refused AUTH was logged as a warning */
 	char where[1300];	/* the server, for the log */
 	char *prefix, *channel;
 	int sharded;		/* SSUBSCRIBE/SPUBLISH: the server knows SPUBLISH */
@@ -494,6 +503,7 @@ store_link_up(struct store_link *link)
 	st->healthy = 1;
 	st->epoch++;		/* what happened while down (or before) was missed */
 	st->warned = 0;
+	st->auth_warned = 0;
 	st->backoff = STORE_BACKOFF_FIRST;
 	if (st->ever_up) {
 		st->stats.reconnects++;
@@ -521,6 +531,52 @@ store_link_up(struct store_link *link)
 		st->up_fn(st->up_arg);
 }
 
+/* A NOAUTH refusal without credentials configured: say where they go. */
+static const char *
+store_noauth_hint(const struct store *st, const redisReply *r)
+{
+	if (r->type != REDIS_REPLY_ERROR || strncmp(r->str, "NOAUTH", 6) != 0 ||
+	    st->url.auth.password[0])
+		return "";
+	return " (this Redis requires a password: state = redis://:PASSWORD@host, or "
+	    "state_password_file)";
+}
+
+/* AUTH refused on a link: an outage like a failed connection, logged as a
+ * warning once per outage even when it began otherwise (Redis restarted
+ * with another password), naming the URL without its password. */
+static void
+store_auth_refused(struct store *st, struct store_link *link, const redisReply *r)
+{
+	char why[1700];
+
+	snprintf(why, sizeof why, "AUTH%s%s refused: %.*s (state = %s)",
+	    st->url.auth.user[0] ? " as " : "", st->url.auth.user,
+	    (int)(r->len > 200 ? 200 : r->len), r->str, st->shown);
+	if (!st->auth_warned) {
+		st->auth_warned = 1;
+		st->warned = 0;
+	}
+	store_lost(st, link->name, why);
+}
+
+/* AUTH's answer on the command link. */
+static void
+store_on_auth(redisAsyncContext *ac, void *reply, void *privdata)
+{
+	const redisReply *r = reply;
+	struct store_link *link = ac->data;
+
+	(void)privdata;
+	if (!r || !link || r->type != REDIS_REPLY_ERROR)
+		return;
+	if (config_auth_unneeded(r->str)) {
+		log_debug("redis %s: %s: AUTH not needed: %s", link->st->where, link->name, r->str);
+		return;
+	}
+	store_auth_refused(link->st, link, r);
+}
+
 /* The reply to a command that must not fail: anything but an error is fine. */
 static int
 store_reply_ok(redisAsyncContext *ac, const redisReply *r, const char *command)
@@ -532,8 +588,8 @@ store_reply_ok(redisAsyncContext *ac, const redisReply *r, const char *command)
 		return 0;
 	if (r->type != REDIS_REPLY_ERROR)
 		return 1;
-	snprintf(why, sizeof why, "%s failed: %.*s", command, (int)(r->len > 200 ? 200 : r->len),
-	    r->str);
+	snprintf(why, sizeof why, "%s failed: %.*s%s", command, (int)(r->len > 200 ? 200 : r->len),
+	    r->str, store_noauth_hint(link->st, r));
 	store_lost(link->st, "command", why);
 	return 0;
 }
@@ -738,7 +794,7 @@ struct store_sub_events {
 /* Queue one command on the subscriber link; no reply callback: its answer
  * (a subscribe confirmation, or an error) comes through store_sub_reply(). */
 static void
-store_sub_send(struct store *st, const char *command, const char *channel)
+store_sub_sendv(struct store *st, int argc, const char **argv, const size_t *argvlen)
 {
 	redisAsyncContext *ac = st->sub.ac;
 	char *cmd;
@@ -746,18 +802,29 @@ store_sub_send(struct store *st, const char *command, const char *channel)
 
 	if (!ac)
 		return;
-	if ((len = redisFormatCommand(&cmd, "%s %s", command, channel)) < 0) {
+	if ((len = redisFormatCommandArgv(&cmd, argc, argv, argvlen)) < 0) {
 		store_lost(st, "subscriber link", "out of memory");
 		return;
 	}
 	if (redisAppendFormattedCommand(&ac->c, cmd, (size_t)len) != REDIS_OK) {
+		explicit_bzero(cmd, (size_t)len);	/* it may be AUTH's */
 		redisFreeCommand(cmd);
-		store_lost(st, "subscriber link", command);
+		store_lost(st, "subscriber link", argv[0]);
 		return;
 	}
+	explicit_bzero(cmd, (size_t)len);
 	redisFreeCommand(cmd);
 	if (ac->ev.addWrite)
 		ac->ev.addWrite(ac->ev.data);
+}
+
+static void
+store_sub_send(struct store *st, const char *command, const char *channel)
+{
+	const char *argv[2] = { command, channel };
+	size_t argvlen[2] = { strlen(command), strlen(channel) };
+
+	store_sub_sendv(st, 2, argv, argvlen);
 }
 
 /* The user whose channel this is ("P{U}:changes"), copied to out; NULL for
@@ -784,10 +851,17 @@ static void
 store_sub_reply(struct store *st, const redisReply *r)
 {
 	const char *kind;
-	char user[1024], why[300];
+	char user[1024], why[500];
 
+	if (st->sub.authing) {
+		st->sub.authing = 0;
+		if (r->type == REDIS_REPLY_ERROR && !config_auth_unneeded(r->str))
+			store_auth_refused(st, &st->sub, r);
+		return;
+	}
 	if (r->type == REDIS_REPLY_ERROR) {
-		snprintf(why, sizeof why, "refused: %.*s", (int)(r->len > 200 ? 200 : r->len), r->str);
+		snprintf(why, sizeof why, "refused: %.*s%s", (int)(r->len > 200 ? 200 : r->len), r->str,
+		    store_noauth_hint(st, r));
 		store_lost(st, "subscriber link", why);
 		return;
 	}
@@ -1164,6 +1238,7 @@ store_link_open(struct store *st, struct store_link *link)
 	ac->data = link;
 	link->ac = ac;
 	link->up = 0;
+	link->authing = 0;
 	if ((link == &st->sub ? store_sub_attach(st, ac) : redisLibeventAttach(ac, st->base))
 	    != REDIS_OK) {
 		store_lost(st, link->name, "cannot attach to the event loop");
@@ -1194,8 +1269,25 @@ store_on_role(redisAsyncContext *ac, void *reply, void *privdata)
 static void
 store_connect(struct store *st)
 {
+	const char *argv[3];
+	size_t argvlen[3];
+	int argc;
+
 	if (store_link_open(st, &st->cmd) < 0 || store_link_open(st, &st->sub) < 0)
 		return;
+	/* AUTH before anything else on both links (pipelined: a refusal is
+	 * answered first, and ends the attempt before the rest counts). */
+	if ((argc = config_auth_argv(&st->url.auth, argv, argvlen)) > 0) {
+		if (redisAsyncCommandArgv(st->cmd.ac, store_on_auth, NULL, argc, argv, argvlen)
+		    != REDIS_OK) {
+			store_lost(st, "command", "AUTH");
+			return;
+		}
+		st->sub.authing = 1;
+		store_sub_sendv(st, argc, argv, argvlen);
+		if (!st->sub.ac)
+			return;
+	}
 	if (st->sentinel)
 		store_command(st, store_on_role, "ROLE", "ROLE");
 	if (st->url.db)
@@ -1689,14 +1781,21 @@ store_setup_redis(struct store *st, const struct config *cfg, char *err, size_t 
 	struct timeval tick = { cfg->state_ttl / 3 > 0 ? cfg->state_ttl / 3 : 1, 0 };
 	struct sentinel_url su;
 
+	struct config_redis_auth sauth;
+
+	config_redact_url(cfg->state, st->shown, sizeof st->shown);
 	if (sentinel_parse_url(cfg->state, &su) == 0) {
 		memset(&st->url, 0, sizeof st->url);
 		st->url.db = su.db;
+		st->url.auth = su.auth;
 		snprintf(st->master_name, sizeof st->master_name, "%s", su.master);
 	} else if (config_parse_redis(cfg->state, &st->url) < 0) {
-		snprintf(err, errlen, "state: not memory or a Redis URL: %s", cfg->state);
+		snprintf(err, errlen, "state: not memory or a Redis URL: %s", st->shown);
 		return -1;
 	}
+	if (cfg->state_password[0])
+		snprintf(st->url.auth.password, sizeof st->url.auth.password, "%s",
+		    cfg->state_password);
 	if (!st->base || cfg->state_ttl <= 0 || !cfg->redis_prefix[0]) {
 		snprintf(err, errlen, "store: needs an event base, a state_ttl and a redis_prefix");
 		return -1;
@@ -1726,6 +1825,13 @@ store_setup_redis(struct store *st, const struct config *cfg, char *err, size_t 
 	    !(st->sentinel = sentinel_new(st->base, &su, store_on_master, store_on_switch, st))) {
 		snprintf(err, errlen, "store: out of memory");
 		return -1;
+	}
+	if (st->sentinel) {
+		memset(&sauth, 0, sizeof sauth);
+		snprintf(sauth.user, sizeof sauth.user, "%s", cfg->sentinel_user);
+		snprintf(sauth.password, sizeof sauth.password, "%s", cfg->sentinel_password);
+		sentinel_set_auth(st->sentinel, &sauth);
+		explicit_bzero(&sauth, sizeof sauth);
 	}
 	store_find_master(st);
 	return 0;
@@ -1767,6 +1873,34 @@ store_flush(struct store *st)
 }
 
 void
+store_set_auth(struct store *st, const struct config *cfg)
+{
+	struct config_redis r;
+	struct sentinel_url su;
+	struct config_redis_auth sauth;
+
+	if (!st || !st->redis)
+		return;
+	if (sentinel_parse_url(cfg->state, &su) == 0)
+		r.auth = su.auth;
+	else if (config_parse_redis(cfg->state, &r) < 0)
+		return;
+	if (cfg->state_password[0])
+		snprintf(r.auth.password, sizeof r.auth.password, "%s", cfg->state_password);
+	st->url.auth = r.auth;
+	config_redact_url(cfg->state, st->shown, sizeof st->shown);
+	if (st->sentinel) {
+		memset(&sauth, 0, sizeof sauth);
+		snprintf(sauth.user, sizeof sauth.user, "%s", cfg->sentinel_user);
+		snprintf(sauth.password, sizeof sauth.password, "%s", cfg->sentinel_password);
+		sentinel_set_auth(st->sentinel, &sauth);
+	}
+	explicit_bzero(&r, sizeof r);
+	explicit_bzero(&su, sizeof su);
+	explicit_bzero(&sauth, sizeof sauth);
+}
+
+void
 store_free(struct store *st)
 {
 	if (!st)
@@ -1784,5 +1918,6 @@ store_free(struct store *st)
 	free(st->prefix);
 	free(st->channel);
 	free(st->reg_admin);
+	explicit_bzero(&st->url.auth, sizeof st->url.auth);
 	free(st);
 }

@@ -155,6 +155,11 @@ struct store_stats {
 /* All zero when st is NULL (no store yet). */
 void store_get_stats(const struct store *st, struct store_stats *out);
 
+/* The credentials of cfg (a reload's: the state URL's, state_password,
+ * sentinel_user and sentinel_password), used from the next connection on;
+ * links up stay as they are. Nothing with state = memory. */
+void store_set_auth(struct store *st, const struct config *cfg);
+
 /* Write (up) or delete this instance's entry in the instances registry
  * (P + "instances": instance -> "<admin address>\t<pid>\t<started>\t<refreshed>"),
  * for imapfresh-ctl. Async; nothing with state = memory. An entry written

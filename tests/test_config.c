@@ -130,7 +130,7 @@ test_table(void)
 			no_help++;
 	}
 	ok(n > 0 && names_match && config_keys[n] == NULL, "config_keys[] lists the %d table rows in order", n);
-	ok(n == 48, "48 keys (got %d); update the tests and docs when adding one", n);
+	ok(n == 53, "53 keys (got %d); update the tests and docs when adding one", n);
 	ok(dups == 0, "no key twice in the table");
 	ok(bad_defaults == 0, "every default parses");
 	ok(bad_ranges == 0, "every numeric range fits its field");
@@ -169,21 +169,39 @@ static const struct {
 	{ "upstream_tls_verify", "sure", "upstream_tls_verify: expected yes or no, got \"sure\"" },
 	{ "upstream_ca", LONG_VALUE, "upstream_ca: too long (max 1023 bytes)" },
 	{ "upstream_sni", LONG_VALUE, "upstream_sni: too long (max 255 bytes)" },
-	{ "state", "redis:/x", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis:/x\"" },
-	{ "state", "", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"\"" },
-	{ "state", "Memory", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"Memory\"" },
-	{ "state", "redis://", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis://\"" },
-	{ "state", "redis://h:0", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis://h:0\"" },
-	{ "state", "redis://h/x", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis://h/x\"" },
-	{ "state", "redis://:pw@h", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis://:pw@h\"" },
-	{ "state", "redis+unix://rel.sock", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis+unix://rel.sock\"" },
-	{ "state", "redis-sentinel://h1,h2", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1,h2\"" },
-	{ "state", "redis-sentinel:///m", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis-sentinel:///m\"" },
-	{ "state", "redis-sentinel://h1,/m", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1,/m\"" },
-	{ "state", "redis-sentinel://h1/", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1/\"" },
-	{ "state", "redis-sentinel://h1:0/m", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1:0/m\"" },
-	{ "state", "redis-sentinel://h1/m/x", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1/m/x\"" },
-	{ "state", "redis-sentinel://h1/m x", "state: expected memory, redis://host[:port][/db], redis+unix:///path or redis-sentinel://host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1/m x\"" },
+	{ "state", "redis:/x", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"redis:/x\"" },
+	{ "state", "", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"\"" },
+	{ "state", "Memory", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"Memory\"" },
+	{ "state", "redis://", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"redis://\"" },
+	{ "state", "redis://h:0", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"redis://h:0\"" },
+	{ "state", "redis://h/x", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"redis://h/x\"" },
+	/* Credentials: a bad one is named, and its password never shown. */
+	{ "state", "redis://s3cret@h", "state: expected user:password@ or :password@ before the host (a name alone before '@' is a password to some clients, a user to others: write which), got \"redis://***@h\"" },
+	{ "state", "redis://:@h", "state: expected a password after ':' in :password@, got \"redis://:***@h\"" },
+	{ "state", "redis://:s3%zzcret@h", "state: expected a password whose '%' starts a %XX escape (write '%' itself as %25), got \"redis://:***@h\"" },
+	{ "state", "redis://:s3cret%@h", "state: expected a password whose '%' starts a %XX escape (write '%' itself as %25), got \"redis://:***@h\"" },
+	{ "state", "redis://us%4ger:s3cret@h", "state: expected a user whose '%' starts a %XX escape (write '%' itself as %25), got \"redis://us%4ger:***@h\"" },
+	{ "state", "redis://:s3%00cret@h", "state: expected a password without %00, got \"redis://:***@h\"" },
+	{ "state", "redis://:s3/cret@h/1", "state: expected a user and password with any '/' written %2F, got \"redis://:***@h/1\"" },
+	{ "state", "redis://:s3cret@h:0", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"redis://:***@h:0\"" },
+	{ "state", "redis+unix://:s3cret@rel.sock", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"redis+unix://:***@rel.sock\"" },
+	{ "state", "redis-sentinel://s3cret@h1/m", "state: expected user:password@ or :password@ before the host (a name alone before '@' is a password to some clients, a user to others: write which), got \"redis-sentinel://***@h1/m\"" },
+	{ "state", "redis-sentinel://:s3%g0cret@h1/m", "state: expected a password whose '%' starts a %XX escape (write '%' itself as %25), got \"redis-sentinel://:***@h1/m\"" },
+	{ "backend_redis", "redis://s3cret@h", "backend_redis: expected user:password@ or :password@ before the host (a name alone before '@' is a password to some clients, a user to others: write which), got \"redis://***@h\"" },
+	{ "backend_redis", "redis://:s3cret@h:99999", "backend_redis: expected empty, redis://[[user]:password@]host[:port][/db] or redis+unix://[[user]:password@]/path, got \"redis://:***@h:99999\"" },
+	{ "sentinel_user", LONG_VALUE, "sentinel_user: too long (max 127 bytes)" },
+	{ "sentinel_password", LONG_VALUE, "sentinel_password: too long (max 511 bytes)" },
+	{ "state_password_file", LONG_VALUE, "state_password_file: too long (max 1023 bytes)" },
+	{ "sentinel_password_file", LONG_VALUE, "sentinel_password_file: too long (max 1023 bytes)" },
+	{ "backend_redis_password_file", LONG_VALUE, "backend_redis_password_file: too long (max 1023 bytes)" },
+	{ "state", "redis+unix://rel.sock", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"redis+unix://rel.sock\"" },
+	{ "state", "redis-sentinel://h1,h2", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1,h2\"" },
+	{ "state", "redis-sentinel:///m", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"redis-sentinel:///m\"" },
+	{ "state", "redis-sentinel://h1,/m", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1,/m\"" },
+	{ "state", "redis-sentinel://h1/", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1/\"" },
+	{ "state", "redis-sentinel://h1:0/m", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1:0/m\"" },
+	{ "state", "redis-sentinel://h1/m/x", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1/m/x\"" },
+	{ "state", "redis-sentinel://h1/m x", "state: expected memory, redis://[[user]:password@]host[:port][/db], redis+unix://[[user]:password@]/path or redis-sentinel://[[user]:password@]host[:port][,host[:port]...]/master[/db], got \"redis-sentinel://h1/m x\"" },
 	{ "resync", "sometimes", "resync: expected yes or no, got \"sometimes\"" },
 	{ "redis_publish_global", "both", "redis_publish_global: expected yes or no, got \"both\"" },
 	{ "resync_on", "", "resync_on: must not be empty" },
@@ -266,7 +284,7 @@ static const struct {
 	{ "secure_networks", "localhost", "secure_networks: expected comma-separated addresses or networks, as in 10.0.0.0/8, ::1, got \"localhost\"" },
 	{ "upstream_client_address", "xff", "upstream_client_address: expected none, id, proxy-v1 or proxy-v2, got \"xff\"" },
 	{ "backend_events", "dovecot", "backend_events: expected none or wildduck, got \"dovecot\"" },
-	{ "backend_redis", "http://x", "backend_redis: expected empty, redis://host[:port][/db] or redis+unix:///path, got \"http://x\"" },
+	{ "backend_redis", "http://x", "backend_redis: expected empty, redis://[[user]:password@]host[:port][/db] or redis+unix://[[user]:password@]/path, got \"http://x\"" },
 	{ "backend_api", "https://api", "backend_api: expected empty or http://host[:port][/path] (no TLS: keep the API on a private link), got \"https://api\"" },
 	{ "backend_api_token", LONG_VALUE, "backend_api_token: too long (max 255 bytes)" },
 	{ "backend_id_ttl", "0", "backend_id_ttl: must be at least 1s, got 0" },
@@ -282,6 +300,12 @@ static const struct {
 	{ "upstream_tls", "starttls" }, { "upstream_tls_verify", "off" },
 	{ "upstream_ca", "/etc/ssl/ca.pem" }, { "upstream_sni", "imap.example.org" },
 	{ "state", "redis://127.0.0.1" }, { "state", "redis-sentinel://10.0.0.1,10.0.0.2:26380/mymaster/2" },
+	{ "state", "redis://:pw@h" }, { "state", "redis://app:p%40ss@[::1]:6380/2" },
+	{ "state", "redis+unix://:pw@/run/redis.sock" }, { "state", "redis-sentinel://app:pw@s1,s2/m" },
+	{ "state", "redis://app:@h" }, { "state_password_file", "/etc/imapfresh/redis.pass" },
+	{ "sentinel_user", "sentinel-reader" }, { "sentinel_password", "s3nt" },
+	{ "sentinel_password_file", "" }, { "backend_redis_password_file", "/etc/imapfresh/wd.pass" },
+	{ "backend_redis", "redis://:pw@127.0.0.1" },
 	{ "resync", "no" }, { "resync_on", "fetch" },
 	{ "resync_on", "UID FETCH, GETQUOTAROOT, X-CUSTOM2" }, { "resync_after", "15m" },
 	{ "redis_prefix", "mail:imapfresh:" }, { "instance_id", "mx1.example.org" },
@@ -594,6 +618,93 @@ test_parse_addr(void)
 	    "up to 16 sentinels");
 }
 
+/* user:password@ in Redis URLs: the forms, percent-decoding, the AUTH sent, redaction. */
+static void
+test_redis_auth(void)
+{
+	struct config_redis r;
+	struct sentinel_url su;
+	const char *argv[3];
+	size_t argvlen[3];
+	char buf[300];
+
+	ok(config_parse_redis("redis://cache", &r) == 0 && r.auth.user[0] == '\0'
+	    && r.auth.password[0] == '\0' && config_auth_argv(&r.auth, argv, argvlen) == 0,
+	    "no userinfo: no credentials, no AUTH");
+	ok(config_parse_redis("redis://:s3cret@cache:6380/2", &r) == 0 && strcmp(r.host, "cache") == 0
+	    && strcmp(r.port, "6380") == 0 && r.db == 2 && r.auth.user[0] == '\0'
+	    && strcmp(r.auth.password, "s3cret") == 0, ":password@: a password alone");
+	ok(config_auth_argv(&r.auth, argv, argvlen) == 2 && strcmp(argv[0], "AUTH") == 0
+	    && strcmp(argv[1], "s3cret") == 0 && argvlen[1] == 6, "AUTH password");
+	ok(config_parse_redis("redis://app:s3cret@[::1]/1", &r) == 0 && strcmp(r.host, "::1") == 0
+	    && r.db == 1 && strcmp(r.auth.user, "app") == 0 && strcmp(r.auth.password, "s3cret") == 0,
+	    "user:password@ (Redis 6 ACL user)");
+	ok(config_auth_argv(&r.auth, argv, argvlen) == 3 && strcmp(argv[1], "app") == 0
+	    && strcmp(argv[2], "s3cret") == 0, "AUTH user password");
+	ok(config_parse_redis("redis://a%3Ab%40c:p%40ss%3Aw%2Frd%25@h", &r) == 0
+	    && strcmp(r.auth.user, "a:b@c") == 0 && strcmp(r.auth.password, "p@ss:w/rd%") == 0,
+	    "user and password percent-decoded (%%3A %%40 %%2F %%25)");
+	ok(config_parse_redis("redis://:p@ss:w@rd@h:7000", &r) == 0 && strcmp(r.host, "h") == 0
+	    && strcmp(r.port, "7000") == 0 && strcmp(r.auth.password, "p@ss:w@rd") == 0,
+	    "raw '@' and ':' in the password: the last '@' ends it");
+	ok(config_parse_redis("redis://:pa ss+w%20@h", &r) == 0 && strcmp(r.auth.password, "pa ss+w ") == 0,
+	    "'+' and spaces kept, %%20 decoded");
+	ok(config_parse_redis("redis+unix://:s3cret@/run/redis.sock", &r) == 0
+	    && strcmp(r.path, "/run/redis.sock") == 0 && strcmp(r.auth.password, "s3cret") == 0,
+	    "redis+unix://:password@/path");
+	ok(config_parse_redis("redis+unix://app:s3cret@/run/redis.sock", &r) == 0
+	    && strcmp(r.auth.user, "app") == 0, "redis+unix://user:password@/path");
+	ok(config_parse_redis("redis+unix:///run/a@b.sock", &r) == 0 && strcmp(r.path, "/run/a@b.sock") == 0
+	    && r.auth.password[0] == '\0', "an '@' in a socket path is no userinfo");
+	ok(config_parse_redis("redis://app:@h", &r) == 0 && strcmp(r.auth.user, "app") == 0
+	    && r.auth.password[0] == '\0', "user:@ parses (its password must come from a file)");
+	ok(sentinel_parse_url("redis-sentinel://app:m%40ster@s1,s2:26380/mymaster/3", &su) == 0
+	    && su.n == 2 && strcmp(su.addr[0].host, "s1") == 0 && strcmp(su.master, "mymaster") == 0
+	    && su.db == 3 && strcmp(su.auth.user, "app") == 0 && strcmp(su.auth.password, "m@ster") == 0,
+	    "redis-sentinel://user:password@...: the master's credentials");
+	ok(sentinel_parse_url("redis-sentinel://s1/my@master", &su) == 0 && strcmp(su.master, "my@master") == 0
+	    && su.auth.password[0] == '\0', "an '@' in a master's name is no userinfo");
+	ok(config_parse_redis("redis://s3cret@h", &r) == -1 && config_parse_redis("redis://:@h", &r) == -1
+	    && config_parse_redis("redis://:a%4@h", &r) == -1 && config_parse_redis("redis://:a%@h", &r) == -1
+	    && config_parse_redis("redis://:a%00b@h", &r) == -1
+	    && config_parse_redis("redis://:a/b@h", &r) == -1
+	    && sentinel_parse_url("redis-sentinel://s3cret@s1/m", &su) == -1,
+	    "bad userinfo refused (no ':', empty, bad %%XX, %%00, raw '/')");
+	{
+		char big[700];
+
+		memset(big, 'p', sizeof big);
+		memcpy(big, "redis://:", 9);
+		memcpy(big + 9 + 512, "@h", 3);	/* a 512-byte password */
+		ok(config_redis_reason(big, &r) != NULL && strstr(config_redis_reason(big, &r),
+		    "at most 511 bytes"), "a password over 511 bytes refused");
+	}
+
+	ok(strcmp(config_redact_url("redis://:s3cret@h:1/2", buf, sizeof buf), "redis://:***@h:1/2") == 0,
+	    "redacted: %s", buf);
+	ok(strcmp(config_redact_url("redis://app:s3cret@h", buf, sizeof buf), "redis://app:***@h") == 0,
+	    "redacted, user kept: %s", buf);
+	ok(strcmp(config_redact_url("redis://:p@ss@h", buf, sizeof buf), "redis://:***@h") == 0,
+	    "redacted up to the last '@': %s", buf);
+	ok(strcmp(config_redact_url("redis://s3cret@h", buf, sizeof buf), "redis://***@h") == 0,
+	    "a name alone before '@' redacted whole: %s", buf);
+	ok(strcmp(config_redact_url("redis+unix://:s3cret@/run/r.sock", buf, sizeof buf),
+	    "redis+unix://:***@/run/r.sock") == 0, "redacted: %s", buf);
+	ok(strcmp(config_redact_url("redis-sentinel://app:s3cret@s1,s2/m", buf, sizeof buf),
+	    "redis-sentinel://app:***@s1,s2/m") == 0, "redacted: %s", buf);
+	ok(strcmp(config_redact_url("redis+unix:///run/a@b.sock", buf, sizeof buf),
+	    "redis+unix:///run/a@b.sock") == 0, "an '@' in a socket path is kept: %s", buf);
+	ok(strcmp(config_redact_url("redis://h:1/2", buf, sizeof buf), "redis://h:1/2") == 0
+	    && strcmp(config_redact_url("memory", buf, sizeof buf), "memory") == 0,
+	    "nothing to redact: unchanged");
+	ok(config_auth_unneeded("ERR AUTH <password> called without any password configured for the "
+	    "default user. Are you sure your configuration is correct?")
+	    && config_auth_unneeded("ERR Client sent AUTH, but no password is set")
+	    && !config_auth_unneeded("WRONGPASS invalid username-password pair or user is disabled.")
+	    && !config_auth_unneeded("ERR invalid password"), "AUTH to a server without a password "
+	    "is no refusal; WRONGPASS is");
+}
+
 /* Write content to a new temp file; path receives its name. */
 static void
 write_temp(const char *content, size_t len, char *path, size_t pathlen)
@@ -815,6 +926,59 @@ test_validate(void)
 	set(&c, "state", "redis://127.0.0.1:6379");
 	ok_err(config_validate(&c, err, sizeof err) == 0, "several workers with Redis state");
 
+	/* Credentials: one password from one place, the files' read as is. */
+	{
+		char pw[512], pw2[512], empty[512];
+
+		write_temp("s3cret file\nsecond line\n", 24, pw, sizeof pw);
+		write_temp("  w%40d\r\n", 9, pw2, sizeof pw2);
+		write_temp("\nx\n", 3, empty, sizeof empty);
+		valid_config(&c, cert);
+		set(&c, "state", "redis://app:@127.0.0.1");
+		ok_err(config_validate(&c, err, sizeof err) == -1 && strcmp(err, "state: "
+		    "redis://app:***@127.0.0.1 names user \"app\" without a password: write "
+		    "user:PASSWORD@ or set state_password_file") == 0, "a user without a password refused");
+		set(&c, "state_password_file", pw);
+		ok_err(config_validate(&c, err, sizeof err) == 0 && config_load_secrets(&c, err,
+		    sizeof err) == 0 && strcmp(c.state_password, "s3cret file") == 0,
+		    "state_password_file: its first line is the password");
+		set(&c, "state", "redis://:urlpw@127.0.0.1");
+		ok_err(config_validate(&c, err, sizeof err) == -1 && strstr(err, "state: "
+		    "redis://:***@127.0.0.1 has a password and state_password_file is set")
+		    && !strstr(err, "urlpw"), "a password in the URL and in a file refused");
+		set(&c, "state", "redis-sentinel://:urlpw@s1/m");
+		ok_err(config_validate(&c, err, sizeof err) == -1 && strstr(err, "has a password and "
+		    "state_password_file is set"), "the same with a sentinel URL");
+		set(&c, "state", "redis://127.0.0.1");
+		set(&c, "backend_redis_password_file", pw2);
+		set(&c, "sentinel_password_file", pw2);
+		ok_err(config_validate(&c, err, sizeof err) == 0 && config_load_secrets(&c, err,
+		    sizeof err) == 0 && strcmp(c.backend_redis_password, "  w%40d") == 0
+		    && strcmp(c.sentinel_password, "  w%40d") == 0,
+		    "password files: not decoded, not trimmed but for the line end");
+		set(&c, "sentinel_password", "x");
+		ok_err(config_validate(&c, err, sizeof err) == -1 && strcmp(err, "sentinel_password: set, "
+		    "and sentinel_password_file too: give it in one place") == 0,
+		    "sentinel_password and its file refused together");
+		set(&c, "sentinel_password_file", "");
+		set(&c, "sentinel_password", "");
+		set(&c, "sentinel_user", "reader");
+		ok_err(config_validate(&c, err, sizeof err) == -1 && strcmp(err, "sentinel_user: set "
+		    "without sentinel_password") == 0, "sentinel_user without a password refused");
+		set(&c, "sentinel_user", "");
+		set(&c, "backend_redis_password_file", empty);
+		ok_err(config_load_secrets(&c, err, sizeof err) == -1 && strstr(err,
+		    "backend_redis_password_file: ") && strstr(err, ": no password on its first line"),
+		    "an empty first line refused");
+		set(&c, "backend_redis_password_file", "/nonexistent/pw");
+		ok_err(config_validate(&c, err, sizeof err) == -1 && strstr(err,
+		    "backend_redis_password_file: cannot read /nonexistent/pw"),
+		    "an unreadable password file refused");
+		unlink(pw);
+		unlink(pw2);
+		unlink(empty);
+	}
+
 	valid_config(&c, cert);
 	set(&c, "user", "imapfresh-no-such-user");
 	ok_err(config_validate(&c, err, sizeof err) == -1
@@ -993,6 +1157,7 @@ main(void)
 	test_bad_values();
 	test_good_values();
 	test_parse_addr();
+	test_redis_auth();
 	test_file();
 	test_validate();
 	test_docs();

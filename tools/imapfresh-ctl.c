@@ -476,6 +476,7 @@ struct ctl {
 	const char *admin;	/* --admin: overrides discovery */
 	const char *token;
 	int redis;		/* state is a Redis URL */
+	char shown[1100];	/* state without its password, for messages */
 	redisContext *rc;
 	struct ctl_instance *inst;
 	size_t n_inst;
@@ -698,11 +699,41 @@ ctl_admin_json(struct ctl *c, const char *addr, const char *method, const char *
 
 /* --- Redis --- */
 
+/* AUTH first on a fresh connection, when auth has a password: NULL, or
+ * the refusal (in buf) or failure. */
+static const char *
+ctl_redis_auth(redisContext *rc, const struct config_redis_auth *auth, char *buf, size_t len)
+{
+	const char *argv[3];
+	size_t argvlen[3];
+	int argc = config_auth_argv(auth, argv, argvlen);
+	redisReply *r;
+
+	if (argc == 0)
+		return NULL;
+	if ((r = redisCommandArgv(rc, argc, argv, argvlen)) == NULL) {
+		snprintf(buf, len, "AUTH: %s", rc->errstr);
+		return buf;
+	}
+	if (r->type == REDIS_REPLY_ERROR && !config_auth_unneeded(r->str)) {
+		snprintf(buf, len, "AUTH%s%s refused: %.200s", auth->user[0] ? " as " : "",
+		    auth->user, r->str);
+		freeReplyObject(r);
+		return buf;
+	}
+	freeReplyObject(r);
+	return NULL;
+}
+
 /* redis-sentinel://: the master's address, asked of each sentinel in turn
  * (into u, as if the URL had named it); -1 (reported) when none names it. */
 static int
-ctl_redis_sentinel(const struct sentinel_url *su, struct config_redis *u)
+ctl_redis_sentinel(const struct config *cfg, const struct sentinel_url *su,
+    struct config_redis *u)
 {
+	struct config_redis_auth sauth;
+	const char *refused;
+	char abuf[400];
 	struct timeval tv = { CTL_TIMEOUT_MS / 1000, 0 };
 	char why[600] = "", where[300];
 	redisContext *sc;
@@ -710,6 +741,10 @@ ctl_redis_sentinel(const struct sentinel_url *su, struct config_redis *u)
 
 	memset(u, 0, sizeof(*u));
 	u->db = su->db;
+	u->auth = su->auth;
+	memset(&sauth, 0, sizeof(sauth));
+	snprintf(sauth.user, sizeof(sauth.user), "%s", cfg->sentinel_user);
+	snprintf(sauth.password, sizeof(sauth.password), "%s", cfg->sentinel_password);
 	for (int i = 0; i < su->n; i++) {
 		config_fmt_addr(&su->addr[i], where, sizeof(where));
 		sc = redisConnectWithTimeout(su->addr[i].host, atoi(su->addr[i].port), tv);
@@ -720,6 +755,11 @@ ctl_redis_sentinel(const struct sentinel_url *su, struct config_redis *u)
 			continue;
 		}
 		redisSetTimeout(sc, tv);
+		if ((refused = ctl_redis_auth(sc, &sauth, abuf, sizeof(abuf))) != NULL) {
+			snprintf(why, sizeof(why), "sentinel %s: %s", where, refused);
+			redisFree(sc);
+			continue;
+		}
 		r = redisCommand(sc, "SENTINEL get-master-addr-by-name %s", su->master);
 		if (r != NULL && r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
 		    r->element[0]->type == REDIS_REPLY_STRING &&
@@ -746,27 +786,37 @@ ctl_redis_connect(struct ctl *c)
 	struct sentinel_url su;
 	struct timeval tv = { CTL_TIMEOUT_MS / 1000, 0 };
 	redisReply *r;
+	const char *refused;
+	char abuf[400];
 
 	if (c->rc != NULL)
 		return 0;
 	if (sentinel_parse_url(c->cfg.state, &su) == 0) {
-		if (ctl_redis_sentinel(&su, &u) < 0)
+		if (ctl_redis_sentinel(&c->cfg, &su, &u) < 0)
 			return -1;
 	} else if (config_parse_redis(c->cfg.state, &u) < 0) {
-		ctl_err("state: not memory or a Redis URL: %s", c->cfg.state);
+		ctl_err("state: not memory or a Redis URL: %s", c->shown);
 		return -1;
 	}
+	if (c->cfg.state_password[0])
+		snprintf(u.auth.password, sizeof(u.auth.password), "%s", c->cfg.state_password);
 	c->rc = u.path[0] ? redisConnectUnixWithTimeout(u.path, tv) :
 	    redisConnectWithTimeout(u.host, atoi(u.port), tv);
 	if (c->rc == NULL || c->rc->err) {
-		ctl_err("redis %s: %s", c->cfg.state, c->rc ? c->rc->errstr : "out of memory");
+		ctl_err("redis %s: %s", c->shown, c->rc ? c->rc->errstr : "out of memory");
 		return -1;
 	}
 	redisSetTimeout(c->rc, tv);
+	refused = ctl_redis_auth(c->rc, &u.auth, abuf, sizeof(abuf));
+	explicit_bzero(&u.auth, sizeof(u.auth));
+	if (refused != NULL) {
+		ctl_err("redis %s: %s", c->shown, refused);
+		return -1;
+	}
 	if (u.db != 0) {
 		r = redisCommand(c->rc, "SELECT %d", u.db);
 		if (r == NULL || r->type == REDIS_REPLY_ERROR) {
-			ctl_err("redis %s: SELECT %d: %s", c->cfg.state, u.db,
+			ctl_err("redis %s: SELECT %d: %s", c->shown, u.db,
 			    r ? r->str : c->rc->errstr);
 			freeReplyObject(r);
 			return -1;
@@ -789,11 +839,11 @@ ctl_redis(struct ctl *c, const char *fmt, ...)
 	r = redisvCommand(c->rc, fmt, ap);
 	va_end(ap);
 	if (r == NULL) {
-		ctl_err("redis %s: %s", c->cfg.state, c->rc->errstr);
+		ctl_err("redis %s: %s", c->shown, c->rc->errstr);
 		return NULL;
 	}
 	if (r->type == REDIS_REPLY_ERROR) {
-		ctl_err("redis %s: %s", c->cfg.state, r->str);
+		ctl_err("redis %s: %s", c->shown, r->str);
 		freeReplyObject(r);
 		return NULL;
 	}
@@ -930,7 +980,7 @@ ctl_targets(struct ctl *c, const char ***addrs, const char ***names, size_t *n)
 	}
 	if (*n == 0) {
 		ctl_err("no live instance in the registry (%sinstances in %s)", c->cfg.redis_prefix,
-		    c->cfg.state);
+		    c->shown);
 		return -1;
 	}
 	return 0;
@@ -1242,7 +1292,7 @@ ctl_cmd_sessions(struct ctl *c)
 		}
 		printf("\n]\n");
 	} else if (n == 0) {
-		printf("no sessions in %s (only authenticated sessions are stored)\n", c->cfg.state);
+		printf("no sessions in %s (only authenticated sessions are stored)\n", c->shown);
 	} else {
 		ctl_sessions_header(&t);
 		for (size_t i = 0; i < n; i++)
@@ -2090,7 +2140,12 @@ ctl_load_config(struct ctl *c, const char *file, char **overrides, int n_overrid
 			ctl_err("-o %s", err);
 			return -1;
 		}
+	if (config_load_secrets(&c->cfg, err, sizeof(err)) < 0) {
+		ctl_err("%s", err);
+		return -1;
+	}
 	c->redis = strcmp(c->cfg.state, "memory") != 0;
+	config_redact_url(c->cfg.state, c->shown, sizeof(c->shown));
 	return 0;
 }
 

@@ -1298,6 +1298,7 @@ import sentinel_tests  # noqa: E402,F401  (issue 18: Redis Sentinel)
 import fanout_tests  # noqa: E402,F401  (issue 18: changes only to instances that need them)
 import upgrade_tests  # noqa: E402,F401  (issue 18: zero-downtime upgrade)
 import firstrun_tests  # noqa: E402,F401  (issue 19: first-run surprises)
+import redis_auth_tests  # noqa: E402,F401  (Redis that requires AUTH)
 
 
 def main():

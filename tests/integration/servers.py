@@ -367,23 +367,35 @@ class RespError(str):
     pass
 
 
-def resp_command(port, *args, timeout=5):
-    """One command to a Redis (or Sentinel) on 127.0.0.1:port, its reply
-    parsed (resp_read), or None when it cannot be reached."""
+def resp_encode(*args):
     req = b"*%d\r\n" % len(args)
     for a in args:
         a = a.encode() if isinstance(a, str) else a
         req += b"$%d\r\n%s\r\n" % (len(a), a)
+    return req
+
+
+def resp_command(port, *args, timeout=5, auth=None):
+    """One command to a Redis (or Sentinel) on 127.0.0.1:port, its reply
+    parsed (resp_read), or None when it cannot be reached. auth: AUTH's
+    arguments (["password"] or ["user", "password"]), sent first."""
     try:
         with socket.create_connection((HOST, port), timeout=timeout) as s:
-            s.sendall(req)
-            return resp_read(s.makefile("rb"))
+            f = s.makefile("rb")
+            if auth:
+                s.sendall(resp_encode("AUTH", *auth))
+                r = resp_read(f)
+                if isinstance(r, RespError):
+                    return r
+            s.sendall(resp_encode(*args))
+            return resp_read(f)
     except OSError:
         return None
 
 
 class Redis:
-    def __init__(self, d, port=None, replicaof=None, args=()):
+    def __init__(self, d, port=None, replicaof=None, args=(), auth=None):
+        self.auth = list(auth) if auth else None   # AUTH's arguments for command()
         self.dir = os.path.abspath(d)
         self.port = port or free_port()
         self.replicaof = replicaof      # a master's port: start as its replica
@@ -413,15 +425,16 @@ class Redis:
         return self
 
     def command(self, *args):
-        """One RESP command; returns the first reply line (no CRLF) or None."""
+        """One RESP command (after AUTH with self.auth); returns the first
+        reply line (no CRLF) or None."""
         try:
             with socket.create_connection((HOST, self.port), timeout=5) as s:
-                req = b"*%d\r\n" % len(args)
-                for a in args:
-                    a = a.encode() if isinstance(a, str) else a
-                    req += b"$%d\r\n%s\r\n" % (len(a), a)
-                s.sendall(req)
-                return s.makefile("rb").readline().rstrip(b"\r\n")
+                f = s.makefile("rb")
+                if self.auth:
+                    s.sendall(resp_encode("AUTH", *self.auth))
+                    f.readline()
+                s.sendall(resp_encode(*args))
+                return f.readline().rstrip(b"\r\n")
         except OSError:
             return None
 
@@ -446,13 +459,24 @@ class RedisSentinels:
     to the replica in a few seconds. start() returns once every sentinel
     knows the replica and the other two sentinels, so a failover can start."""
 
-    def __init__(self, d, name="mymaster", down_after_ms=1000, failover_timeout_ms=2000):
+    def __init__(self, d, name="mymaster", down_after_ms=1000, failover_timeout_ms=2000,
+                 master_password=None, sentinel_password=None):
         self.dir = os.path.abspath(d)
         self.name = name
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
-        self.master = Redis(os.path.join(self.dir, "master"))
-        self.replica = Redis(os.path.join(self.dir, "replica"), replicaof=self.master.port)
+        # master_password: requirepass on master and replica (the sentinels
+        # and the replica are given it); sentinel_password: the sentinels'.
+        self.master_password = master_password
+        self.sentinel_password = sentinel_password
+        self.sentinel_auth = [sentinel_password] if sentinel_password else None
+        args, auth = [], None
+        if master_password:
+            args = ["--requirepass", master_password, "--masterauth", master_password]
+            auth = [master_password]
+        self.master = Redis(os.path.join(self.dir, "master"), args=args, auth=auth)
+        self.replica = Redis(os.path.join(self.dir, "replica"), replicaof=self.master.port,
+                             args=args, auth=auth)
         self.ports = [free_port() for _ in range(3)]
         self.procs = []
 
@@ -479,7 +503,8 @@ class RedisSentinels:
         self.replica.start()
         end = time.monotonic() + deadline
         while b"master_link_status:up" not in (resp_command(self.replica.port, "INFO",
-                                                            "replication") or b""):
+                                                            "replication",
+                                                            auth=self.replica.auth) or b""):
             if time.monotonic() > end:
                 self.stop()
                 raise FixtureError("the replica does not sync" + log_tail(self.replica.log))
@@ -497,6 +522,10 @@ class RedisSentinels:
                         % (port, HOST, d, self.name, HOST, self.master.port,
                            self.name, self.down_after_ms, self.name,
                            self.failover_timeout_ms, self.name))
+                if self.master_password:
+                    f.write("sentinel auth-pass %s %s\n" % (self.name, self.master_password))
+                if self.sentinel_password:
+                    f.write("requirepass %s\n" % self.sentinel_password)
             self.procs.append(spawn(self._sentinel_argv(conf), self.sentinel_log(i)))
         try:
             for i, port in enumerate(self.ports):
@@ -513,8 +542,8 @@ class RedisSentinels:
         return self
 
     def _ready(self, port):
-        replicas = resp_command(port, "SENTINEL", "REPLICAS", self.name)
-        others = resp_command(port, "SENTINEL", "SENTINELS", self.name)
+        replicas = resp_command(port, "SENTINEL", "REPLICAS", self.name, auth=self.sentinel_auth)
+        others = resp_command(port, "SENTINEL", "SENTINELS", self.name, auth=self.sentinel_auth)
         if not isinstance(replicas, list) or not isinstance(others, list) or len(others) != 2:
             return False
         for r in replicas:
@@ -526,7 +555,8 @@ class RedisSentinels:
 
     def master_port(self, i=0):
         """The master's port as sentinel i names it (None if it cannot say)."""
-        r = resp_command(self.ports[i], "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
+        r = resp_command(self.ports[i], "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name,
+                         auth=self.sentinel_auth)
         return int(r[1]) if isinstance(r, list) and len(r) == 2 else None
 
     def stop(self):
