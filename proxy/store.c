@@ -1775,13 +1775,27 @@ store_instance(struct store *st, const struct config *cfg)
 	st->instance[sizeof st->instance - 1] = '\0';
 }
 
+/* The sentinels' own credentials (sentinel_user, sentinel_password), not the
+ * master's from the URL. */
+static void
+store_sentinel_auth(struct store *st, const struct config *cfg)
+{
+	struct config_redis_auth sauth;
+
+	if (!st->sentinel)
+		return;
+	memset(&sauth, 0, sizeof sauth);
+	snprintf(sauth.user, sizeof sauth.user, "%s", cfg->sentinel_user);
+	snprintf(sauth.password, sizeof sauth.password, "%s", cfg->sentinel_password);
+	sentinel_set_auth(st->sentinel, &sauth);
+	explicit_bzero(&sauth, sizeof sauth);
+}
+
 static int
 store_setup_redis(struct store *st, const struct config *cfg, char *err, size_t errlen)
 {
 	struct timeval tick = { cfg->state_ttl / 3 > 0 ? cfg->state_ttl / 3 : 1, 0 };
 	struct sentinel_url su;
-
-	struct config_redis_auth sauth;
 
 	config_redact_url(cfg->state, st->shown, sizeof st->shown);
 	if (sentinel_parse_url(cfg->state, &su) == 0) {
@@ -1826,13 +1840,7 @@ store_setup_redis(struct store *st, const struct config *cfg, char *err, size_t 
 		snprintf(err, errlen, "store: out of memory");
 		return -1;
 	}
-	if (st->sentinel) {
-		memset(&sauth, 0, sizeof sauth);
-		snprintf(sauth.user, sizeof sauth.user, "%s", cfg->sentinel_user);
-		snprintf(sauth.password, sizeof sauth.password, "%s", cfg->sentinel_password);
-		sentinel_set_auth(st->sentinel, &sauth);
-		explicit_bzero(&sauth, sizeof sauth);
-	}
+	store_sentinel_auth(st, cfg);
 	store_find_master(st);
 	return 0;
 }
@@ -1877,7 +1885,6 @@ store_set_auth(struct store *st, const struct config *cfg)
 {
 	struct config_redis r;
 	struct sentinel_url su;
-	struct config_redis_auth sauth;
 
 	if (!st || !st->redis)
 		return;
@@ -1889,15 +1896,9 @@ store_set_auth(struct store *st, const struct config *cfg)
 		snprintf(r.auth.password, sizeof r.auth.password, "%s", cfg->state_password);
 	st->url.auth = r.auth;
 	config_redact_url(cfg->state, st->shown, sizeof st->shown);
-	if (st->sentinel) {
-		memset(&sauth, 0, sizeof sauth);
-		snprintf(sauth.user, sizeof sauth.user, "%s", cfg->sentinel_user);
-		snprintf(sauth.password, sizeof sauth.password, "%s", cfg->sentinel_password);
-		sentinel_set_auth(st->sentinel, &sauth);
-	}
+	store_sentinel_auth(st, cfg);
 	explicit_bzero(&r, sizeof r);
 	explicit_bzero(&su, sizeof su);
-	explicit_bzero(&sauth, sizeof sauth);
 }
 
 void
