@@ -53,7 +53,6 @@
 #include "trace.h"
 #include "uidset.h"
 #include "upgrade.h"
-#include "utf8.h"
 
 #define ADMIN_MAX_BODY 4096		/* larger request bodies get 413 */
 #define ADMIN_MAX_HEADERS 8192
@@ -70,31 +69,12 @@ struct admin {
 
 /* --- JSON --- */
 
-/* A JSON string. Names come from clients and servers: bytes that are not
- * UTF-8 become U+FFFD so the document always parses. */
+/* A JSON string, "" for NULL. Names come from clients and servers: bytes
+ * that are not UTF-8 become U+FFFD so the document always parses. */
 static void
 admin_json_str(struct evbuffer *out, const char *s)
 {
-	const unsigned char *p = (const unsigned char *)(s ? s : "");
-	size_t n;
-
-	evbuffer_add(out, "\"", 1);
-	while (*p) {
-		if (*p == '"' || *p == '\\') {
-			evbuffer_add_printf(out, "\\%c", *p++);
-		} else if (*p < 0x20 || *p == 0x7f) {
-			evbuffer_add_printf(out, "\\u%04x", *p++);
-		} else if (*p < 0x80) {
-			evbuffer_add(out, p++, 1);
-		} else if ((n = utf8_len(p, 4)) > 0) {
-			evbuffer_add(out, p, n);
-			p += n;
-		} else {
-			evbuffer_add(out, "\\ufffd", 6);
-			p++;
-		}
-	}
-	evbuffer_add(out, "\"", 1);
+	json_write_string(out, s != NULL ? s : "");
 }
 
 /* ,"key": then the value written by the caller; first omits the comma. */

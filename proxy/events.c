@@ -29,11 +29,11 @@
 #include <event2/buffer.h>
 
 #include "events.h"
+#include "json.h"
 #include "log.h"
 #include "session.h"
 #include "store.h"
 #include "uidset.h"
-#include "utf8.h"
 
 #define EVENTS_UIDS_MAX 2048	/* longest server_uids string; longer is cut at a comma */
 
@@ -107,56 +107,6 @@ events_close(struct server *srv)
 		close(e->fd);
 	free(e);
 	srv->events = NULL;
-}
-
-/* A JSON string, or null. */
-static void
-events_json_str(struct evbuffer *b, const char *s)
-{
-	const unsigned char *p = (const unsigned char *)s;
-	size_t n;
-
-	if (s == NULL) {
-		evbuffer_add(b, "null", 4);
-		return;
-	}
-	n = strlen(s);
-	evbuffer_add(b, "\"", 1);
-	while (n > 0) {
-		size_t run = 0, k;
-
-		/* Plain bytes go out in runs. */
-		while (run < n && p[run] >= 0x20 && p[run] < 0x7f && p[run] != '"' &&
-		    p[run] != '\\')
-			run++;
-		if (run > 0) {
-			evbuffer_add(b, p, run);
-			p += run;
-			n -= run;
-			continue;
-		}
-		switch (*p) {
-		case '"': evbuffer_add(b, "\\\"", 2); k = 1; break;
-		case '\\': evbuffer_add(b, "\\\\", 2); k = 1; break;
-		case '\n': evbuffer_add(b, "\\n", 2); k = 1; break;
-		case '\r': evbuffer_add(b, "\\r", 2); k = 1; break;
-		case '\t': evbuffer_add(b, "\\t", 2); k = 1; break;
-		default:
-			if (*p < 0x20 || *p == 0x7f) {
-				evbuffer_add_printf(b, "\\u%04x", *p);
-				k = 1;
-			} else if ((k = utf8_len(p, n)) > 0)
-				evbuffer_add(b, p, k);
-			else {
-				evbuffer_add(b, "\\ufffd", 6);
-				k = 1;
-			}
-			break;
-		}
-		p += k;
-		n -= k;
-	}
-	evbuffer_add(b, "\"", 1);
 }
 
 static void
@@ -296,16 +246,16 @@ events_failover(struct server *srv, const char *from, const char *to)
 	if ((b = evbuffer_new()) == NULL)
 		return;
 	events_json_key(b, "time", 1);
-	events_json_str(b, ts);
+	json_write_string(b, ts);
 	events_json_key(b, "instance", 0);
-	events_json_str(b, srv->instance);
+	json_write_string(b, srv->instance);
 	evbuffer_add_printf(b, ",\"session\":null,\"user\":null,\"client\":null,\"mailbox\":null");
 	events_json_key(b, "step", 0);
-	events_json_str(b, "failover");
+	json_write_string(b, "failover");
 	events_json_key(b, "trigger", 0);
-	events_json_str(b, NULL);
+	json_write_string(b, NULL);
 	events_json_key(b, "reason", 0);
-	events_json_str(b, reason);
+	json_write_string(b, reason);
 	evbuffer_add_printf(b, ",\"gen_synced\":0,\"gen_now\":0,\"client_count\":0,"
 	    "\"server_uids\":null,\"server_uid_count\":null,\"server_uids_truncated\":false,"
 	    "\"sent_to_client\":null}\n");
@@ -339,28 +289,28 @@ events_resync(struct session *s, const struct events_resync *ev)
 		truncated = events_format_uids(ev->server_uids, uids, sizeof(uids));
 
 	events_json_key(b, "time", 1);
-	events_json_str(b, ts);
+	json_write_string(b, ts);
 	events_json_key(b, "instance", 0);
-	events_json_str(b, srv->instance);
+	json_write_string(b, srv->instance);
 	events_json_key(b, "session", 0);
-	events_json_str(b, sid);
+	json_write_string(b, sid);
 	events_json_key(b, "user", 0);
-	events_json_str(b, s->track.user[0] ? s->track.user : NULL);
+	json_write_string(b, s->track.user[0] ? s->track.user : NULL);
 	events_json_key(b, "client", 0);
-	events_json_str(b, s->client_addr);
+	json_write_string(b, s->client_addr);
 	events_json_key(b, "mailbox", 0);
-	events_json_str(b, s->track.selected ? s->track.mailbox : NULL);
+	json_write_string(b, s->track.selected ? s->track.mailbox : NULL);
 	events_json_key(b, "step", 0);
-	events_json_str(b, ev->step);
+	json_write_string(b, ev->step);
 	events_json_key(b, "trigger", 0);
-	events_json_str(b, ev->trigger != NULL && ev->trigger[0] ? ev->trigger : NULL);
+	json_write_string(b, ev->trigger != NULL && ev->trigger[0] ? ev->trigger : NULL);
 	events_json_key(b, "reason", 0);
-	events_json_str(b, ev->reason);
+	json_write_string(b, ev->reason);
 	evbuffer_add_printf(b, ",\"gen_synced\":%llu,\"gen_now\":%llu,\"client_count\":%lu",
 	    (unsigned long long)ev->gen_synced, (unsigned long long)ev->gen_now,
 	    (unsigned long)ev->client_count);
 	events_json_key(b, "server_uids", 0);
-	events_json_str(b, ev->server_uids != NULL ? uids : NULL);
+	json_write_string(b, ev->server_uids != NULL ? uids : NULL);
 	if (ev->server_uids != NULL)
 		evbuffer_add_printf(b, ",\"server_uid_count\":%llu",
 		    (unsigned long long)ev->server_uids->count);
@@ -368,7 +318,7 @@ events_resync(struct session *s, const struct events_resync *ev)
 		evbuffer_add_printf(b, ",\"server_uid_count\":null");
 	evbuffer_add_printf(b, ",\"server_uids_truncated\":%s", truncated ? "true" : "false");
 	events_json_key(b, "sent_to_client", 0);
-	events_json_str(b, ev->sent_to_client);
+	json_write_string(b, ev->sent_to_client);
 	evbuffer_add(b, "}\n", 2);
 	events_emit(srv, b, stream);
 	evbuffer_free(b);

@@ -1,9 +1,11 @@
-/* json: a string member out of a small flat JSON object (webhook bodies, API answers), unescaped, with no allocation but the result. */
+/* json: a string member out of a small flat JSON object (webhook bodies, API answers), and a string written as JSON. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <event2/buffer.h>
 
 #include "json.h"
+#include "utf8.h"
 
 char *
 json_string_member(const char *body, const char *key)
@@ -72,3 +74,52 @@ json_string_member(const char *body, const char *key)
 	return NULL;
 }
 
+
+void
+json_write_string(struct evbuffer *out, const char *s)
+{
+	const unsigned char *p = (const unsigned char *)s;
+	size_t n;
+
+	if (s == NULL) {
+		evbuffer_add(out, "null", 4);
+		return;
+	}
+	n = strlen(s);
+	evbuffer_add(out, "\"", 1);
+	while (n > 0) {
+		size_t run = 0, k;
+
+		/* Plain bytes go out in runs. */
+		while (run < n && p[run] >= 0x20 && p[run] < 0x7f && p[run] != '"' &&
+		    p[run] != '\\')
+			run++;
+		if (run > 0) {
+			evbuffer_add(out, p, run);
+			p += run;
+			n -= run;
+			continue;
+		}
+		switch (*p) {
+		case '"': evbuffer_add(out, "\\\"", 2); k = 1; break;
+		case '\\': evbuffer_add(out, "\\\\", 2); k = 1; break;
+		case '\n': evbuffer_add(out, "\\n", 2); k = 1; break;
+		case '\r': evbuffer_add(out, "\\r", 2); k = 1; break;
+		case '\t': evbuffer_add(out, "\\t", 2); k = 1; break;
+		default:
+			if (*p < 0x20 || *p == 0x7f) {
+				evbuffer_add_printf(out, "\\u%04x", *p);
+				k = 1;
+			} else if ((k = utf8_len(p, n)) > 0)
+				evbuffer_add(out, p, k);
+			else {
+				evbuffer_add(out, "\\ufffd", 6);
+				k = 1;
+			}
+			break;
+		}
+		p += k;
+		n -= k;
+	}
+	evbuffer_add(out, "\"", 1);
+}
