@@ -519,14 +519,7 @@ def t_workers(ctx):
     redis.start()
     ctx.closers.append(lambda: redis.proc and redis.stop())
     # Worker N serves admin on admin_listen's port + N: two free ports in a row.
-    while True:
-        port = servers.free_port()
-        with socket.socket() as s1:
-            try:
-                s1.bind((HOST, port + 1))
-                break
-            except OSError:
-                continue
+    port = servers.free_port_pair()
     # The stale fixture logs what it receives: the resync is read there.
     up_log = stale_tests.upstream_log_path(ctx, "workers")
     upstream = stale_tests.stale_imapd.StaleServer(log=up_log)

@@ -80,6 +80,20 @@ def free_port():
     raise RuntimeError("free_port: no port not given out before")
 
 
+def free_port_pair():
+    """A free port whose next one is free too (a workers = 2 admin endpoint
+    serves worker N on the port + N)."""
+    while True:
+        port = free_port()
+        with socket.socket() as s1:
+            try:
+                s1.bind((HOST, port + 1))
+            except OSError:
+                continue
+        _ports_given.add(port + 1)
+        return port
+
+
 def port_open(port, host=HOST, timeout=0.5):
     try:
         with socket.create_connection((host, port), timeout=timeout):

@@ -49,14 +49,7 @@ def plain_proxy(ctx, name, *options, start=True, env=None):
 def workers_proxy(ctx, name, inst):
     """Two workers, Redis state under its own prefix and instance name."""
     # Worker N serves admin on admin_listen's port + N: two free ports in a row.
-    while True:
-        port = servers.free_port()
-        with socket.socket() as s1:
-            try:
-                s1.bind((HOST, port + 1))
-                break
-            except OSError:
-                continue
+    port = servers.free_port_pair()
     p = plain_proxy(ctx, name, ("workers", "2"), ("state", ctx.env.redis.url),
                     ("instance_id", inst), ("redis_prefix", inst + ":"),
                     ("admin_listen", "%s:%d" % (HOST, port)), start=False)
