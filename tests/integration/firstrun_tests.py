@@ -113,11 +113,11 @@ def t_close_notify_client(ctx):
     wait_log(p, r"closing: client closed the connection", "the close in the log")
 
 
-@test("firstrun: with COMPRESS=DEFLATE, a big FETCH and LOGOUT sent together, read only "
-      "later: all of it arrives, then close_notify (the link under the filter drains first)",
-      proxy_only=True, timeout=90)
-def t_close_notify_compress(ctx):
-    p = ctx.proxy("closenotify-z")
+def compressed_fetch_then_logout(ctx, name):
+    """A 6 MB message, then over strict TLS: LOGIN, SELECT, COMPRESS DEFLATE
+    and a FETCH of it with LOGOUT behind, sent together and not read.
+    Returns the proxy, the socket, its read buffer and the message."""
+    p = ctx.proxy(name)
     c, _ = ctx.session("alice", p.tls_port, timeout=30)
     box = ctx.mailbox(c, "Z")
     body = base64.encodebytes(os.urandom(6 << 20))       # compresses little
@@ -128,10 +128,19 @@ def t_close_notify_compress(ctx):
     status(cmd(sock, buf, b"l", b'LOGIN "alice" "%s"' % USERS["alice"].encode()), "OK")
     status(cmd(sock, buf, b"s", b"SELECT " + box.encode()), "OK")
     status(cmd(sock, buf, b"z", b"COMPRESS DEFLATE"), "OK")
-    check(buf[0] == b"", "bytes after COMPRESS's OK: %r", buf[0])
-    out, inz = zlib.compressobj(6, zlib.DEFLATED, -15), zlib.decompressobj(-15)
+    out = zlib.compressobj(6, zlib.DEFLATED, -15)
     sock.sendall(out.compress(b"f FETCH 1 BODY[]\r\no LOGOUT\r\n") +
                  out.flush(zlib.Z_SYNC_FLUSH))
+    return p, sock, buf, msg
+
+
+@test("firstrun: with COMPRESS=DEFLATE, a big FETCH and LOGOUT sent together, read only "
+      "later: all of it arrives, then close_notify (the link under the filter drains first)",
+      proxy_only=True, timeout=90)
+def t_close_notify_compress(ctx):
+    p, sock, buf, msg = compressed_fetch_then_logout(ctx, "closenotify-z")
+    check(buf[0] == b"", "bytes after COMPRESS's OK: %r", buf[0])
+    inz = zlib.decompressobj(-15)
     # Not reading: the session ends (the upstream closes after LOGOUT)
     # while its last compressed bytes still wait under the filter.
     wait_log(p, r"closing: client logged out$", "the LOGOUT's close", 30)
@@ -144,20 +153,7 @@ def t_close_notify_compress(ctx):
       "its session past the 10 s close flush (the link under the filter times out too)",
       proxy_only=True, timeout=90)
 def t_compress_close_no_reader(ctx):
-    p = ctx.proxy("closenotify-zstuck")
-    c, _ = ctx.session("alice", p.tls_port, timeout=30)
-    box = ctx.mailbox(c, "Z")
-    body = base64.encodebytes(os.urandom(6 << 20))
-    msg = b"Subject: big\r\n\r\n" + body.replace(b"\n", b"\r\n")
-    c.expect_ok("a", b"APPEND %s {%d+}\r\n%s" % (box.encode(), len(msg), msg))
-    c.close()
-    sock, buf = strict_tls(ctx, p.tls_port, starttls=False)
-    status(cmd(sock, buf, b"l", b'LOGIN "alice" "%s"' % USERS["alice"].encode()), "OK")
-    status(cmd(sock, buf, b"s", b"SELECT " + box.encode()), "OK")
-    status(cmd(sock, buf, b"z", b"COMPRESS DEFLATE"), "OK")
-    out = zlib.compressobj(6, zlib.DEFLATED, -15)
-    sock.sendall(out.compress(b"f FETCH 1 BODY[]\r\no LOGOUT\r\n") +
-                 out.flush(zlib.Z_SYNC_FLUSH))
+    p, sock, buf, msg = compressed_fetch_then_logout(ctx, "closenotify-zstuck")
     m = wait_log(p, r"(s\d+): closing: client logged out$", "the LOGOUT's close", 30)
     # timeout_idle (30 min) would keep it; the close flush limit is 10 s.
     wait_log(p, r"%s: disconnected after" % m.group(1), "the session freed", 40)
