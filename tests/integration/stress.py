@@ -955,7 +955,9 @@ class Client:
             return
         if c.status == "NO":
             if c.base in ("COPY", "MOVE", "FETCH", "STORE") and expungeissued:
-                uids = self.meant_uids(c)
+                # A lone '*' after an EXISTS in the same command names the
+                # new last message, whose UID the model does not know.
+                uids = None if self.star_moved(c) else self.meant_uids(c)
                 self.stat("NO [EXPUNGEISSUED] accepted")
                 if uids is not None:
                     self.require_removed(mb, uids, "%s: NO [EXPUNGEISSUED], but none of %s was flagged "
@@ -967,7 +969,7 @@ class Client:
             self.err("%s: tagged %s" % (c.line(), c.status))
             return
         if expungeissued and c.base in ("FETCH", "UID FETCH", "STORE"):
-            uids = self.meant_uids(c)
+            uids = None if self.star_moved(c) else self.meant_uids(c)
             if uids is not None:
                 self.require_removed(mb, uids, "%s: OK [EXPUNGEISSUED], but none of %s was flagged "
                                      "\\Deleted or moved by anyone" % (c.line(), sorted(uids)[:10]), "any")
