@@ -1558,9 +1558,11 @@ class Client:
                     self.session()
                     return
                 except Fatal as e:
-                    if not self.byed or time.monotonic() >= self.end or self.world.stop.is_set():
+                    if not self.byed:
                         self.err("connection ended: %s" % e)
                         return
+                    if time.monotonic() >= self.end or self.world.stop.is_set():
+                        return      # a legal * BYE (stale mode) as the run ended
                     self.reconnect()
         except Exception:
             self.err("stress client crashed:\n%s" % traceback.format_exc())
